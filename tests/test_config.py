@@ -1,0 +1,198 @@
+"""Config: paper defaults, YAML + overrides, one-line errors naming the key, exit status 2."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from htpo_jax.config import (
+    Config,
+    ConfigError,
+    all_keys,
+    cli_config,
+    config_from_dict,
+    config_markdown,
+    load_config,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_paper_defaults():
+    c = load_config()
+    assert c.optim.learning_rate == 1e-6 and c.optim.warmup_steps == 10
+    assert c.optim.weight_decay == 0.1 and c.optim.grad_clip == 1.0
+    assert c.optim.mini_batch_size == 32 and c.optim.ppo_epochs == 1
+    assert c.rollout.n == 16 and c.rollout.max_response_length == 20480
+    assert (c.rollout.temperature, c.rollout.top_p, c.rollout.top_k) == (1.0, 1.0, -1)
+    a = c.algorithm
+    assert (a.clip_ratio_low, a.clip_ratio_high, a.clip_ratio_c) == (0.2, 0.28, 10.0)
+    assert a.difficulty_threshold == 0.6 and a.high_entropy_ratio == 0.2
+    assert (a.drop_low_entropy_ratio, a.drop_high_entropy_ratio) == (0.006, 0.02)
+    assert a.loss == "htpo" and a.loss_agg_mode == "token-mean"
+    assert a.overlong_buffer_enable and a.overlong_buffer_len == 4096
+    assert a.overlong_penalty_factor == 1.0
+    assert a.dynamic_sampling and a.dynamic_sampling_metric == "acc"
+    assert a.max_num_gen_batches == 10
+    assert not a.use_kl_loss and a.kl_coef == 0.001
+    assert c.data.max_prompt_length == 2048
+    assert (c.data.train_batch_size, c.data.gen_batch_size) == (128, 256)
+    for key in [
+        "trainer.output_dir",
+        "trainer.total_steps",
+        "trainer.seed",
+        "trainer.val_every",
+        "checkpoint.save_every",
+        "checkpoint.max_to_keep",
+        "mesh.data",
+        "mesh.fsdp",
+        "mesh.tensor",
+        "model.path",
+        "model.remat",
+        "data.train_files",
+        "data.val_files",
+        "trainer.logger",
+        "trainer.progress_bar",
+        "optim.micro_batch_size",
+    ]:
+        assert key in all_keys()
+
+
+def test_frozen():
+    c = load_config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.optim.learning_rate = 1.0
+
+
+def test_yaml_and_overrides(tmp_path):
+    p = tmp_path / "run.yaml"
+    p.write_text(
+        "model:\n  path: /m\n"
+        "optim:\n  learning_rate: 3e-6\n  mini_batch_size: 16\n"
+        "data:\n  train_files: [a.parquet, b.jsonl]\n"
+        "trainer:\n  logger: [jsonl, tensorboard]\n"
+    )
+    c = load_config(
+        p,
+        [
+            "optim.learning_rate=2e-6",  # the last word wins
+            "rollout.n=8",
+            "algorithm.loss=dapo",
+            "data.val_files=aime.parquet",  # a single string means a list of one
+            "trainer.progress_bar=false",
+            "mesh={data: 2, fsdp: 4}",
+        ],
+    )
+    assert c.model.path == "/m"
+    assert c.optim.learning_rate == 2e-6 and isinstance(c.optim.learning_rate, float)
+    assert c.optim.mini_batch_size == 16
+    assert c.data.train_files == ("a.parquet", "b.jsonl")
+    assert c.data.val_files == ("aime.parquet",)
+    assert c.trainer.logger == ("jsonl", "tensorboard")
+    assert c.rollout.n == 8 and c.algorithm.loss == "dapo"
+    assert c.trainer.progress_bar is False
+    assert (c.mesh.data, c.mesh.fsdp, c.mesh.tensor) == (2, 4, 1)
+
+
+def test_int_given_for_float_and_yaml_exponent():
+    c = load_config(overrides=["algorithm.clip_ratio_c=3", "optim.learning_rate=1e-5"])
+    assert c.algorithm.clip_ratio_c == 3.0 and type(c.algorithm.clip_ratio_c) is float
+    assert c.optim.learning_rate == 1e-5
+
+
+def test_to_dict_round_trip():
+    c = load_config(overrides=["data.train_files=[x.parquet]", "trainer.seed=7"])
+    d = c.to_dict()
+    assert d["data"]["train_files"] == ["x.parquet"]
+    assert set(d) == {
+        "model",
+        "data",
+        "rollout",
+        "algorithm",
+        "optim",
+        "trainer",
+        "checkpoint",
+        "mesh",
+    }
+    assert config_from_dict(json.loads(json.dumps(d))) == c
+
+
+def test_checkpoint_dir_default():
+    c = load_config(overrides=["trainer.output_dir=/tmp/run"])
+    assert c.checkpoint_dir == "/tmp/run/checkpoints"
+    assert load_config(overrides=["checkpoint.dir=/ck"]).checkpoint_dir == "/ck"
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("algorithm.loss=ppo", "algorithm.loss: 'ppo' is not allowed; allowed: htpo, dapo, grpo"),
+        ("optim.learning_rat=1e-6", "did you mean 'optim.learning_rate'"),
+        ("optim.lr=1e-6", "did you mean 'optim.learning_rate'"),
+        ("optm.learning_rate=1", "did you mean 'optim.learning_rate'"),
+        ("trainer.save_every=5", "did you mean 'checkpoint.save_every'"),
+        ("optim.learning_rate=fast", "optim.learning_rate: expected a number, got 'fast'"),
+        ("optim.learning_rate=-1", "optim.learning_rate: must be > 0"),
+        ("trainer.total_steps=2.5", "trainer.total_steps: expected an integer"),
+        ("trainer.progress_bar=maybe", "trainer.progress_bar: expected true or false"),
+        ("trainer.logger=[jsonl, wandb]", "trainer.logger: 'wandb' is not allowed"),
+        ("model.dtype=float16", "model.dtype: 'float16' is not allowed; allowed: bfloat16"),
+        ("mesh.tensor=0", "mesh.tensor: must be -1 (the rest) or >= 1"),
+        ("mesh.data=-1", "mesh: at most one axis may be -1"),
+        ("optim.mini_batch_size=48", "optim.mini_batch_size: must divide data.train_batch_size"),
+        ("optim.micro_batch_size=7", "optim.micro_batch_size: must divide"),
+        ("algorithm.overlong_buffer_len=30000", "algorithm.overlong_buffer_len: must be <"),
+        ("nosuchthing", "not of the form section.key=value"),
+    ],
+)
+def test_bad_values_name_the_key(override, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=[override])
+    msg = str(e.value)
+    assert expected in msg
+    assert "\n" not in msg
+
+
+def test_bad_yaml_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("optim:\n  learning_rate: 1e-6\n  warmup: 5\n")
+    with pytest.raises(ConfigError, match="'optim.warmup' .*did you mean 'optim.warmup_steps'"):
+        load_config(p)
+    p.write_text("optimizer:\n  learning_rate: 1\n")
+    with pytest.raises(ConfigError, match="unknown config section 'optimizer'.*'optim'"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_cli_config_exits_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_config(["--set", "algorithm.loss=nope"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "algorithm.loss" in err
+    assert isinstance(cli_config(["--set", "rollout.n=4"]), Config)
+
+
+def test_subprocess_exit_status_and_no_traceback():
+    proc = subprocess.run(
+        [sys.executable, "-m", "htpo_jax.config", "--set", "optim.learning_rat=1e-6"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "optim.learning_rate" in lines[0]
+
+
+def test_docs_config_md_is_current():
+    doc = (ROOT / "docs" / "CONFIG.md").read_text()
+    assert doc == config_markdown(), "regenerate: python -m htpo_jax.config --markdown"
+    for key in all_keys():
+        assert f"`{key}`" in doc
