@@ -1,0 +1,1 @@
+"""Synthetic verifiable tasks (small, deterministic) for the embedded default model."""
