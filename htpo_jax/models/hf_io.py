@@ -1,0 +1,201 @@
+"""HF checkpoints in and out: `config.json` + safetensors <-> `Decoder`; tokenizers.
+
+Parameter names map one to one: our module path `layers.3.self_attn.q_proj.kernel` is HF
+`model.layers.3.self_attn.q_proj.weight` (`scale` of a norm is `weight` too, `embed_tokens` is
+`model.embed_tokens.weight`, `lm_head` is `lm_head.weight`). Only layouts differ: HF keeps every
+linear weight as [out, in]; a `DenseGeneral` kernel is [*in_shape, *out_shape] (e.g. q_proj
+[D, N, H] from HF [N*H, D]). The conversion is a reshape and a transpose of a memory-mapped view,
+so with a mesh each device's shard is copied straight from the file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from htpo_jax.models.decoder import Decoder, DenseGeneral
+from htpo_jax.models.model_config import ModelConfig
+from htpo_jax.models.safetensors_io import LazyCheckpoint, write_checkpoint
+from htpo_jax.sharding import variable_sharding
+
+log = logging.getLogger(__name__)
+
+# Checkpoint tensors that carry no parameters of ours (old rotary buffers).
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def hf_name(path: tuple) -> str:
+    """Our flat-state path -> HF tensor name."""
+    if path == ("lm_head",):
+        return "lm_head.weight"
+    if path == ("embed_tokens",):
+        return "model.embed_tokens.weight"
+    last = {"kernel": "weight", "scale": "weight", "bias": "bias"}[path[-1]]
+    return "model." + ".".join(map(str, path[:-1])) + "." + last
+
+
+def _submodule(model: nnx.Module, path: tuple):
+    for p in path:
+        model = model[p] if isinstance(p, int) else getattr(model, p)
+    return model
+
+
+def _perms(shape: tuple[int, ...], in_ndim: int):
+    """(HF-side shape, axes order to reach ours, axes order back) for a kernel [*in, *out]."""
+    in_shape, out_shape = shape[:in_ndim], shape[in_ndim:]
+    n_out = len(out_shape)
+    to_ours = tuple(range(n_out, n_out + in_ndim)) + tuple(range(n_out))
+    to_hf = tuple(range(in_ndim, in_ndim + n_out)) + tuple(range(in_ndim))
+    return out_shape + in_shape, to_ours, to_hf
+
+
+def hf_to_ours(model: nnx.Module, path: tuple, hf: np.ndarray, shape) -> np.ndarray:
+    """A view of HF tensor `hf` in our layout (no copy for contiguous inputs)."""
+    if path == ("lm_head",):
+        return hf.T  # [V, D] -> [D, V]
+    if path[-1] == "kernel" and isinstance(mod := _submodule(model, path[:-1]), DenseGeneral):
+        hf_shape, to_ours, _ = _perms(tuple(shape), mod.in_ndim)
+        return hf.reshape(hf_shape).transpose(to_ours)  # [*out, *in] -> [*in, *out]
+    return hf.reshape(shape)  # embeddings, norms, biases: same layout
+
+
+def ours_to_hf(model: nnx.Module, path: tuple, x):
+    if path == ("lm_head",):
+        return x.T
+    if path[-1] == "kernel" and isinstance(mod := _submodule(model, path[:-1]), DenseGeneral):
+        _, _, to_hf = _perms(tuple(x.shape), mod.in_ndim)
+        in_size = int(np.prod(x.shape[: mod.in_ndim]))
+        return x.transpose(to_hf).reshape(-1, in_size)  # [*in, *out] -> [prod(out), prod(in)]
+    if path[-1] == "bias":
+        return x.reshape(-1)
+    return x
+
+
+def hf_shape(model: nnx.Module, path: tuple, shape) -> tuple[int, ...]:
+    """Shape of the HF tensor for our parameter of `shape` at `path`."""
+    if path == ("lm_head",):
+        return tuple(shape[::-1])
+    if path[-1] == "kernel" and isinstance(mod := _submodule(model, path[:-1]), DenseGeneral):
+        return int(np.prod(shape[mod.in_ndim :])), int(np.prod(shape[: mod.in_ndim]))
+    if path[-1] == "bias":
+        return (int(np.prod(shape)),)
+    return tuple(shape)
+
+
+def load_config(path: str | os.PathLike) -> ModelConfig:
+    return ModelConfig.from_pretrained(path)
+
+
+def from_pretrained(
+    path: str | os.PathLike,
+    *,
+    dtype=jnp.bfloat16,
+    param_dtype=None,
+    mesh: jax.sharding.Mesh | None = None,
+    remat: bool = False,
+) -> Decoder:
+    """Loads a HF checkpoint directory (config.json + one or many safetensors files).
+
+    `dtype` is the compute dtype, `param_dtype` the stored one (default: `dtype`). With `mesh`,
+    every parameter is created already sharded by its logical axes (`htpo_jax.sharding`), each
+    device reading only its own slice from the memory-mapped file.
+    """
+    cfg = ModelConfig.from_pretrained(path)
+    param_dtype = dtype if param_dtype is None else param_dtype
+    np_dtype = np.dtype(param_dtype)
+    abstract = nnx.eval_shape(
+        lambda: Decoder(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=nnx.Rngs(0))
+    )
+    graphdef, abstract_state = nnx.split(abstract)
+    ckpt = LazyCheckpoint(path)
+    names = set(ckpt.keys())
+    flat = []
+    missing = []
+    for var_path, var in nnx.to_flat_state(abstract_state):
+        name = hf_name(var_path)
+        key = name
+        if key not in ckpt and key.startswith("model."):
+            key = key[len("model.") :]  # a bare base-model checkpoint (no `model.` prefix)
+        if key not in ckpt:
+            missing.append(name)
+            continue
+        names.discard(key)
+        view = hf_to_ours(abstract, var_path, ckpt[key], var.shape)
+        if view.shape != var.shape:
+            raise ValueError(f"{key}: checkpoint gives {view.shape}, model expects {var.shape}")
+        if mesh is None:
+            value = jax.device_put(np.ascontiguousarray(view).astype(np_dtype))
+        else:
+            value = jax.make_array_from_callback(
+                var.shape,
+                variable_sharding(var, mesh),
+                lambda idx, view=view: np.ascontiguousarray(view[idx]).astype(np_dtype),
+            )
+        flat.append((var_path, var.replace(value)))
+    if missing:
+        raise KeyError(f"checkpoint {path} lacks {len(missing)} tensors, e.g. {missing[:5]}")
+    extra = [n for n in names if not n.endswith(_IGNORED_SUFFIXES)]
+    if extra and not (cfg.tie_word_embeddings and extra == ["lm_head.weight"]):
+        log.warning(
+            "ignoring %d checkpoint tensors not in the model, e.g. %s", len(extra), extra[:5]
+        )
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def save_pretrained(
+    model: Decoder,
+    path: str | os.PathLike,
+    *,
+    dtype=None,
+    max_shard_bytes: int = 5 * 2**30,
+    tokenizer=None,
+) -> None:
+    """Writes `config.json` + safetensors that `transformers.AutoModelForCausalLM` loads.
+
+    `dtype` (default: the parameters' dtype) is the stored dtype. Arrays are fetched from devices
+    one at a time. Multi-host: every process must call this (sharded arrays are all-gathered);
+    only process 0 writes.
+    """
+    os.makedirs(path, exist_ok=True)
+    flat = list(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    out_dtype = np.dtype(model.param_dtype if dtype is None else dtype)
+    by_name = {hf_name(p): (p, v) for p, v in flat}
+
+    def fetch(name):
+        var_path, var = by_name[name]
+        arr = var[...]
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            arr = multihost_utils.process_allgather(arr, tiled=True)
+        return ours_to_hf(model, var_path, np.asarray(jax.device_get(arr)))
+
+    specs = []
+    for name, (var_path, var) in by_name.items():
+        specs.append((name, hf_shape(model, var_path, var.shape), out_dtype))
+    if jax.process_index() != 0:
+        for name, _, _ in specs:  # keep the collectives in step with process 0
+            fetch(name)
+        return
+    write_checkpoint(path, specs, fetch, max_shard_bytes)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(model.cfg.to_hf_dict(_torch_dtype_name(out_dtype)), f, indent=2)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+
+
+def _torch_dtype_name(dtype: np.dtype) -> str:
+    return {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[dtype.name]
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The checkpoint's tokenizer, offline."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
