@@ -9,6 +9,7 @@ import pytest
 
 from htpo_jax.rewards import (
     RewardPool,
+    compute_rewards,
     dapo_math_score,
     math_verify_score,
     normalize_final_answer,
@@ -133,3 +134,20 @@ def test_pool_kills_hung_worker():
         # the replaced worker keeps serving
         again = pool.score(["Answer: 7"], ["7"])
         assert again.acc.tolist() == [True]
+
+
+def test_compute_rewards_from_config():
+    from htpo_jax.config import load_config
+
+    cfg = load_config(
+        overrides=["rollout.max_response_length=100", "algorithm.overlong_buffer_len=20"]
+    )
+    reward, scored = compute_rewards(
+        ["Answer: 1", "Answer: 2", "Answer: 3"], ["1", "2", "9"], np.array([10, 90, 100]), cfg
+    )
+    assert reward.dtype == np.float32
+    np.testing.assert_allclose(reward, [1.0, 0.5, -2.0])
+    assert scored.acc.tolist() == [True, True, False]  # acc ignores the penalty
+    off = load_config(overrides=["algorithm.overlong_buffer_enable=false"])
+    reward, _ = compute_rewards(["Answer: 1"], ["1"], [10**6], off)
+    assert reward.tolist() == [1.0]

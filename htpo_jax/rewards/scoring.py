@@ -312,3 +312,38 @@ def score_batch(
         with RewardPool(fn, num_workers=num_workers, timeout_s=timeout_s) as pool:
             return pool.score(solutions, ground_truths)
     return _score_inline(resolve_fn(fn), solutions, ground_truths, timeout_s)
+
+
+def compute_rewards(
+    solutions: Sequence[str],
+    ground_truths: Sequence[str],
+    response_lengths,
+    cfg,
+    pool: RewardPool | None = None,
+) -> tuple[np.ndarray, RewardBatch]:
+    """The DAPO reward of a Config: verifier score plus, if enabled, the overlong penalty.
+
+    `response_lengths` [N] counts each response's valid tokens (EOS included), as verl's DAPO
+    reward manager does. `cfg` is the whole Config (algorithm.* and rollout.max_response_length).
+    Returns (reward [N] float32, the verifier's RewardBatch); `acc` is untouched by the penalty.
+    """
+    a = cfg.algorithm
+    if pool is not None:
+        scored = pool.score(solutions, ground_truths)
+    else:
+        scored = score_batch(
+            solutions,
+            ground_truths,
+            fn=a.reward_fn,
+            timeout_s=a.reward_timeout_s,
+            num_workers=a.reward_num_workers,
+        )
+    reward = scored.score.astype(np.float32)
+    if a.overlong_buffer_enable:
+        reward = reward + overlong_penalty(
+            response_lengths,
+            cfg.rollout.max_response_length,
+            a.overlong_buffer_len,
+            a.overlong_penalty_factor,
+        ).astype(np.float32)
+    return reward, scored
