@@ -118,7 +118,7 @@ def _parse_row(rec: Any, prompt_key: str, default_source: str) -> tuple[Row | No
     if isinstance(reward_model, dict):
         gt = _text(reward_model.get("ground_truth"))
     if gt is None:
-        gt = _text(rec.get("answer", rec.get("ground_truth")))
+        gt = _text(rec.get("answer")) or _text(rec.get("ground_truth"))
     if gt is None:
         return None, "missing or empty ground truth"
     source = rec.get("data_source")
