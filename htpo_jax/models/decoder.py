@@ -271,7 +271,10 @@ class Decoder(nnx.Module):
         )
 
     def _embed(self, input_ids_bt):
-        x = jnp.take(self.embed_tokens[...], input_ids_bt, axis=0).astype(self.dtype)
+        # All-gather the table first (as FSDP does for every weight): a gather from a table split
+        # over both vocab and embed makes the SPMD partitioner replicate its output instead.
+        table_vd = constrain(self.embed_tokens[...], (None, None))
+        x = jnp.take(table_vd, input_ids_bt, axis=0).astype(self.dtype)
         return constrain(x, ("act_batch", "act_seq", "act_embed"))  # [B, T, D]
 
     def unembed_weight(self):
