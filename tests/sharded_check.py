@@ -1,0 +1,75 @@
+"""Run as a script on 8 fake CPU devices (test_sharding.py launches it in a subprocess).
+
+Checks, for a data=2 x fsdp=2 x tensor=2 mesh: parameters loaded with `from_pretrained(mesh=...)`
+and moved with `shard_model` are really sharded as the rules say; the sharded forward, KV-cache
+prefill and log-prob gradients equal the unsharded ones. Prints OK at the end.
+"""
+
+import os
+import sys
+import tempfile
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from tiny_models import left_padded_batch, random_decoder  # noqa: E402
+
+from htpo_jax.models.decoder import positions_from_mask  # noqa: E402
+from htpo_jax.models.hf_io import from_pretrained, save_pretrained  # noqa: E402
+from htpo_jax.models.logprobs import logprobs_and_entropy  # noqa: E402
+from htpo_jax.sharding import make_mesh, shard_model  # noqa: E402
+
+
+def main():
+    assert jax.device_count() == 8, jax.devices()
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    model = random_decoder("qwen3", False)
+    ids, mask = left_padded_batch(0, b=4, t=12)
+    loss = lambda m: logprobs_and_entropy(m, ids, mask, chunk_size=4)[0].sum()
+    ref_logits = np.asarray(nnx.jit(lambda m, i, k: m(i, k))(model, ids, mask))
+    ref_grads = jax.tree.leaves(nnx.jit(nnx.grad(loss))(model))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_pretrained(model, tmp, max_shard_bytes=40_000)
+        loaded = from_pretrained(tmp, dtype=jnp.float32, mesh=mesh)
+    moved = shard_model(random_decoder("qwen3", False), mesh)
+
+    for m in (loaded, moved):
+        q = m.layers[0].self_attn.q_proj.kernel[...]  # [D=64, N=4, H=16]
+        assert q.sharding.spec == jax.P("fsdp", "tensor", None), q.sharding
+        assert q.addressable_shards[0].data.shape == (32, 2, 16)
+        up = m.layers[1].mlp.up_proj.kernel[...]  # [D, F]
+        assert up.sharding.spec == jax.P("fsdp", "tensor"), up.sharding
+        emb = m.embed_tokens[...]
+        assert emb.sharding.spec == jax.P("tensor", "fsdp"), emb.sharding
+        assert m.norm.scale[...].sharding.is_fully_replicated
+
+    with jax.set_mesh(mesh):
+        logits = nnx.jit(lambda m, i, k: m(i, k))(loaded, ids, mask)
+        assert not logits.sharding.is_fully_replicated, logits.sharding
+        grads = jax.tree.leaves(nnx.jit(nnx.grad(loss))(loaded))
+
+        @nnx.jit
+        def prefill(m, ids):
+            cache = m.init_cache(4, 16, jnp.float32)
+            kv_mask = jnp.zeros((4, 16), bool).at[:, :12].set(mask)
+            hidden, _ = m.forward_cached(ids, positions_from_mask(mask), cache, 0, kv_mask)
+            return m.unembed(hidden)
+
+        cached_logits = prefill(loaded, ids)
+
+    np.testing.assert_allclose(np.asarray(logits)[mask], ref_logits[mask], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(cached_logits)[mask], ref_logits[mask], atol=1e-5)
+    for a, b in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-4)
+    print("OK")
+
+
+if __name__ == "__main__":
+    main()

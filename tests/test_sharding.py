@@ -1,0 +1,86 @@
+"""Mesh construction, the logical-axis rules, and (in a subprocess on 8 fake CPU devices) sharded
+loading and forward/backward equal to the unsharded model."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from htpo_jax.sharding import LOGICAL_AXIS_RULES, constrain, logical_to_mesh_spec, make_mesh
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class FakeMesh:
+    """Only `.shape` is read by the rules: lets one CPU device test an 8-way layout."""
+
+    def __init__(self, **shape):
+        self.shape = shape
+
+
+MESH_222 = FakeMesh(data=2, fsdp=2, tensor=2)
+
+
+def test_rules_map_parameters_and_activations():
+    assert logical_to_mesh_spec(("embed", "heads", "head_dim")) == P("fsdp", "tensor", None)
+    assert logical_to_mesh_spec(("vocab", "embed")) == P("tensor", "fsdp")
+    assert logical_to_mesh_spec(("act_batch", "act_seq", "act_embed")) == P(
+        ("data", "fsdp"), None, None
+    )
+    names = [name for name, _ in LOGICAL_AXIS_RULES]
+    assert len(names) == len(set(names))  # one rule per name
+
+
+def test_indivisible_dims_are_replicated():
+    # 2 kv heads on tensor=4: replicated; 64 on tensor=4: sharded.
+    mesh = FakeMesh(data=1, fsdp=2, tensor=4)
+    assert logical_to_mesh_spec(("embed", "kv_heads", "head_dim"), (64, 2, 16), mesh) == P(
+        "fsdp", None, None
+    )
+    assert logical_to_mesh_spec(("embed", "heads", "head_dim"), (64, 8, 16), mesh) == P(
+        "fsdp", "tensor", None
+    )
+    # batch 2 on data=2 x fsdp=2: only the prefix that divides (data).
+    assert logical_to_mesh_spec(("act_batch", "act_seq"), (2, 8), MESH_222) == P("data", None)
+
+
+def test_a_mesh_axis_is_used_once_per_array():
+    rules = (("a", "fsdp"), ("b", ("data", "fsdp")))
+    assert logical_to_mesh_spec(("a", "b"), rules=rules) == P("fsdp", "data")
+
+
+def test_unknown_logical_name_is_an_error():
+    with pytest.raises(KeyError, match="no rule"):
+        logical_to_mesh_spec(("nonsense",))
+
+
+def test_make_mesh_sizes():
+    mesh = make_mesh(data=1, fsdp=-1, tensor=1)
+    assert mesh.axis_names == ("data", "fsdp", "tensor")
+    assert mesh.shape["fsdp"] == jax.device_count()
+    with pytest.raises(ValueError, match="needs"):
+        make_mesh(data=2, fsdp=3, tensor=1)
+    with pytest.raises(ValueError, match="at most one"):
+        make_mesh(data=-1, fsdp=-1)
+
+
+def test_constrain_is_a_no_op_without_a_mesh():
+    x = jax.numpy.ones((2, 3))
+    assert constrain(x, ("act_batch", "act_embed")) is x
+
+
+def test_sharded_model_on_8_fake_devices():
+    """Runs tests/sharded_check.py in a fresh process: XLA_FLAGS must precede the jax import."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, os.path.join(HERE, "sharded_check.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout + proc.stderr
