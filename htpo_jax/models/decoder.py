@@ -145,8 +145,29 @@ def attend(q_btnh, k_bskh, v_bskh, mask_bts):
     return out.reshape(b, t, n, h)  # [B, T, N, H]
 
 
+def attend_in_query_chunks(q_btnh, k_bskh, v_bskh, mask_bts, chunk_size):
+    """`attend`, one block of `chunk_size` queries at a time (lax.map + checkpoint).
+
+    Peak memory holds [B, N, chunk_size, S] scores instead of [B, N, T, S], in the forward and
+    (each block's scores are recomputed) in the backward pass.
+    """
+    b, t, n, h = q_btnh.shape
+    s = k_bskh.shape[1]
+    if chunk_size is None or t <= chunk_size:
+        return attend(q_btnh, k_bskh, v_bskh, mask_bts)
+    nc = -(-t // chunk_size)
+    pad = nc * chunk_size - t
+    q = jnp.pad(q_btnh, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    q = q.reshape(b, nc, chunk_size, n, h).swapaxes(0, 1)  # [nc, B, C, N, H]
+    m = jnp.pad(mask_bts, ((0, 0), (0, pad), (0, 0)))
+    m = m.reshape(b, nc, chunk_size, s).swapaxes(0, 1)  # [nc, B, C, S]
+    block = jax.checkpoint(lambda qm: attend(qm[0], k_bskh, v_bskh, qm[1]))
+    out = jax.lax.map(block, (q, m))  # [nc, B, C, N, H]
+    return out.swapaxes(0, 1).reshape(b, nc * chunk_size, n, h)[:, :t]  # [B, T, N, H]
+
+
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs):
+    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs, chunk_size=None):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.q_proj = DenseGeneral(
@@ -174,7 +195,7 @@ class Attention(nnx.Module):
         norm = lambda: RMSNorm(h, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.q_norm = norm() if cfg.qk_norm else None
         self.k_norm = norm() if cfg.qk_norm else None
-        self.cfg = cfg
+        self.cfg, self.chunk_size = cfg, chunk_size
 
     def __call__(self, x_btd, positions_bt, mask_bts, cache=None, cache_index=None):
         q = constrain(self.q_proj(x_btd), ("act_batch", "act_seq", "act_heads", None))
@@ -192,7 +213,7 @@ class Attention(nnx.Module):
             v_all = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start)
             cache = LayerCache(k=k_all, v=v_all)
             k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
-        out = attend(q, k, v, mask_bts)  # [B, T, N, H]
+        out = attend_in_query_chunks(q, k, v, mask_bts, self.chunk_size)  # [B, T, N, H]
         return self.o_proj(out), cache
 
 
@@ -210,10 +231,10 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs):
+    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs, attention_chunk_size=None):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
-        self.self_attn = Attention(cfg, **kw)
+        self.self_attn = Attention(cfg, chunk_size=attention_chunk_size, **kw)
         self.post_attention_layernorm = RMSNorm(
             cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype
         )
@@ -241,7 +262,11 @@ def positions_from_mask(attention_mask_bt):
 
 
 class Decoder(nnx.Module):
-    """Decoder-only LM. `remat=True` recomputes each layer in the backward pass."""
+    """Decoder-only LM.
+
+    `remat=True` recomputes each layer in the backward pass. `attention_chunk_size` (None: all
+    queries at once) bounds the attention scores held at a time to that many query positions.
+    """
 
     def __init__(
         self,
@@ -250,6 +275,7 @@ class Decoder(nnx.Module):
         dtype=jnp.float32,
         param_dtype=None,
         remat: bool = False,
+        attention_chunk_size: int | None = None,
         rngs: nnx.Rngs,
     ):
         param_dtype = dtype if param_dtype is None else param_dtype
@@ -259,7 +285,8 @@ class Decoder(nnx.Module):
             _init(rngs, (cfg.vocab_size, cfg.hidden_size), param_dtype),
             logical_axes=("vocab", "embed"),
         )
-        self.layers = nnx.List([DecoderLayer(cfg, **kw) for _ in range(cfg.num_layers)])
+        layer_kw = dict(kw, attention_chunk_size=attention_chunk_size)
+        self.layers = nnx.List([DecoderLayer(cfg, **layer_kw) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.lm_head = (
             None
