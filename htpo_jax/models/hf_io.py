@@ -99,18 +99,27 @@ def from_pretrained(
     param_dtype=None,
     mesh: jax.sharding.Mesh | None = None,
     remat: bool = False,
+    attention_chunk_size: int | None = None,
 ) -> Decoder:
     """Loads a HF checkpoint directory (config.json + one or many safetensors files).
 
-    `dtype` is the compute dtype, `param_dtype` the stored one (default: `dtype`). With `mesh`,
-    every parameter is created already sharded by its logical axes (`htpo_jax.sharding`), each
-    device reading only its own slice from the memory-mapped file.
+    `dtype` is the compute dtype, `param_dtype` the stored one (default: `dtype`); `remat` and
+    `attention_chunk_size` are passed to `Decoder`. With `mesh`, every parameter is created
+    already sharded by its logical axes (`htpo_jax.sharding`), each device reading only its own
+    slice from the memory-mapped file.
     """
     cfg = ModelConfig.from_pretrained(path)
     param_dtype = dtype if param_dtype is None else param_dtype
     np_dtype = np.dtype(param_dtype)
     abstract = nnx.eval_shape(
-        lambda: Decoder(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=nnx.Rngs(0))
+        lambda: Decoder(
+            cfg,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            remat=remat,
+            attention_chunk_size=attention_chunk_size,
+            rngs=nnx.Rngs(0),
+        )
     )
     graphdef, abstract_state = nnx.split(abstract)
     ckpt = LazyCheckpoint(path)
