@@ -66,6 +66,8 @@ def test_logits_match_transformers(tmp_path, family, tied):
     assert cfg.tie_word_embeddings == tied and (model.lm_head is None) == tied
     assert cfg.qk_norm == (family == "qwen3") and cfg.qkv_bias == (family == "qwen2")
     assert (cfg.rope_scaling is not None) == (family == "llama")
+    n_ours = sum(v.size for _, v in nnx.to_flat_state(nnx.state(model)))
+    assert n_ours == cfg.num_params() == sum(p.numel() for p in hf.parameters())
     ids, mask = left_padded_batch()
     ours = np.asarray(jax.jit(lambda i, m: model(i, m))(ids, mask))
     ref = hf_logits(hf, ids, mask)
