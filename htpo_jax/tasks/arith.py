@@ -71,21 +71,22 @@ def _apply(a: int, op: str, b: int) -> int:
     return a + b if op == "+" else a - b if op == "-" else a * b
 
 
-def _pick_op(rng: random.Random, a: int, b: int) -> str:
+def _pick_op(rng: random.Random, a: int, b: int, max_product: int = MAX_PRODUCT) -> str:
     """A random operator that keeps the value non-negative and small."""
     ops = ["+"]
     if b <= a:
         ops.append("-")
-    if a * b <= MAX_PRODUCT:
+    if a * b <= max_product:
         ops.append("*")
     return ops[_randint(rng, 0, len(ops) - 1)]
 
 
-def make_problem(rng: random.Random, n_ops: int) -> ArithProblem:
+def make_problem(rng: random.Random, n_ops: int, max_product: int = MAX_PRODUCT) -> ArithProblem:
     """A chain of `n_ops` binary operations; some right operands are a parenthesized pair.
 
     The expression is built left to right; the accumulated part is parenthesized when a '*'
-    follows a '+'/'-' so that normal precedence gives the chain's order of evaluation.
+    follows a '+'/'-' so that normal precedence gives the chain's order of evaluation. A '*' is
+    drawn only when the product is at most `max_product` (smaller: easier multiplications).
     """
     if n_ops < 1:
         raise ValueError(f"n_ops must be >= 1, got {n_ops}")
@@ -96,7 +97,7 @@ def make_problem(rng: random.Random, n_ops: int) -> ArithProblem:
     while left > 0:
         if left >= 2 and rng.random() < 0.25:  # right operand "(x op y)", computed first
             x, y = _randint(rng, 1, MAX_OPERAND), _randint(rng, 1, MAX_OPERAND)
-            inner_op = _pick_op(rng, x, y)
+            inner_op = _pick_op(rng, x, y, max_product)
             operand = _apply(x, inner_op, y)
             steps.append(f"{x}{inner_op}{y}={operand}")
             operand_text = f"({x}{inner_op}{y})"
@@ -104,7 +105,7 @@ def make_problem(rng: random.Random, n_ops: int) -> ArithProblem:
         else:
             operand = _randint(rng, 1, MAX_OPERAND)
             operand_text = str(operand)
-        op = _pick_op(rng, value, operand)
+        op = _pick_op(rng, value, operand, max_product)
         if op == "*" and prec == 1:
             expr = f"({expr})"
         new_value = _apply(value, op, operand)
@@ -116,10 +117,12 @@ def make_problem(rng: random.Random, n_ops: int) -> ArithProblem:
     return ArithProblem(expression=expr, steps=tuple(steps), answer=value)
 
 
-def generate_problems(n: int, seed: int, min_ops: int = 1, max_ops: int = 4) -> list[ArithProblem]:
+def generate_problems(
+    n: int, seed: int, min_ops: int = 1, max_ops: int = 4, max_product: int = MAX_PRODUCT
+) -> list[ArithProblem]:
     """`n` problems with uniform [min_ops, max_ops] operations; same seed, same list."""
     rng = random.Random(seed)
-    return [make_problem(rng, _randint(rng, min_ops, max_ops)) for _ in range(n)]
+    return [make_problem(rng, _randint(rng, min_ops, max_ops), max_product) for _ in range(n)]
 
 
 def to_row(problem: ArithProblem, split: str, index: int) -> dict:
@@ -140,16 +143,17 @@ def write_task_data(
     seed: int = 0,
     min_ops: int = 1,
     max_ops: int = 4,
+    max_product: int = MAX_PRODUCT,
 ) -> tuple[Path, Path]:
     """Write `train.jsonl` and `val.jsonl` into out_dir; val holds no expression seen in train."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    train = generate_problems(n_train, seed, min_ops, max_ops)
+    train = generate_problems(n_train, seed, min_ops, max_ops, max_product)
     seen = {p.expression for p in train}
     val: list[ArithProblem] = []
     rng = random.Random(seed + 1_000_003)
     while len(val) < n_val:
-        p = make_problem(rng, _randint(rng, min_ops, max_ops))
+        p = make_problem(rng, _randint(rng, min_ops, max_ops), max_product)
         if p.expression not in seen:
             seen.add(p.expression)
             val.append(p)
@@ -207,10 +211,17 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min-ops", type=int, default=1)
     p.add_argument("--max-ops", type=int, default=4)
+    p.add_argument("--max-product", type=int, default=MAX_PRODUCT)
     args = p.parse_args(argv)
     write_tokenizer(args.out)
     train, val = write_task_data(
-        args.out, args.n_train, args.n_val, args.seed, args.min_ops, args.max_ops
+        args.out,
+        args.n_train,
+        args.n_val,
+        args.seed,
+        args.min_ops,
+        args.max_ops,
+        args.max_product,
     )
     print(f"wrote tokenizer, {train} and {val}")
 
