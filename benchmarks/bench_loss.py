@@ -54,12 +54,16 @@ def main():
     dtype = jnp.dtype(args.dtype)
 
     htpo = jax.jit(jax.value_and_grad(lambda lp, *a: htpo_loss(lp, *a)[0]))
-    dapo = jax.jit(jax.value_and_grad(lambda lp, old, ent, adv, m, h, c: dapo_loss(lp, old, adv, m)[0]))
+    dapo = jax.jit(
+        jax.value_and_grad(lambda lp, old, ent, adv, m, h, c: dapo_loss(lp, old, adv, m)[0])
+    )
 
     device = jax.devices()[0]
     rows = []
-    print(f"device: {device.device_kind} ({jax.default_backend()}), dtype {args.dtype}, "
-          f"jax {jax.__version__}")
+    print(
+        f"device: {device.device_kind} ({jax.default_backend()}), dtype {args.dtype}, "
+        f"jax {jax.__version__}"
+    )
     print(f"{'shape':>12} {'htpo ms':>9} {'dapo ms':>9} {'ratio':>7}")
     for shape in args.shapes.split(","):
         b, t = (int(x) for x in shape.split("x"))
@@ -70,8 +74,14 @@ def main():
         print(f"{shape:>12} {ms_h:9.3f} {ms_d:9.3f} {ms_h / ms_d:7.2f}")
     out = Path(args.out or f"benchmarks/results/bench_loss_{jax.default_backend()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(device=device.device_kind, backend=jax.default_backend(), dtype=args.dtype,
-                jax=jax.__version__, host=platform.node(), iters=args.iters)
+    meta = dict(
+        device=device.device_kind,
+        backend=jax.default_backend(),
+        dtype=args.dtype,
+        jax=jax.__version__,
+        host=platform.node(),
+        iters=args.iters,
+    )
     out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
     print(f"wrote {out}")
 

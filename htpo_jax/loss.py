@@ -102,7 +102,9 @@ def aggregate(loss_bt, mask_bt, mode="token-mean", num_tokens=None, num_sequence
         raise ValueError(f"loss_agg_mode must be one of {AGG_MODES}, got {mode!r}")
     has_tokens = tokens_b > 0
     denom = jnp.sum(has_tokens) if num_sequences is None else num_sequences
-    return jnp.sum(jnp.where(has_tokens, seq_b, 0)) / jnp.maximum(jnp.asarray(denom, seq_b.dtype), 1)
+    return jnp.sum(jnp.where(has_tokens, seq_b, 0)) / jnp.maximum(
+        jnp.asarray(denom, seq_b.dtype), 1
+    )
 
 
 def _ratio_terms(log_prob, old_log_prob, advantages, cfg: LossConfig):
@@ -128,8 +130,16 @@ def _ppo_metrics(valid, clipped, lower, neg_kl):
     }
 
 
-def dapo_loss(log_prob, old_log_prob, advantages, response_mask, *, config=LossConfig(),
-              num_tokens=None, num_sequences=None):
+def dapo_loss(
+    log_prob,
+    old_log_prob,
+    advantages,
+    response_mask,
+    *,
+    config=LossConfig(),
+    num_tokens=None,
+    num_sequences=None,
+):
     """DAPO / PPO clipped loss with clip-higher and dual clip: mean of min(-A c, max(P, C))."""
     valid = response_mask > 0
     neg_kl, _, pg1, pg2 = _ratio_terms(log_prob, old_log_prob, advantages, config)
@@ -138,24 +148,63 @@ def dapo_loss(log_prob, old_log_prob, advantages, response_mask, *, config=LossC
     return loss, _ppo_metrics(valid, pg2 > pg1, lower, neg_kl)
 
 
-def grpo_loss(log_prob, old_log_prob, advantages, response_mask, *, config=LossConfig(),
-              num_tokens=None, num_sequences=None):
+def grpo_loss(
+    log_prob,
+    old_log_prob,
+    advantages,
+    response_mask,
+    *,
+    config=LossConfig(),
+    num_tokens=None,
+    num_sequences=None,
+):
     """GRPO's aggregation (seq-mean-token-mean) of the clipped loss."""
     cfg = dataclasses.replace(config, loss_agg_mode="seq-mean-token-mean")
-    return dapo_loss(log_prob, old_log_prob, advantages, response_mask, config=cfg,
-                     num_tokens=num_tokens, num_sequences=num_sequences)
+    return dapo_loss(
+        log_prob,
+        old_log_prob,
+        advantages,
+        response_mask,
+        config=cfg,
+        num_tokens=num_tokens,
+        num_sequences=num_sequences,
+    )
 
 
-def dr_grpo_loss(log_prob, old_log_prob, advantages, response_mask, *, config=LossConfig(),
-                 num_tokens=None, num_sequences=None):
+def dr_grpo_loss(
+    log_prob,
+    old_log_prob,
+    advantages,
+    response_mask,
+    *,
+    config=LossConfig(),
+    num_tokens=None,
+    num_sequences=None,
+):
     """Dr. GRPO's aggregation (seq-mean-token-sum-norm: token sums over the constant T)."""
     cfg = dataclasses.replace(config, loss_agg_mode="seq-mean-token-sum-norm")
-    return dapo_loss(log_prob, old_log_prob, advantages, response_mask, config=cfg,
-                     num_tokens=num_tokens, num_sequences=num_sequences)
+    return dapo_loss(
+        log_prob,
+        old_log_prob,
+        advantages,
+        response_mask,
+        config=cfg,
+        num_tokens=num_tokens,
+        num_sequences=num_sequences,
+    )
 
 
-def high_entropy_only_loss(log_prob, old_log_prob, entropy, advantages, response_mask, *,
-                           config=LossConfig(), num_tokens=None, num_sequences=None):
+def high_entropy_only_loss(
+    log_prob,
+    old_log_prob,
+    entropy,
+    advantages,
+    response_mask,
+    *,
+    config=LossConfig(),
+    num_tokens=None,
+    num_sequences=None,
+):
     """The "80/20" baseline: the clipped loss on the batch's top `high_entropy_ratio` entropy
     tokens only (tau = the k-th largest H over all valid tokens of the batch, k =
     max(floor(rho N), 1)), aggregated over those tokens. `num_tokens`, when given, is the count
@@ -167,8 +216,15 @@ def high_entropy_only_loss(log_prob, old_log_prob, entropy, advantages, response
     k = jnp.maximum(jnp.floor(config.high_entropy_ratio * n).astype(jnp.int32), 1)
     (tau,) = kth_largest_keys(keys, (k[None],))
     high = (keys >= tau[:, None]).reshape(valid.shape) & valid
-    loss, metrics = dapo_loss(log_prob, old_log_prob, advantages, high.astype(response_mask.dtype),
-                              config=config, num_tokens=num_tokens, num_sequences=num_sequences)
+    loss, metrics = dapo_loss(
+        log_prob,
+        old_log_prob,
+        advantages,
+        high.astype(response_mask.dtype),
+        config=config,
+        num_tokens=num_tokens,
+        num_sequences=num_sequences,
+    )
     metrics["high_entropy_frac"] = _masked_mean(high, valid)
     return loss, metrics
 
@@ -215,8 +271,19 @@ def entropy_split(entropy, valid, hard, correct, config: LossConfig):
     return high, drop
 
 
-def htpo_loss(log_prob, old_log_prob, entropy, advantages, response_mask, hard, correct, *,
-              config=LossConfig(), num_tokens=None, num_sequences=None):
+def htpo_loss(
+    log_prob,
+    old_log_prob,
+    entropy,
+    advantages,
+    response_mask,
+    hard,
+    correct,
+    *,
+    config=LossConfig(),
+    num_tokens=None,
+    num_sequences=None,
+):
     """HTPO's hierarchical token-level objective (see the module docstring for the 8 groups).
 
     Args: `[B, T]` log_prob (current policy, differentiated), old_log_prob, entropy (of the
@@ -244,8 +311,9 @@ def htpo_loss(log_prob, old_log_prob, entropy, advantages, response_mask, hard, 
     g2 = high & hard_b & corr_b
     g48 = high & ~corr_b  # G4 and G8: wrong responses, high tokens
     inv_ratio = lax.stop_gradient(jnp.where(g2 & below, jnp.exp(old_log_prob - log_prob), 0))
-    g2_loss = jnp.where(above, (1.0 + cfg.clip_ratio_high) * a_unit,
-                        jnp.where(below, inv_ratio * a_unit, pg1))
+    g2_loss = jnp.where(
+        above, (1.0 + cfg.clip_ratio_high) * a_unit, jnp.where(below, inv_ratio * a_unit, pg1)
+    )
     g48_loss = jnp.where(below, (1.0 - cfg.clip_ratio_low) * a_unit, pg1)
 
     zero = jnp.zeros_like(clipped_loss)
@@ -258,10 +326,7 @@ def htpo_loss(log_prob, old_log_prob, entropy, advantages, response_mask, hard, 
     clipped = ((low | g6) & (pg2 > pg1)) | (g2 & (above | below)) | (g48 & below)
     metrics = _ppo_metrics(valid, clipped, lower, neg_kl)
     group_masks = [
-        m & h & c
-        for h in (hard_b, ~hard_b)
-        for c in (corr_b, ~corr_b)
-        for m in (low, high)
+        m & h & c for h in (hard_b, ~hard_b) for c in (corr_b, ~corr_b) for m in (low, high)
     ]
     for name, gm in zip(GROUP_NAMES, group_masks, strict=True):
         metrics[f"group_frac/{name}"] = _masked_mean(gm, valid)
@@ -282,5 +347,15 @@ LOSSES = {
 NEEDS_ENTROPY = ("htpo", "high_entropy_only")
 NEEDS_FLAGS = ("htpo",)
 
-__all__ = ["LossConfig", "htpo_loss", "dapo_loss", "grpo_loss", "dr_grpo_loss",
-           "high_entropy_only_loss", "entropy_split", "aggregate", "LOSSES", "GROUP_NAMES"]
+__all__ = [
+    "LossConfig",
+    "htpo_loss",
+    "dapo_loss",
+    "grpo_loss",
+    "dr_grpo_loss",
+    "high_entropy_only_loss",
+    "entropy_split",
+    "aggregate",
+    "LOSSES",
+    "GROUP_NAMES",
+]

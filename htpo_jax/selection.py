@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+UNROLL = 1  # loop iterations fused per step: runtime vs compile time
 _UINT = {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}
 
 
@@ -31,7 +32,7 @@ def ordered_keys(x: jax.Array) -> jax.Array:
 
 
 def masked_keys(x: jax.Array, valid: jax.Array) -> jax.Array:
-    """Ordered keys with invalid entries set to 0, below every real key, so they are never counted."""
+    """Ordered keys with invalid entries set to 0 (below every real key): never counted."""
     keys = ordered_keys(x)
     return jnp.where(valid, keys, jnp.zeros_like(keys))
 
@@ -57,4 +58,4 @@ def kth_largest_keys(keys: jax.Array, ranks: tuple[jax.Array, ...]) -> tuple[jax
         return tuple(out)
 
     init = tuple(jnp.zeros(keys.shape[:1], dt) for _ in ranks)
-    return lax.fori_loop(0, nbits, body, init, unroll=True)
+    return lax.fori_loop(0, nbits, body, init, unroll=UNROLL)
