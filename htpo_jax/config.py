@@ -418,10 +418,11 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--set",
         dest="overrides",
-        action="append",
+        action="extend",
+        nargs="+",
         default=[],
         metavar="KEY=VALUE",
-        help="override one key, e.g. --set optim.learning_rate=1e-6 (repeatable)",
+        help="override keys, e.g. --set optim.learning_rate=1e-6 trainer.total_steps=5",
     )
 
 

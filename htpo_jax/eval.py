@@ -1,0 +1,115 @@
+"""Sampling + scoring of prompt batches (stages 2-3), and validation (mean@k accuracy, pass@k)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from htpo_jax.rewards import compute_rewards
+from htpo_jax.rollout import generate
+
+
+@dataclasses.dataclass(frozen=True)
+class Scored:
+    """Responses of P prompts x G samples (rows i*G .. i*G+G-1 are prompt i), on the host."""
+
+    prompt_ids: np.ndarray  # [P, Lp] int32, left padded
+    prompt_mask: np.ndarray  # [P, Lp]
+    tokens: np.ndarray  # [P*G, R] int32
+    response_mask: np.ndarray  # [P*G, R] int32
+    lengths: np.ndarray  # [P*G]
+    finished: np.ndarray  # [P*G] bool: ended with EOS
+    reward: np.ndarray  # [P*G] float32: verifier score (+ overlong penalty)
+    score: np.ndarray  # [P*G] float32: verifier score alone
+    acc: np.ndarray  # [P*G] bool
+    n: int  # G
+
+
+def stop_tokens(tokenizer) -> tuple[int, ...]:
+    """EOS ids: the tokenizer's eos plus the chat end-of-turn token when the vocabulary has it."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    for tok in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0:
+            ids.add(tid)
+    if not ids:
+        raise ValueError("the tokenizer has no eos_token_id and no known end-of-turn token")
+    return tuple(sorted(ids))
+
+
+def pad_id(tokenizer) -> int:
+    return (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_tokens(tokenizer)[0]
+    )
+
+
+def sample_and_score(
+    model, tokenizer, batch, cfg, *, rng, n, temperature, top_p, top_k, pool=None
+) -> Scored:
+    """Generate n responses per prompt of `batch` (a data.PromptBatch), decode and score them."""
+    r = cfg.rollout
+    ro = generate(
+        model,
+        batch.input_ids,
+        batch.attention_mask,
+        max_new_tokens=r.max_response_length,
+        rng=rng,
+        n=n,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        greedy=temperature <= 0,
+        eos_token_id=stop_tokens(tokenizer),
+        pad_token_id=pad_id(tokenizer),
+    )
+    ro = jax.device_get(ro)
+    lengths = np.asarray(ro.lengths)
+    texts = tokenizer.batch_decode(
+        [row[:length] for row, length in zip(np.asarray(ro.tokens), lengths, strict=True)],
+        skip_special_tokens=True,
+    )
+    truths = [gt for gt in batch.ground_truth for _ in range(n)]
+    reward, scored = compute_rewards(texts, truths, lengths, cfg, pool=pool)
+    return Scored(
+        prompt_ids=np.asarray(batch.input_ids),
+        prompt_mask=np.asarray(batch.attention_mask),
+        tokens=np.asarray(ro.tokens),
+        response_mask=np.asarray(ro.response_mask),
+        lengths=lengths,
+        finished=np.asarray(ro.finished),
+        reward=np.asarray(reward, np.float32),
+        score=np.asarray(scored.score, np.float32),
+        acc=np.asarray(scored.acc, bool),
+        n=n,
+    )
+
+
+def validate(model, tokenizer, dataset, cfg, *, rng, pool=None) -> dict[str, float]:
+    """val/accuracy (mean over prompts and their val_n samples), val/pass@k, val/response_length."""
+    r = cfg.rollout
+    accs, lengths = [], []
+    for i, batch in enumerate(dataset.iter_batches(cfg.data.val_batch_size)):
+        s = sample_and_score(
+            model,
+            tokenizer,
+            batch,
+            cfg,
+            rng=jax.random.fold_in(rng, i),
+            n=r.val_n,
+            temperature=r.val_temperature,
+            top_p=r.val_top_p,
+            top_k=r.val_top_k,
+            pool=pool,
+        )
+        accs.append(s.acc.reshape(-1, r.val_n))
+        lengths.append(s.lengths)
+    acc = np.concatenate(accs)
+    out = {
+        "val/accuracy": float(acc.mean()),
+        "val/response_length": float(np.concatenate(lengths).mean()),
+    }
+    if r.val_n > 1:
+        out[f"val/pass@{r.val_n}"] = float(acc.any(-1).mean())
+    return out

@@ -1,0 +1,76 @@
+"""Stage 8 logging: `metrics.jsonl` (one JSON object per line, each with `step`), optional
+TensorBoard event files, and a few helpers to turn arrays into plain floats."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def to_float(x) -> float:
+    return float(np.asarray(x))
+
+
+def plain(metrics: dict[str, Any]) -> dict[str, float]:
+    """Scalars only, as Python floats (arrays -> float; NaN kept as None for JSON)."""
+    out = {}
+    for k, v in metrics.items():
+        f = to_float(v)
+        out[k] = None if math.isnan(f) else f
+    return out
+
+
+class MetricsLogger:
+    """Appends to `<output_dir>/metrics.jsonl`; on resume, drops lines of steps after the
+    checkpoint (they will be recomputed), so the file never holds a step twice."""
+
+    def __init__(
+        self, output_dir: str | Path, resume_step: int | None = None, tensorboard: bool = False
+    ):
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.path.write_text("")
+        elif self.path.exists():
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step
+            ]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self.tb = None
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:
+                log.warning(
+                    "trainer.logger has 'tensorboard' but tensorboardX is not installed "
+                    "(pip install -e '.[tensorboard]'); logging to metrics.jsonl only"
+                )
+            else:
+                self.tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        record = {"step": int(step), **plain(metrics)}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and v is not None:
+                    self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

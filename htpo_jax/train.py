@@ -1,0 +1,390 @@
+"""`python -m htpo_jax.train [--config FILE] [--set key=value ...]`: a whole HTPO (or baseline) run.
+
+With no arguments it runs `configs/default.yaml`: the small arithmetic model in `assets/`, on CPU.
+One RL step goes through the stages of docs/DESIGN (headers below): DATA, ROLLOUT, REWARD,
+FILTER, ADVANTAGE, OLD LOG-PROBS, UPDATE, LOG / EVAL / SAVE.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from htpo_jax import advantages as adv_lib
+from htpo_jax.checkpoint import Checkpointer
+from htpo_jax.config import Config, cli_config, dump_yaml
+from htpo_jax.data import DataState, train_stream, val_dataset
+from htpo_jax.eval import Scored, sample_and_score, validate
+from htpo_jax.loss import GROUP_NAMES
+from htpo_jax.metrics import MetricsLogger, plain
+from htpo_jax.models.hf_io import from_pretrained, load_tokenizer
+from htpo_jax.rewards import RewardPool
+from htpo_jax.sharding import logical_sharding, make_mesh
+from htpo_jax.train_step import (
+    StepConfig,
+    TrainState,
+    UpdateBatch,
+    jit_update,
+    make_optimizer,
+    score_responses,
+)
+
+log = logging.getLogger("htpo_jax.train")
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+
+class SamplingExhausted(RuntimeError):
+    """Dynamic sampling found too few prompts with mixed outcomes."""
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything a step needs; built once by `setup`."""
+
+    cfg: Config
+    model: nnx.Module  # holds the current parameters for the sampler
+    graphdef: nnx.GraphDef
+    tokenizer: object
+    mesh: jax.sharding.Mesh
+    state: TrainState
+    ref_params: nnx.State | None
+    update_fn: object
+    step_cfg: StepConfig
+    stream: object
+    val_set: object
+    ckpt: Checkpointer
+    logger: MetricsLogger
+    pool: RewardPool | None
+    start_step: int
+
+
+# ---------------------------------------------------------------- 1 DATA / 2 ROLLOUT / 3 REWARD
+def sample_round(run: Run, key, n_prompts: int) -> Scored:
+    r = run.cfg.rollout
+    nnx.update(run.model, run.state.params)
+    batch = run.stream.next_batch(n_prompts)
+    return sample_and_score(
+        run.model,
+        run.tokenizer,
+        batch,
+        run.cfg,
+        rng=key,
+        n=r.n,
+        temperature=r.temperature,
+        top_p=r.top_p,
+        top_k=r.top_k,
+        pool=run.pool,
+    )
+
+
+# ---------------------------------------------------------------- 4 FILTER
+def collect(run: Run, key) -> tuple[dict, dict]:
+    """Draw generation batches until `train_batch_size` prompt groups survive the dynamic-sampling
+    filter; return the kept groups (host arrays, prompts left-padded to one width) and stats."""
+    cfg, g = run.cfg, run.cfg.rollout.n
+    a, need = cfg.algorithm, cfg.data.train_batch_size
+    kept: list[tuple[Scored, np.ndarray]] = []
+    n_kept, rounds, all_acc, all_len, all_reward, all_fin = 0, 0, [], [], [], []
+    while n_kept < need:
+        if a.dynamic_sampling and a.max_num_gen_batches and rounds >= a.max_num_gen_batches:
+            raise SamplingExhausted(
+                f"dynamic sampling kept {n_kept} of the {need} prompts a step needs after "
+                f"{rounds} generation batches (algorithm.max_num_gen_batches); every other group "
+                f"was all-correct or all-wrong. Raise algorithm.max_num_gen_batches or "
+                f"data.gen_batch_size, or use easier/harder data."
+            )
+        size = cfg.data.gen_batch_size if a.dynamic_sampling else need
+        s = sample_round(run, jax.random.fold_in(key, rounds), size)
+        rounds += 1
+        all_acc.append(s.acc)
+        all_len.append(s.lengths)
+        all_reward.append(s.reward)
+        all_fin.append(s.finished)
+        metric = (s.acc if a.dynamic_sampling_metric == "acc" else s.score).reshape(-1, g)
+        keep = (
+            np.asarray(adv_lib.dynamic_sampling_keep(metric))
+            if a.dynamic_sampling
+            else (np.ones(metric.shape[0], bool))
+        )
+        kept.append((s, np.flatnonzero(keep)))
+        n_kept += int(keep.sum())
+    width = max(s.prompt_ids.shape[1] for s, _ in kept)
+    parts: dict[str, list] = {k: [] for k in ("pids", "pmask", "tokens", "rmask", "reward", "acc")}
+    for s, idx in kept:
+        pad = ((0, 0), (width - s.prompt_ids.shape[1], 0))
+        rows = (idx[:, None] * g + np.arange(g)).reshape(-1)
+        parts["pids"].append(np.repeat(np.pad(s.prompt_ids, pad)[idx], g, 0))
+        parts["pmask"].append(np.repeat(np.pad(s.prompt_mask, pad)[idx], g, 0))
+        parts["tokens"].append(s.tokens[rows])
+        parts["rmask"].append(s.response_mask[rows])
+        parts["reward"].append(s.reward[rows])
+        parts["acc"].append(s.acc[rows])
+    out = {k: np.concatenate(v)[: need * g] for k, v in parts.items()}
+    lengths = np.concatenate(all_len)
+    stats = {
+        "train/accuracy": np.concatenate(all_acc).mean(),
+        "train/reward_mean": np.concatenate(all_reward).mean(),
+        "response_length/mean": lengths.mean(),
+        "response_length/max": lengths.max(),
+        "response_length/min": lengths.min(),
+        "response_length/clip_ratio": 1.0 - np.concatenate(all_fin).mean(),
+        "filter/gen_batches": rounds,
+        "filter/kept_prompt_frac": n_kept
+        / (rounds * (cfg.data.gen_batch_size if a.dynamic_sampling else need)),
+    }
+    return out, stats
+
+
+# ---------------------------------------------------------------- 5 ADVANTAGE
+def build_batch(run: Run, kept: dict) -> UpdateBatch:
+    cfg, g = run.cfg, run.cfg.rollout.n
+    reward, acc = kept["reward"].reshape(-1, g), kept["acc"].reshape(-1, g)
+    advantages = np.asarray(adv_lib.grpo_advantages(reward)).reshape(-1)
+    hard = np.repeat(np.asarray(adv_lib.hard_prompts(acc, cfg.algorithm.difficulty_threshold)), g)
+    # Response slots past the longest response carry nothing: cut them, rounded up for few shapes.
+    mult = cfg.data.pad_to_multiple
+    r = min(
+        int(np.ceil(max(kept["rmask"].sum(-1).max(), 1) / mult) * mult), kept["tokens"].shape[1]
+    )
+    tokens, rmask = kept["tokens"][:, :r], kept["rmask"][:, :r]
+    rmask_f = rmask.astype(np.float32)
+    return UpdateBatch(
+        input_ids=np.concatenate([kept["pids"], tokens], 1).astype(np.int32),
+        attention_mask=np.concatenate([kept["pmask"], rmask], 1).astype(np.int32),
+        response_mask=rmask_f,
+        old_log_prob=np.zeros_like(rmask_f),
+        ref_log_prob=np.zeros_like(rmask_f),
+        advantages=(advantages[:, None] * rmask_f).astype(np.float32),
+        hard=hard,
+        correct=kept["acc"].astype(bool),
+        prompt_len=kept["pids"].shape[1],
+    )
+
+
+# ---------------------------------------------------------------- 6 OLD LOG-PROBS
+def old_logprobs(run: Run, batch: UpdateBatch) -> tuple[UpdateBatch, float]:
+    """Old (and reference) log-probs in micro-batch chunks; returns the batch and mean entropy."""
+    mb = run.cfg.optim.micro_batch_size
+    t = run.step_cfg.temperature
+    old, ref, ent = [], [], []
+    for i in range(0, batch.input_ids.shape[0], mb):
+        ids, mask = (
+            put(run, batch.input_ids[i : i + mb]),
+            put(run, batch.attention_mask[i : i + mb]),
+        )
+        lp, e = score_responses(run.graphdef, run.state.params, ids, mask, batch.prompt_len, t)
+        old.append(np.asarray(lp))
+        ent.append(np.asarray(e))
+        if run.ref_params is not None:
+            ref.append(
+                np.asarray(
+                    score_responses(run.graphdef, run.ref_params, ids, mask, batch.prompt_len, t)[0]
+                )
+            )
+    m = batch.response_mask
+    old = np.concatenate(old) * m
+    ref = np.concatenate(ref) * m if ref else batch.ref_log_prob
+    mean_ent = float((np.concatenate(ent) * m).sum() / max(m.sum(), 1))
+    return batch.replace(old_log_prob=old, ref_log_prob=ref), mean_ent
+
+
+def put(run: Run, x, lead: int = 0):
+    """Host array -> device, batch axis (after `lead` leading axes) over data x fsdp."""
+    names = (None,) * lead + ("act_batch",) + (None,) * (x.ndim - lead - 1)
+    return jax.device_put(x, logical_sharding(names, run.mesh, x.shape))
+
+
+# ---------------------------------------------------------------- 7 UPDATE
+def update_all(run: Run, batch: UpdateBatch) -> dict:
+    o, g = run.cfg.optim, run.cfg.rollout.n
+    n_rows = batch.input_ids.shape[0]
+    mini_rows = o.mini_batch_size * g
+    per_update = []
+    for _ in range(o.ppo_epochs):
+        for start in range(0, n_rows, mini_rows):
+            mini = jax.tree.map(lambda x, s=start: x[s : s + mini_rows], batch)
+            # [mini_rows, ...] -> [n_micro, micro, ...]
+            mini = jax.tree.map(
+                lambda x: put(run, x.reshape(-1, o.micro_batch_size, *x.shape[1:]), lead=1), mini
+            )
+            run.state, metrics = run.update_fn(run.state, mini)
+            per_update.append(metrics)
+    metrics = jax.tree.map(lambda *xs: np.mean([np.asarray(x) for x in xs]), *per_update)
+    metrics = {(k if k.startswith("group_frac") else f"train/{k}"): v for k, v in metrics.items()}
+    return metrics
+
+
+def rl_step(run: Run, step: int) -> dict:
+    times = {}
+    t0 = time.perf_counter()
+    key = jax.random.fold_in(run.state.rng, step)
+    kept, stats = collect(run, key)
+    times["time/rollout_reward_filter"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    batch, mean_ent = old_logprobs(run, build_batch(run, kept))
+    times["time/old_log_prob"] = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    metrics = update_all(run, batch)
+    times["time/update"] = time.perf_counter() - t2
+    times["time/step"] = time.perf_counter() - t0
+    return {**stats, **metrics, "train/entropy": mean_ent, **times}
+
+
+# ---------------------------------------------------------------- setup, 8 LOG / EVAL / SAVE
+def setup(cfg: Config, mesh: jax.sharding.Mesh) -> Run:
+    out = Path(cfg.trainer.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(dump_yaml(cfg))
+    tokenizer = load_tokenizer(cfg.model.tokenizer_path or cfg.model.path)
+    model = from_pretrained(
+        cfg.model.path,
+        dtype=jnp.dtype(cfg.model.dtype),
+        param_dtype=jnp.dtype(cfg.model.param_dtype),
+        mesh=mesh,
+        remat=cfg.model.remat,
+    )
+    graphdef, params = nnx.split(model)
+    ref_params = jax.tree.map(jnp.copy, params) if cfg.algorithm.use_kl_loss else None
+    updates_per_step = cfg.optim.ppo_epochs * (
+        cfg.data.train_batch_size // cfg.optim.mini_batch_size
+    )
+    tx = make_optimizer(cfg.optim, cfg.trainer.total_steps * updates_per_step)
+    state = TrainState(
+        params=params,
+        opt_state=tx.init(params),
+        step=jnp.zeros((), jnp.int32),
+        rng=jax.random.key(cfg.trainer.seed),
+    )
+    step_cfg = StepConfig.from_config(cfg)
+    ckpt = Checkpointer.from_config(cfg)
+    start, data_state = 0, None
+    restored = ckpt.restore_latest(state) if cfg.checkpoint.resume else None
+    if restored is not None:
+        state, extra = restored
+        start, data_state = int(extra["step"]), DataState.from_json(extra["data"])
+        log.info("resumed from %s at step %d", cfg.checkpoint_dir, start)
+    pool = None
+    if cfg.algorithm.reward_num_workers:
+        pool = RewardPool(
+            cfg.algorithm.reward_fn,
+            cfg.algorithm.reward_num_workers,
+            cfg.algorithm.reward_timeout_s,
+        )
+    return Run(
+        cfg=cfg,
+        model=model,
+        graphdef=graphdef,
+        tokenizer=tokenizer,
+        mesh=mesh,
+        state=state,
+        ref_params=ref_params,
+        update_fn=jit_update(graphdef, tx, step_cfg),
+        step_cfg=step_cfg,
+        stream=train_stream(cfg, tokenizer, data_state),
+        val_set=val_dataset(cfg, tokenizer),
+        ckpt=ckpt,
+        pool=pool,
+        start_step=start,
+        logger=MetricsLogger(
+            out,
+            resume_step=start if restored else None,
+            tensorboard="tensorboard" in cfg.trainer.logger,
+        ),
+    )
+
+
+def run_validation(run: Run) -> dict:
+    if run.val_set is None:
+        return {}
+    t0 = time.perf_counter()
+    nnx.update(run.model, run.state.params)
+    key = jax.random.fold_in(jax.random.key(run.cfg.trainer.seed), 2**30)  # same every time
+    out = validate(run.model, run.tokenizer, run.val_set, run.cfg, rng=key, pool=run.pool)
+    return {**out, "time/val": time.perf_counter() - t0}
+
+
+def train(cfg: Config) -> dict:
+    """The whole run; returns a summary (accuracy before/after, paths)."""
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    with jax.set_mesh(mesh):
+        run = setup(cfg, mesh)
+        t, total = cfg.trainer, cfg.trainer.total_steps
+        first_val = last_val = None
+        if run.start_step == 0:
+            first_val = run_validation(run)
+            run.logger.log(0, first_val)
+        bar = tqdm(
+            range(run.start_step + 1, total + 1),
+            initial=run.start_step,
+            total=total,
+            desc="htpo",
+            disable=not t.progress_bar,
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
+        metrics: dict = {}
+        for step in bar:
+            metrics = rl_step(run, step)
+            if step == total or (t.val_every and step % t.val_every == 0):
+                last_val = run_validation(run)
+                metrics.update(last_val)
+            metrics["train/lr_step"] = int(run.state.step)
+            if step % t.log_every == 0 or step == total or "val/accuracy" in metrics:
+                run.logger.log(step, metrics)
+            if run.ckpt.should_save(step, last=step == total):
+                run.ckpt.save(
+                    step,
+                    run.state,
+                    {"step": step, "data": run.stream.state.to_json(), "config": cfg.to_dict()},
+                )
+            bar.set_postfix(
+                acc=f"{metrics['train/accuracy']:.2f}",
+                val=f"{(last_val or first_val or {}).get('val/accuracy', float('nan')):.2f}",
+            )
+        run.ckpt.close()
+        run.logger.close()
+        if run.pool is not None:
+            run.pool.close()
+    summary = {
+        "val_accuracy_before": (first_val or {}).get("val/accuracy"),
+        "val_accuracy_after": (last_val or {}).get("val/accuracy"),
+        "steps": total,
+        "metrics": str(run.logger.path),
+        "checkpoints": cfg.checkpoint_dir,
+        "last": plain({k: v for k, v in metrics.items() if isinstance(v, int | float | np.number)}),
+    }
+    return summary
+
+
+def print_summary(summary: dict) -> None:
+    fmt = lambda x: "n/a" if x is None else f"{x:.3f}"
+    print(
+        f"\nval/accuracy: {fmt(summary['val_accuracy_before'])} (start) -> "
+        f"{fmt(summary['val_accuracy_after'])} (after step {summary['steps']})"
+    )
+    print(f"metrics:     {summary['metrics']}")
+    print(f"checkpoints: {summary['checkpoints']}")
+
+
+def main(argv=None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--config" not in argv and DEFAULT_CONFIG.exists():
+        argv = ["--config", str(DEFAULT_CONFIG), *argv]
+    cfg = cli_config(argv, description=__doc__.splitlines()[0])
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    summary = train(cfg)
+    print_summary(summary)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""The jitted pieces of one RL step: old/reference log-probs (stage 6) and the PPO update (stage 7).
+
+The update takes one PPO mini-batch laid out as `[n_micro, micro, ...]` and scans over the
+micro-batches, accumulating gradients; every micro-batch loss is divided by the token count of the
+whole mini-batch (`num_tokens`), so accumulation gives exactly the one-big-batch gradient
+(token-mean). Then one optax step (AdamW with warmup, global-norm clipping).
+
+The model is split once into a static `graphdef` and the parameter `nnx.State`; only the state
+and the optimizer state travel through jit. `update` donates the `TrainState` (argument 0): the
+old parameters and moments are dead after the step, so XLA reuses their buffers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+from htpo_jax.loss import LOSSES, LossConfig, aggregate
+from htpo_jax.models.logprobs import logprobs_and_entropy
+
+
+@struct.dataclass
+class TrainState:
+    params: nnx.State
+    opt_state: optax.OptState
+    step: jax.Array  # int32 scalar: optimizer updates done
+    rng: jax.Array  # typed PRNG key of the run (split per RL step)
+
+
+@struct.dataclass
+class UpdateBatch:
+    """Responses of one mini-batch (or a whole step), `[..., N, L]` with L = P + R.
+
+    `prompt_len` is static (`pytree_node=False`): it fixes the slice that lines log-probs up with
+    response tokens, and changing it must (and does) give a new compiled shape anyway.
+    """
+
+    input_ids: jax.Array  # [..., N, P+R] int32, left-padded prompt + response
+    attention_mask: jax.Array  # [..., N, P+R] int32
+    response_mask: jax.Array  # [..., N, R] float32, 1 on response tokens that count
+    old_log_prob: jax.Array  # [..., N, R] float32, rollout-policy log-probs (stage 6)
+    ref_log_prob: jax.Array  # [..., N, R] float32, reference policy (zeros when KL is off)
+    advantages: jax.Array  # [..., N, R] float32, GRPO advantage broadcast over tokens
+    hard: jax.Array  # [..., N] bool, the prompt's accuracy < difficulty_threshold
+    correct: jax.Array  # [..., N] bool, the verifier's verdict
+    prompt_len: int = struct.field(pytree_node=False, default=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """What the jitted update needs from the run config (hashable: a static argument)."""
+
+    loss: str
+    loss_config: LossConfig
+    temperature: float
+    use_kl_loss: bool = False
+    kl_coef: float = 0.0
+    kl_loss_type: str = "low_var_kl"
+    chunk_size: int = 1024
+
+    @classmethod
+    def from_config(cls, cfg) -> StepConfig:
+        a = cfg.algorithm
+        return cls(
+            loss=a.loss,
+            loss_config=LossConfig(
+                clip_ratio_low=a.clip_ratio_low,
+                clip_ratio_high=a.clip_ratio_high,
+                clip_ratio_c=a.clip_ratio_c,
+                high_entropy_ratio=a.high_entropy_ratio,
+                drop_low_entropy_ratio=a.drop_low_entropy_ratio,
+                drop_high_entropy_ratio=a.drop_high_entropy_ratio,
+                loss_agg_mode=a.loss_agg_mode,
+            ),
+            temperature=cfg.rollout.temperature,
+            use_kl_loss=a.use_kl_loss,
+            kl_coef=a.kl_coef,
+            kl_loss_type=a.kl_loss_type,
+        )
+
+
+def make_optimizer(optim_cfg, total_updates: int) -> optax.GradientTransformation:
+    """AdamW with linear warmup (and optional cosine decay) after global-norm clipping."""
+    o = optim_cfg
+    if o.lr_schedule == "cosine":
+        schedule = optax.warmup_cosine_decay_schedule(
+            0.0,
+            o.learning_rate,
+            max(o.warmup_steps, 1),
+            max(total_updates, o.warmup_steps + 1),
+            end_value=o.learning_rate * o.min_lr_ratio,
+        )
+    else:
+        schedule = (
+            optax.join_schedules(
+                [
+                    optax.linear_schedule(0.0, o.learning_rate, max(o.warmup_steps, 1)),
+                    optax.constant_schedule(o.learning_rate),
+                ],
+                [max(o.warmup_steps, 1)],
+            )
+            if o.warmup_steps
+            else optax.constant_schedule(o.learning_rate)
+        )
+    adamw = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
+    return optax.chain(optax.clip_by_global_norm(o.grad_clip), adamw) if o.grad_clip else adamw
+
+
+def response_logprobs(graphdef, params, ids, mask, prompt_len: int, temperature, chunk_size):
+    """(log_prob, entropy) [N, R] of the response tokens: position P-1+j predicts token P+j."""
+    model = nnx.merge(graphdef, params)
+    lp, ent = logprobs_and_entropy(model, ids, mask, temperature=temperature, chunk_size=chunk_size)
+    return lp[:, prompt_len - 1 :], ent[:, prompt_len - 1 :]  # [N, P+R-1] -> [N, R]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6))
+def score_responses(graphdef, params, ids, mask, prompt_len, temperature, chunk_size=1024):
+    """Stage 6: log-probs and entropies of a batch under `params` (no gradient)."""
+    return response_logprobs(graphdef, params, ids, mask, prompt_len, temperature, chunk_size)
+
+
+def kl_penalty(log_prob, ref_log_prob, kind: str):
+    """Per-token KL estimate of the policy from the reference (verl's estimators)."""
+    diff = log_prob - ref_log_prob
+    if kind == "kl":
+        return diff
+    if kind == "abs":
+        return jnp.abs(diff)
+    if kind == "mse":
+        return 0.5 * diff**2
+    kl = -diff  # low_var_kl (k3): ratio - log ratio - 1 with ratio = ref / pi, clamped
+    return jnp.clip(jnp.exp(kl) - kl - 1, -10.0, 10.0)
+
+
+def micro_loss(params, graphdef, micro: UpdateBatch, num_tokens, num_seqs, sc: StepConfig):
+    lp, ent = response_logprobs(
+        graphdef,
+        params,
+        micro.input_ids,
+        micro.attention_mask,
+        micro.prompt_len,
+        sc.temperature,
+        sc.chunk_size,
+    )
+    fn = LOSSES[sc.loss]
+    kw = dict(config=sc.loss_config, num_tokens=num_tokens, num_sequences=num_seqs)
+    m = micro.response_mask
+    if sc.loss == "htpo":
+        loss, metrics = fn(
+            lp, micro.old_log_prob, ent, micro.advantages, m, micro.hard, micro.correct, **kw
+        )
+    elif sc.loss == "high_entropy_only":
+        loss, metrics = fn(lp, micro.old_log_prob, ent, micro.advantages, m, **kw)
+    else:
+        loss, metrics = fn(lp, micro.old_log_prob, micro.advantages, m, **kw)
+    if sc.use_kl_loss:
+        kl = kl_penalty(lp, micro.ref_log_prob, sc.kl_loss_type)
+        kl_loss = aggregate(kl, m > 0, sc.loss_config.loss_agg_mode, num_tokens, num_seqs)
+        loss = loss + sc.kl_coef * kl_loss
+        metrics["kl_loss"] = kl_loss
+    metrics["entropy"] = jnp.sum(ent * m) / jnp.maximum(jnp.sum(m), 1)
+    metrics["policy_loss"] = loss
+    return loss, metrics
+
+
+def update(state: TrainState, mini: UpdateBatch, graphdef, tx, sc: StepConfig):
+    """One optimizer update from a mini-batch laid out `[n_micro, micro, ...]` (donated state).
+
+    Returns (new state, metrics): `loss` is the mini-batch loss (sum of the micro losses, each
+    already divided by the mini-batch token count); other metrics are micro-batch means.
+    """
+    num_tokens = jnp.sum(mini.response_mask)
+    num_seqs = jnp.sum(jnp.any(mini.response_mask > 0, axis=-1))
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def body(grads, micro):
+        (loss, metrics), g = grad_fn(state.params, graphdef, micro, num_tokens, num_seqs, sc)
+        return jax.tree.map(jnp.add, grads, g), metrics
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    grads, metrics = jax.lax.scan(body, zeros, mini)
+    metrics = jax.tree.map(jnp.mean, metrics)
+    metrics["loss"] = metrics.pop("policy_loss") * mini.response_mask.shape[0]
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
+    return new, metrics
+
+
+def jit_update(graphdef, tx, sc: StepConfig, state_shardings=None):
+    """`update` jitted once: static graphdef/optimizer/config closed over; TrainState donated."""
+    fn = functools.partial(update, graphdef=graphdef, tx=tx, sc=sc)
+    return jax.jit(
+        fn,
+        donate_argnums=0,
+        out_shardings=(state_shardings, None) if state_shardings is not None else None,
+    )

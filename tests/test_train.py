@@ -1,0 +1,171 @@
+"""The trainer end to end on a tiny random model: smoke run, resume exactness, bad config."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from htpo_jax.config import load_config
+from htpo_jax.metrics import read_metrics
+from htpo_jax.models.decoder import Decoder
+from htpo_jax.models.hf_io import save_pretrained
+from htpo_jax.models.model_config import ModelConfig
+from htpo_jax.tasks.arith import write_task_data, write_tokenizer
+from htpo_jax.train import main
+
+VOLATILE = ("time/",)  # wall-clock metrics differ between runs
+
+
+@pytest.fixture(scope="module")
+def tiny_run_dir(tmp_path_factory):
+    """A random 2-layer Qwen3-style model, the arithmetic tokenizer and a little task data."""
+    root = tmp_path_factory.mktemp("tiny")
+    model_dir = root / "model"
+    tok = write_tokenizer(model_dir)
+    from transformers import AutoTokenizer
+
+    vocab = len(AutoTokenizer.from_pretrained(str(tok)))
+    cfg = ModelConfig.from_hf_dict(
+        dict(
+            model_type="qwen3",
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            tie_word_embeddings=True,
+            rms_norm_eps=1e-6,
+            hidden_act="silu",
+            rope_theta=10000.0,
+            max_position_embeddings=256,
+        )
+    )
+    save_pretrained(Decoder(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0)), model_dir)
+    write_task_data(root / "data", n_train=64, n_val=8, seed=0, max_ops=1)
+    return root
+
+
+def overrides(root: Path, out: Path, **extra):
+    sets = {
+        "model.path": str(root / "model"),
+        "model.dtype": "float32",
+        "model.remat": False,
+        "data.train_files": str(root / "data" / "train.jsonl"),
+        "data.val_files": str(root / "data" / "val.jsonl"),
+        "data.train_batch_size": 2,
+        "data.gen_batch_size": 4,
+        "data.val_batch_size": 8,
+        "data.max_prompt_length": 64,
+        "data.pad_to_multiple": 16,
+        "rollout.n": 4,
+        "rollout.max_response_length": 16,
+        "rollout.val_temperature": 1.0,
+        "algorithm.overlong_buffer_len": 4,
+        "algorithm.reward_timeout_s": 0,
+        # A random model is almost never right: no dynamic sampling, or no group would survive.
+        "algorithm.dynamic_sampling": False,
+        "optim.learning_rate": 1e-3,
+        "optim.warmup_steps": 0,
+        "optim.mini_batch_size": 1,
+        "optim.micro_batch_size": 2,
+        "trainer.output_dir": str(out),
+        "trainer.total_steps": 2,
+        "trainer.val_every": 0,
+        "trainer.progress_bar": False,
+        "checkpoint.save_every": 1,
+        "checkpoint.max_to_keep": 5,
+    }
+    sets.update(extra)
+    return ["--set", *(f"{k}={v}" for k, v in sets.items())]
+
+
+def test_two_step_smoke(tiny_run_dir, tmp_path):
+    out = tmp_path / "run"
+    summary = main(overrides(tiny_run_dir, out))
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [0, 1, 2]
+    assert "val/accuracy" in records[0] and "val/accuracy" in records[-1]
+    for key in (
+        "train/loss",
+        "train/reward_mean",
+        "train/accuracy",
+        "train/entropy",
+        "train/pg_clipfrac",
+        "response_length/mean",
+        "time/step",
+        "group_frac/hard_wrong_high",
+    ):
+        assert key in records[1], key
+    fracs = sum(records[1][k] for k in records[1] if k.startswith("group_frac/"))
+    assert abs(fracs - 1.0) < 1e-5
+    assert summary["val_accuracy_before"] is not None
+    assert (out / "checkpoints").is_dir() and (out / "config.yaml").exists()
+
+
+def test_resume_reproduces_straight_run(tiny_run_dir, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    main(overrides(tiny_run_dir, straight, **{"trainer.total_steps": 4}))
+    main(overrides(tiny_run_dir, resumed, **{"trainer.total_steps": 2}))
+    main(overrides(tiny_run_dir, resumed, **{"trainer.total_steps": 4}))
+    a = {r["step"]: r for r in read_metrics(straight / "metrics.jsonl")}
+    b = {r["step"]: r for r in read_metrics(resumed / "metrics.jsonl")}
+    assert sorted(b) == [0, 1, 2, 3, 4]
+    for step in (3, 4):
+        for k, v in a[step].items():
+            if k.startswith(VOLATILE) or k.startswith("val/"):
+                continue
+            assert b[step][k] == pytest.approx(v, rel=1e-6, abs=1e-7), (step, k)
+
+
+def test_dapo_and_accumulation_run(tiny_run_dir, tmp_path):
+    """Baseline loss plus micro-batching (4 micro-batches of 2 in each mini-batch of 8 rows)."""
+    out = tmp_path / "dapo"
+    main(
+        overrides(
+            tiny_run_dir,
+            out,
+            **{
+                "algorithm.loss": "dapo",
+                "trainer.total_steps": 1,
+                "optim.mini_batch_size": 2,
+                "optim.micro_batch_size": 2,
+                "algorithm.use_kl_loss": True,
+            },
+        )
+    )
+    rec = read_metrics(out / "metrics.jsonl")[-1]
+    assert np.isfinite(rec["train/loss"]) and "train/kl_loss" in rec
+
+
+@pytest.mark.parametrize(
+    "arg,needle",
+    [
+        ("algorithm.loss=ppo", "algorithm.loss"),
+        ("optim.lr=1e-6", "optim.learning_rate"),
+    ],
+)
+def test_bad_config_exits_2_with_one_line(arg, needle):
+    out = subprocess.run(
+        [sys.executable, "-m", "htpo_jax.train", "--set", arg],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2
+    assert needle in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_config_yaml_written_is_loadable(tiny_run_dir, tmp_path):
+    out = tmp_path / "cfgcheck"
+    main(overrides(tiny_run_dir, out, **{"trainer.total_steps": 1, "checkpoint.save_every": 0}))
+    cfg = load_config(out / "config.yaml")
+    assert cfg.trainer.total_steps == 1
+    assert json.loads(json.dumps(cfg.to_dict()))["rollout"]["n"] == 4
