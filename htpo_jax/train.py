@@ -24,7 +24,6 @@ from htpo_jax.checkpoint import Checkpointer
 from htpo_jax.config import Config, cli_config, dump_yaml
 from htpo_jax.data import DataState, train_stream, val_dataset
 from htpo_jax.eval import Scored, sample_and_score, validate
-from htpo_jax.loss import GROUP_NAMES
 from htpo_jax.metrics import MetricsLogger, plain
 from htpo_jax.models.hf_io import from_pretrained, load_tokenizer
 from htpo_jax.rewards import RewardPool
