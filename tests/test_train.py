@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -169,3 +170,59 @@ def test_config_yaml_written_is_loadable(tiny_run_dir, tmp_path):
     cfg = load_config(out / "config.yaml")
     assert cfg.trainer.total_steps == 1
     assert json.loads(json.dumps(cfg.to_dict()))["rollout"]["n"] == 4
+
+
+def fake_scored(acc_groups, g, width=4, r=5):
+    """A Scored round with the given per-prompt correctness patterns ([P, G] bools)."""
+    from htpo_jax.eval import Scored
+
+    acc = np.asarray(acc_groups, bool).reshape(-1)
+    p = len(acc_groups)
+    return Scored(
+        prompt_ids=np.arange(p * width).reshape(p, width).astype(np.int32),
+        prompt_mask=np.ones((p, width), np.int32),
+        tokens=np.tile(np.arange(p * g)[:, None], (1, r)).astype(np.int32),
+        response_mask=np.ones((p * g, r), np.int32),
+        lengths=np.full(p * g, r),
+        finished=np.ones(p * g, bool),
+        reward=np.where(acc, 1.0, -1.0).astype(np.float32),
+        score=np.where(acc, 1.0, -1.0).astype(np.float32),
+        acc=acc,
+        n=g,
+    )
+
+
+def test_dynamic_sampling_keeps_mixed_groups_and_draws_more(monkeypatch):
+    import htpo_jax.train as T
+
+    cfg = load_config(
+        None,
+        [
+            "rollout.n=2",
+            "data.train_batch_size=3",
+            "data.gen_batch_size=2",
+            "optim.mini_batch_size=1",
+            "optim.micro_batch_size=2",
+        ],
+    )
+    rounds = iter(
+        [
+            [[1, 1], [1, 0]],  # keeps prompt 1 only
+            [[0, 0], [0, 0]],  # keeps nothing
+            [[0, 1], [1, 0]],  # keeps both: 3 kept, done
+        ]
+    )
+    monkeypatch.setattr(T, "sample_round", lambda run, key, n: fake_scored(next(rounds), 2))
+    run = type("R", (), {"cfg": cfg})()
+    kept, stats = T.collect(run, jax.random.key(0))
+    assert stats["filter/gen_batches"] == 3
+    assert stats["filter/kept_prompt_frac"] == pytest.approx(3 / 6)
+    np.testing.assert_array_equal(kept["acc"], [1, 0, 0, 1, 1, 0])
+    # the kept rows are those of round 0 prompt 1, then round 2 prompts 0 and 1
+    np.testing.assert_array_equal(kept["tokens"][:, 0], [2, 3, 0, 1, 2, 3])
+    assert stats["train/accuracy"] == pytest.approx(5 / 12)
+
+    rounds = iter([[[1, 1], [0, 0]]] * 10)
+    monkeypatch.setattr(T, "sample_round", lambda run, key, n: fake_scored(next(rounds), 2))
+    with pytest.raises(T.SamplingExhausted, match="max_num_gen_batches"):
+        T.collect(run, jax.random.key(0))
