@@ -166,7 +166,7 @@ def _constrain_cache(cache):
     )
 
 
-def _compiled(graphdef, max_new_tokens, greedy, top_k, use_top_p, eos_ids, pad_id, cache_dtype):
+def _compiled(graphdef, n, max_new_tokens, greedy, top_k, use_top_p, eos_ids, pad_id, cache_dtype):
     """A new jitted generate for one static configuration (jax.jit then keeps a program per
     input shape); `_jitted` caches these per model object."""
     n_new = max_new_tokens
@@ -175,10 +175,10 @@ def _compiled(graphdef, max_new_tokens, greedy, top_k, use_top_p, eos_ids, pad_i
         global _TRACES
         _TRACES += 1  # Python side effect: runs only while tracing
         model = nnx.merge(graphdef, state)
-        b, p = prompt_ids_bp.shape
+        n_prompts, p = prompt_ids_bp.shape
+        b = n_prompts * n  # response rows: prompt i's samples are rows i*n .. i*n+n-1
         prompt_ids_bp = constrain(prompt_ids_bp, ("act_batch", None))
         prompt_mask_bp = constrain(prompt_mask_bp.astype(jnp.bool_), ("act_batch", None))
-        prompt_len_b = prompt_mask_bp.sum(-1, dtype=jnp.int32)
         row_keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, jnp.arange(b))
 
         def sample(logits_bv, step):
@@ -198,24 +198,27 @@ def _compiled(graphdef, max_new_tokens, greedy, top_k, use_top_p, eos_ids, pad_i
                 hit = hit | (tok == e)
             return hit
 
-        # Prefill into a P-slot cache (its attention is [P, P], not [P, P + N]), then copy it
-        # into the first P slots of the full cache.
-        small = model.init_cache(b, p, cache_dtype)
-        hidden_bpd, small = model.forward_cached(
-            prompt_ids_bp, positions_from_mask(prompt_mask_bp), small, 0, prompt_mask_bp
+        # Prefill each distinct prompt once, into a P-slot cache (attention [P, P], not
+        # [P, P + N]); then repeat it n times and append N empty slots: the full cache.
+        prompt_cache = model.init_cache(n_prompts, p, cache_dtype)
+        hidden_bpd, prompt_cache = model.forward_cached(
+            prompt_ids_bp, positions_from_mask(prompt_mask_bp), prompt_cache, 0, prompt_mask_bp
         )
-        cache = []
-        for c in _constrain_cache(model.init_cache(b, p + n_new, cache_dtype)):
-            # [B, S, K, H] <- [B, P, K, H] at slot 0
-            k = jax.lax.dynamic_update_slice(c.k, small[len(cache)].k, (0, 0, 0, 0))
-            v = jax.lax.dynamic_update_slice(c.v, small[len(cache)].v, (0, 0, 0, 0))
-            cache.append(LayerCache(k=k, v=v))
-        cache = _constrain_cache(cache)
+
+        def expand(x_pkh):  # [B/n, P, K, H] -> [B, S = P + N, K, H]
+            x_pkh = jnp.repeat(x_pkh, n, axis=0) if n > 1 else x_pkh
+            empty = jnp.zeros((b, n_new) + x_pkh.shape[2:], cache_dtype)
+            return constrain(jnp.concatenate([x_pkh, empty], axis=1), CACHE_LOGICAL_AXES)
+
+        cache = tuple(LayerCache(k=expand(c.k), v=expand(c.v)) for c in prompt_cache)
+        hidden_bd = jnp.repeat(hidden_bpd[:, -1], n, axis=0)  # [B, D]
+        prompt_mask_bp = constrain(jnp.repeat(prompt_mask_bp, n, axis=0), ("act_batch", None))
+        prompt_len_b = prompt_mask_bp.sum(-1, dtype=jnp.int32)
         # Decode masks: prompt padding stays masked; response slots are all real, and the
         # causal mask in forward_cached hides the ones not yet written.
         kv_mask_bs = jnp.concatenate([prompt_mask_bp, jnp.ones((b, n_new), jnp.bool_)], axis=1)
 
-        tok_b, lp_b = sample(model.unembed(hidden_bpd[:, -1]), 0)
+        tok_b, lp_b = sample(model.unembed(hidden_bd), 0)
         tokens = jnp.full((b, n_new), pad_id, jnp.int32).at[:, 0].set(tok_b)
         log_probs = jnp.zeros((b, n_new), jnp.float32).at[:, 0].set(lp_b)
         state0 = _LoopState(
@@ -314,8 +317,9 @@ def generate(
 
     prompt_ids, prompt_mask: [B, P] (numpy or jax); rng: a PRNG key (ignored when greedy).
     `cache_dtype` defaults to the model's compute dtype. `batch_bucket` / `length_bucket` map
-    the batch (B * n) and P to the compiled shapes (`lambda x: x` turns bucketing off).
-    Returns a `Rollout` of B * n rows.
+    the rows (B * n) and P to the compiled shapes (`lambda x: x` turns bucketing off). Each
+    prompt is prefilled once and its cache copied to its n rows. Returns a `Rollout` of B * n
+    rows.
     """
     greedy = bool(greedy or temperature <= 0)
     if rng is None:
@@ -333,25 +337,26 @@ def generate(
     else:
         eos = tuple(sorted({int(e) for e in eos_token_id}))
 
+    if n < 1:
+        raise ValueError(f"generate: n must be >= 1, got {n}")
     ids, mask = np.asarray(prompt_ids), np.asarray(prompt_mask)
-    if n > 1:
-        ids, mask = repeat_prompts(ids, mask, n)
-    b, p = ids.shape
+    prompts, p = ids.shape
     if not mask.astype(bool).any(-1).all():
         raise ValueError("generate: every prompt row needs at least one token (mask all zero)")
-    shards = _batch_shards()
-    b_pad = math.ceil(batch_bucket(b) / shards) * shards
+    # Rows (prompts * n) are bucketed, then rounded up to whole prompt groups that the batch
+    # shards divide; extra prompts copy prompt 0 and their rows are sliced off below.
+    step = math.lcm(n, _batch_shards())
+    prompts_pad = math.ceil(batch_bucket(prompts * n) / step) * step // n
     p_pad = length_bucket(p)
-    # Extra columns are left padding; extra rows copy row 0 and are sliced off below.
-    ids = np.pad(ids, ((0, 0), (p_pad - p, 0)), constant_values=pad_token_id)
+    ids = np.pad(ids, ((0, 0), (p_pad - p, 0)), constant_values=pad_token_id)  # left padding
     mask = np.pad(mask.astype(np.int32), ((0, 0), (p_pad - p, 0)))
-    ids = np.concatenate([ids, np.repeat(ids[:1], b_pad - b, 0)]).astype(np.int32)
-    mask = np.concatenate([mask, np.repeat(mask[:1], b_pad - b, 0)])
+    ids = np.concatenate([ids, np.repeat(ids[:1], prompts_pad - prompts, 0)]).astype(np.int32)
+    mask = np.concatenate([mask, np.repeat(mask[:1], prompts_pad - prompts, 0)])
 
     cache_dtype = jnp.dtype(model.dtype if cache_dtype is None else cache_dtype)
     static = (int(max_new_tokens), greedy, int(top_k), top_p < 1.0, eos, int(pad_token_id))
-    fn, state = _jitted(model, static + (cache_dtype,))
+    fn, state = _jitted(model, (int(n),) + static + (cache_dtype,))
     out = fn(state, ids, mask, rng, jnp.float32(temperature), jnp.float32(top_p))
-    if b_pad == b:
+    if prompts_pad == prompts:
         return out
-    return jax.tree.map(lambda x: x[:b], out)
+    return jax.tree.map(lambda x: x[: prompts * n], out)

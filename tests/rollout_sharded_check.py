@@ -32,6 +32,7 @@ def main():
     ref_greedy = generate(reference, ids, mask, greedy=True, **kw)
     ref_sample = generate(reference, ids, mask, rng=jax.random.key(2), top_p=0.95, **kw)
     ref_six = generate(reference, ids[:6], mask[:6], greedy=True, **kw)
+    ref_n = generate(reference, ids[:3], mask[:3], n=2, rng=jax.random.key(4), **kw)
 
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
     model = shard_model(random_decoder("qwen3", False), mesh)
@@ -41,6 +42,7 @@ def main():
         greedy = generate(model, ids, mask, greedy=True, **kw)
         sample = generate(model, ids, mask, rng=jax.random.key(2), top_p=0.95, **kw)
         six = generate(model, ids[:6], mask[:6], greedy=True, **kw)  # 2 padding rows added
+        n2 = generate(model, ids[:3], mask[:3], n=2, rng=jax.random.key(4), **kw)  # 3 x 2 rows
 
     assert greedy.tokens.sharding.spec[0] == ("data", "fsdp"), greedy.tokens.sharding
     np.testing.assert_array_equal(np.asarray(greedy.tokens), np.asarray(ref_greedy.tokens))
@@ -49,12 +51,13 @@ def main():
     np.testing.assert_array_equal(np.asarray(sample.tokens), np.asarray(ref_sample.tokens))
     np.testing.assert_allclose(np.asarray(sample.log_probs), ref_sample.log_probs, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(six.tokens), np.asarray(ref_six.tokens))
+    np.testing.assert_array_equal(np.asarray(n2.tokens), np.asarray(ref_n.tokens))
 
     # The KV cache is split too: compile (not run) a long generation and compare the per-device
     # temporary memory with one device's. Cache: 2 layers x (k, v) x [8, 16 + 4096, 2, 16] f32
     # = 16.8 MB on one device; batch over 4 and kv heads over 2 leaves 2.1 MB per device.
     def temp_bytes(m):
-        fn, state = rollout._jitted(m, (4096, True, -1, False, (), 0, jnp.dtype(jnp.float32)))
+        fn, state = rollout._jitted(m, (1, 4096, True, -1, False, (), 0, jnp.dtype(jnp.float32)))
         pad = ((0, 0), (5, 0))  # 11 -> 16 columns, as generate pads them
         args = (np.pad(ids, pad), np.pad(mask, pad).astype(np.int32), jax.random.key(0))
         return fn.lower(state, *args, jnp.float32(1), jnp.float32(1)).compile()
