@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -118,8 +119,8 @@ def main():
                 with torch.inference_mode():
                     out = hf.generate(
                         input_ids=t_ids, attention_mask=t_mask, max_new_tokens=n,
-                        min_new_tokens=n, do_sample=sample, top_k=0, top_p=1.0,
-                        temperature=1.0, eos_token_id=None, pad_token_id=0,
+                        min_new_tokens=n, do_sample=sample, top_k=None, top_p=None,
+                        temperature=None, eos_token_id=None, pad_token_id=0,
                     )  # fmt: skip
                 if device == "cuda":
                     torch.cuda.synchronize()
@@ -135,7 +136,9 @@ def main():
             fns[f"transformers greedy t{th}"] = hf_fn(False, th)
             fns[f"transformers sample t{th}"] = hf_fn(True, th)
 
+    load_before = os.getloadavg()[0]
     timings = timed_interleaved(fns, args.iters)
+    load_after = os.getloadavg()[0]
     rows = []
     for name, (sec, cpu, out) in timings.items():
         if name.startswith("htpo_jax"):
@@ -163,7 +166,8 @@ def main():
         f"device: {dev.device_kind} ({jax.default_backend()}) x{jax.device_count()}, "
         f"jax {jax.__version__}; shape {args.shape}: {cfg.num_params() / 1e6:.1f}M params, "
         f"{b} prompts x {p} -> {n} new tokens, {dtype.name}; KV cache {kv / 2**20:.1f} MiB "
-        f"(batch {b_c} x {p_c + n} slots)"
+        f"(batch {b_c} x {p_c + n} slots); 1-min load average {load_before:.1f} -> "
+        f"{load_after:.1f} on {os.cpu_count()} CPUs"
     )
     print(f"{'sampler':>26} {'seconds':>8} {'CPU s':>7} {'new tok/s':>10} {'vs HF':>7}")
     for r in rows:
@@ -182,6 +186,7 @@ def main():
                 shape=args.shape, prompts=b, prompt_len=p, new_tokens=n, dtype=dtype.name,
                 model=shape["model"], n_params=cfg.num_params(), iters=args.iters,
                 kv_cache_bytes=kv, kv_cache_batch=b_c, kv_cache_slots=p_c + n,
+                cpu_count=os.cpu_count(), loadavg_1min=[load_before, load_after],
                 hf=hf_info)  # fmt: skip
     out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
     print(f"wrote {out}")
