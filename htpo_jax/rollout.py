@@ -4,10 +4,11 @@
                        temperature=1.0, top_p=1.0, top_k=-1, eos_token_id=[...], pad_token_id=0)
 
 Prompts are left padded ([B, P], mask 1 on real tokens; every row needs at least one). With
-`n > 1` each prompt is repeated n times (rows `i*n .. i*n+n-1` belong to prompt i). The result,
-a `Rollout`, holds per response row: `tokens [B, N]` (pad_token_id after the end),
-`response_mask [B, N]` (1 up to and including the first EOS), `log_probs [B, N]`, `lengths [B]`
-and `finished [B]` (ended with EOS, i.e. not truncated at N = max_new_tokens).
+`n > 1` each prompt is sampled n times (rows `i*n .. i*n+n-1` belong to prompt i; the prompt is
+prefilled once and its cache copied). The result, a `Rollout`, holds per response row:
+`tokens [B, N]` (pad_token_id after the end), `response_mask [B, N]` (1 up to and including the
+first EOS), `log_probs [B, N]`, `lengths [B]` and `finished [B]` (ended with EOS, i.e. not
+truncated at N = max_new_tokens). docs/ROLLOUT.md has the details and the memory sizing.
 
 The log-prob contract
 ---------------------
@@ -15,7 +16,7 @@ The log-prob contract
 temperature: the log-prob of the sampled token under the temperature-scaled FULL distribution,
 NOT the top-p / top-k truncated one that the token was actually drawn from. That is exactly what
 `models.logprobs.logprobs_and_entropy(model, ids, mask, temperature=tau)` computes for the same
-sequence (prompt + response), so the trainer's old log-probs and these agree (float32: to ~1e-5;
+sequence (prompt + response), so the trainer's old log-probs and these agree (float32: to ~1e-6;
 a bf16 model differs by bf16 rounding between the cached and the full forward). Greedy decoding
 (`greedy=True` or `temperature <= 0`) reports log-probs at tau = temperature, or at tau = 1 when
 temperature <= 0. Zeros after the end.
@@ -28,17 +29,17 @@ the same `rng` gives the same output.
 
 Compilation
 -----------
-One `jax.jit` per model object and static configuration (max_new_tokens, greedy, top_k, whether
-top_p is on, EOS ids, pad id, cache dtype), cached in `_JITTED`; temperature and top_p are traced
-scalars (changing them does not recompile). Shapes are bucketed: the batch is rounded up by
-`bucket` (extra rows copy row 0 and are sliced off) and the prompt length by `prompt_bucket`
-(extra columns are left padding), so a run compiles once per bucket, not once per batch.
-`trace_count()` counts traces (tests use it). Nothing is donated: the KV cache is allocated inside
-the jitted function and the parameters are reused by the caller.
+One `jax.jit` per model object and static configuration (n, max_new_tokens, greedy, top_k,
+whether top_p is on, EOS ids, pad id, cache dtype), cached in `_JITTED`; temperature and top_p are
+traced scalars (changing them does not recompile). Shapes are bucketed: the rows (B * n) are
+rounded up by `bucket` (extra prompts copy prompt 0 and their rows are sliced off) and the prompt
+length by `prompt_bucket` (extra columns are left padding), so a run compiles once per bucket,
+not once per batch. `trace_count()` counts traces (tests use it). Nothing is donated: the KV cache
+is allocated inside the jitted function and the parameters are reused by the caller.
 
 Sharding: under `jax.set_mesh(mesh)` (parameters placed by `sharding.shard_model`) the batch and
 the cache batch follow `act_batch` / `cache_batch` (mesh `data` x `fsdp`) and the kv heads
-`tensor`; the batch bucket is rounded up to a multiple of the batch shards.
+`tensor`; the rows are rounded up to a multiple of the batch shards.
 """
 
 from __future__ import annotations
