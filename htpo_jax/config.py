@@ -57,6 +57,11 @@ class ModelConfig:
     dtype: Literal["bfloat16", "float32"] = _f("bfloat16", "Activation / compute dtype.")
     param_dtype: Literal["float32", "bfloat16"] = _f("float32", "Dtype of stored parameters.")
     remat: bool = _f(True, "Rematerialize decoder layers in the backward pass (less memory).")
+    attention_chunk_size: int = _f(
+        0,
+        "Query chunk of the training attention (0 = full T x T; set it for long responses).",
+        NONNEG,
+    )
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,9 @@ class DataConfig:
 @dataclass(frozen=True)
 class RolloutConfig:
     n: int = _f(16, "Responses sampled per prompt (the GRPO group size G).", POS)
+    max_num_seqs: int = _f(
+        0, "Most responses decoded by one sampler call (bounds the KV cache; 0 = all).", NONNEG
+    )
     max_response_length: int = _f(20480, "Maximum new tokens per response.", POS)
     temperature: float = _f(1.0, "Sampling temperature for training rollouts.", POS)
     top_p: float = _f(1.0, "Nucleus sampling for training rollouts (1.0 = off).", TOP_P)
@@ -147,6 +155,7 @@ class TrainerConfig:
     total_steps: int = _f(1000, "RL steps to run.", POS)
     seed: int = _f(1, "Seed for data order, sampling and initialization.", NONNEG)
     val_every: int = _f(10, "Validate every k steps (0 = only at start and end).", NONNEG)
+    val_before_train: bool = _f(True, "Validate at step 0, before any update.")
     log_every: int = _f(1, "Write metrics every k steps.", POS)
     logger: tuple[Literal["jsonl", "tensorboard"], ...] = _f(("jsonl",), "Metric sinks.")
     progress_bar: bool = _f(True, "Show a tqdm progress bar.")

@@ -9,6 +9,7 @@ import numpy as np
 
 from htpo_jax.rewards import compute_rewards
 from htpo_jax.rollout import generate
+from htpo_jax.sharding import to_host
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,23 +49,32 @@ def pad_id(tokenizer) -> int:
 def sample_and_score(
     model, tokenizer, batch, cfg, *, rng, n, temperature, top_p, top_k, pool=None
 ) -> Scored:
-    """Generate n responses per prompt of `batch` (a data.PromptBatch), decode and score them."""
+    """Generate n responses per prompt of `batch` (a data.PromptBatch), decode and score them.
+
+    At most `rollout.max_num_seqs` responses are decoded per sampler call (bounds the KV cache).
+    """
     r = cfg.rollout
-    ro = generate(
-        model,
-        batch.input_ids,
-        batch.attention_mask,
-        max_new_tokens=r.max_response_length,
-        rng=rng,
-        n=n,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        greedy=temperature <= 0,
-        eos_token_id=stop_tokens(tokenizer),
-        pad_token_id=pad_id(tokenizer),
-    )
-    ro = jax.device_get(ro)
+    n_prompts = batch.input_ids.shape[0]
+    per_call = max(r.max_num_seqs // n, 1) if r.max_num_seqs else n_prompts
+    parts = []
+    for i, start in enumerate(range(0, n_prompts, per_call)):
+        sl = slice(start, start + per_call)
+        ro = generate(
+            model,
+            batch.input_ids[sl],
+            batch.attention_mask[sl],
+            max_new_tokens=r.max_response_length,
+            rng=jax.random.fold_in(rng, i),
+            n=n,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            greedy=temperature <= 0,
+            eos_token_id=stop_tokens(tokenizer),
+            pad_token_id=pad_id(tokenizer),
+        )
+        parts.append(to_host(ro))
+    ro = jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
     lengths = np.asarray(ro.lengths)
     texts = tokenizer.batch_decode(
         [row[:length] for row, length in zip(np.asarray(ro.tokens), lengths, strict=True)],

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from htpo_jax.sharding import is_main_process
+
 log = logging.getLogger(__name__)
 
 
@@ -35,6 +37,10 @@ class MetricsLogger:
         self, output_dir: str | Path, resume_step: int | None = None, tensorboard: bool = False
     ):
         self.path = Path(output_dir) / "metrics.jsonl"
+        self.tb = None
+        self.enabled = is_main_process()  # one writer on a multi-host run
+        if not self.enabled:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
             self.path.write_text("")
@@ -45,7 +51,6 @@ class MetricsLogger:
                 if line.strip() and json.loads(line).get("step", 0) <= resume_step
             ]
             self.path.write_text("".join(line + "\n" for line in kept))
-        self.tb = None
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
@@ -58,6 +63,8 @@ class MetricsLogger:
                 self.tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         record = {"step": int(step), **plain(metrics)}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")

@@ -152,3 +152,16 @@ def describe_shardings(model: nnx.Module, mesh: Mesh) -> dict[str, str]:
     for path, var in nnx.to_flat_state(nnx.state(model)):
         out[".".join(map(str, path))] = str(variable_sharding(var, mesh).spec)
     return out
+
+
+def to_host(x):
+    """A (possibly multi-host sharded) array tree as numpy on every host."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(x, tiled=True)
+    return jax.tree.map(np.asarray, x)
+
+
+def is_main_process() -> bool:
+    return jax.process_index() == 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ from htpo_jax.eval import Scored, sample_and_score, validate
 from htpo_jax.metrics import MetricsLogger, plain
 from htpo_jax.models.hf_io import from_pretrained, load_tokenizer
 from htpo_jax.rewards import RewardPool
-from htpo_jax.sharding import logical_sharding, make_mesh
+from htpo_jax.sharding import is_main_process, logical_sharding, make_mesh, to_host
 from htpo_jax.train_step import (
     StepConfig,
     TrainState,
@@ -180,15 +181,13 @@ def old_logprobs(run: Run, batch: UpdateBatch) -> tuple[UpdateBatch, float]:
             put(run, batch.input_ids[i : i + mb]),
             put(run, batch.attention_mask[i : i + mb]),
         )
-        lp, e = score_responses(run.graphdef, run.state.params, ids, mask, batch.prompt_len, t)
-        old.append(np.asarray(lp))
-        ent.append(np.asarray(e))
+        scored = score_responses(run.graphdef, run.state.params, ids, mask, batch.prompt_len, t)
+        lp, e = to_host(scored)
+        old.append(lp)
+        ent.append(e)
         if run.ref_params is not None:
-            ref.append(
-                np.asarray(
-                    score_responses(run.graphdef, run.ref_params, ids, mask, batch.prompt_len, t)[0]
-                )
-            )
+            ref_lp = score_responses(run.graphdef, run.ref_params, ids, mask, batch.prompt_len, t)
+            ref.append(to_host(ref_lp[0]))
     m = batch.response_mask
     old = np.concatenate(old) * m
     ref = np.concatenate(ref) * m if ref else batch.ref_log_prob
@@ -242,7 +241,8 @@ def rl_step(run: Run, step: int) -> dict:
 def setup(cfg: Config, mesh: jax.sharding.Mesh) -> Run:
     out = Path(cfg.trainer.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_yaml(cfg))
+    if is_main_process():
+        (out / "config.yaml").write_text(dump_yaml(cfg))
     tokenizer = load_tokenizer(cfg.model.tokenizer_path or cfg.model.path)
     model = from_pretrained(
         cfg.model.path,
@@ -318,7 +318,7 @@ def train(cfg: Config) -> dict:
         run = setup(cfg, mesh)
         t, total = cfg.trainer, cfg.trainer.total_steps
         first_val = last_val = None
-        if run.start_step == 0:
+        if run.start_step == 0 and t.val_before_train:
             first_val = run_validation(run)
             run.logger.log(0, first_val)
         bar = tqdm(
@@ -375,6 +375,8 @@ def print_summary(summary: dict) -> None:
 
 
 def main(argv=None) -> dict:
+    if os.environ.get("HTPO_DISTRIBUTED") == "1":  # multi-host: tpu_scripts/launch.sh sets it
+        jax.distributed.initialize()
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--config" not in argv and DEFAULT_CONFIG.exists():
         argv = ["--config", str(DEFAULT_CONFIG), *argv]

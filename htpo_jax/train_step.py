@@ -163,7 +163,6 @@ def micro_loss(params, graphdef, micro: UpdateBatch, num_tokens, num_seqs, sc: S
         kl_loss = aggregate(kl, m > 0, sc.loss_config.loss_agg_mode, num_tokens, num_seqs)
         loss = loss + sc.kl_coef * kl_loss
         metrics["kl_loss"] = kl_loss
-    metrics["entropy"] = jnp.sum(ent * m) / jnp.maximum(jnp.sum(m), 1)
     metrics["policy_loss"] = loss
     return loss, metrics
 
