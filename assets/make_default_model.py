@@ -1,0 +1,387 @@
+"""Regenerate the embedded default model and its data: `python assets/make_default_model.py`.
+
+Writes, deterministically (fixed seeds; same machine type, same bytes):
+  assets/arith/train.jsonl, val.jsonl   the arithmetic task (`htpo_jax.tasks.arith`), DAPO layout
+  assets/arith_model/                   a tiny Qwen3-style decoder in HF format + the tokenizer
+
+The model is trained by supervised fine-tuning on *noisy* reference solutions: every step's
+result is off by a small amount with probability `--step-noise`, and the error propagates to the
+later steps and the `Answer:` line. The model learns the format and the arithmetic, plus a
+calibrated per-step error rate, so a sample at temperature 1.0 is right only a third of the time
+while the right answer stays well inside its sampling distribution (high pass@8). That is the
+weakness RL removes quickly: sharpening the result tokens toward their mode. At the end the
+script prints the model's validation numbers (accuracy at T=1.0, greedy, pass@8, length, format).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from htpo_jax.models.decoder import Decoder
+from htpo_jax.models.hf_io import from_pretrained, save_pretrained
+from htpo_jax.models.model_config import ModelConfig
+from htpo_jax.rewards.dapo_math import dapo_math_score
+from htpo_jax.tasks import arith
+
+ASSETS = Path(__file__).resolve().parent
+_OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Noisy reference solutions
+
+
+def noisy_solution(expression: str, rng: random.Random, step_noise: float) -> tuple[str, int]:
+    """(solution text, its final answer) where each step's result is off by +-1/+-2 w.p. noise.
+
+    The expression tree is evaluated in post-order, which is exactly the order of
+    `ArithProblem.steps` (a parenthesized right operand is computed right before its use), so
+    with `step_noise=0` this reproduces `ArithProblem.solution`. A wrong result is used by the
+    later steps as written, so the solution stays self-consistent. Draws that would make any value
+    negative are redrawn (the clean task has none).
+    """
+    tree = ast.parse(expression, mode="eval").body
+    for _ in range(100):
+        steps: list[str] = []
+        answer = _noisy_eval(tree, rng, step_noise, steps)
+        if all(int(line.rsplit("=", 1)[1]) >= 0 for line in steps):
+            return "\n".join((*steps, f"Answer: {answer}")), answer
+    raise RuntimeError(f"no non-negative noisy solution for {expression}")
+
+
+def _noisy_eval(node, rng: random.Random, step_noise: float, steps: list[str]) -> int:
+    """Post-order evaluation that appends one "a op b=c" line per operation to `steps`."""
+    if isinstance(node, ast.Constant):
+        return int(node.value)
+    a = _noisy_eval(node.left, rng, step_noise, steps)
+    b = _noisy_eval(node.right, rng, step_noise, steps)
+    op = _OPS[type(node.op)]
+    value = a + b if op == "+" else a - b if op == "-" else a * b
+    if rng.random() < step_noise:
+        value += rng.choice((-2, -1, 1, 2))
+    steps.append(f"{a}{op}{b}={value}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# SFT data
+
+
+def sft_arrays(problems, tok, rng: random.Random, step_noise: float, seq_len: int):
+    """(input_ids [N, L], loss_mask [N, L]): chat prompt + noisy solution + EOS, right-padded.
+
+    loss_mask[n, t] = 1 where token t+1 is a response token (the solution and the EOS).
+    """
+    n = len(problems)
+    ids = np.full((n, seq_len), tok.pad_token_id, np.int32)  # [N, L]
+    mask = np.zeros((n, seq_len), np.float32)  # [N, L]
+    for i, p in enumerate(problems):
+        prompt = tok.apply_chat_template(
+            [{"role": "user", "content": p.question}], add_generation_prompt=True, tokenize=False
+        )
+        text, _ = noisy_solution(p.expression, rng, step_noise)
+        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        r_ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        seq = p_ids + r_ids
+        if len(seq) > seq_len:
+            raise ValueError(f"sequence of {len(seq)} tokens > seq_len={seq_len}: {p.question}")
+        ids[i, : len(seq)] = seq
+        mask[i, len(p_ids) - 1 : len(seq) - 1] = 1.0
+    return ids, mask
+
+
+# ---------------------------------------------------------------------------------------------
+# Model and SFT
+
+
+def model_config(tok, args) -> ModelConfig:
+    return ModelConfig(
+        model_type="qwen3",
+        vocab_size=len(tok),
+        hidden_size=args.hidden,
+        intermediate_size=args.mlp,
+        num_layers=args.layers,
+        num_heads=args.heads,
+        num_kv_heads=args.heads,
+        head_dim=args.hidden // args.heads,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        qk_norm=True,
+        max_position_embeddings=512,
+        bos_token_id=None,
+        eos_token_id=(tok.eos_token_id,),
+        pad_token_id=tok.pad_token_id,
+    )
+
+
+def sft(model: Decoder, phases, args) -> None:
+    """AdamW on the masked next-token loss, one LR schedule over all phases; updates `model`.
+
+    `phases`: a list of (input_ids [N, L], loss_mask [N, L], steps), trained in order.
+    """
+    steps = sum(p[2] for p in phases)
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, args.lr, min(100, steps // 10), steps, end_value=args.lr * 0.05
+    )
+    tx = optax.chain(
+        optax.clip_by_global_norm(1.0), optax.adamw(schedule, b2=0.98, weight_decay=0.01)
+    )
+    graphdef, params = nnx.split(model, nnx.Param)
+    opt_state = tx.init(params)
+
+    def loss_fn(params, ids_bt, mask_bt):
+        logits = nnx.merge(graphdef, params)(ids_bt)  # [B, T, V] float32
+        logp = jax.nn.log_softmax(logits[:, :-1])
+        nll = -jnp.take_along_axis(logp, ids_bt[:, 1:, None], axis=-1)[..., 0]  # [B, T-1]
+        m = mask_bt[:, :-1]
+        return jnp.sum(nll * m) / jnp.sum(m)
+
+    # params and opt_state are donated: the old buffers are dead after each step.
+    @jax.jit(donate_argnums=(0, 1))
+    def step(params, opt_state, ids_bt, mask_bt):
+        loss, grads = jax.value_and_grad(loss_fn)(params, ids_bt, mask_bt)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    order_rng = np.random.default_rng(args.seed)
+    i, t0, losses = 0, time.perf_counter(), []
+    for ids, mask, phase_steps in phases:
+        n = ids.shape[0]
+        lengths = (ids != 0).sum(1)  # pad id 0 only pads
+        order, pos = order_rng.permutation(n), 0
+        for _ in range(phase_steps):
+            if pos + args.batch > n:
+                order, pos = order_rng.permutation(n), 0
+            idx = np.sort(order[pos : pos + args.batch])
+            pos += args.batch
+            # trim the batch to its longest row (rounded up to 16): few shapes, less padding
+            width = min(ids.shape[1], 16 * math.ceil(int(lengths[idx].max()) / 16))
+            params, opt_state, loss = step(params, opt_state, ids[idx, :width], mask[idx, :width])
+            losses.append(loss)
+            i += 1
+            if i % args.log_every == 0 or i == steps:
+                mean = float(jnp.mean(jnp.stack(losses)))
+                losses = []
+                dt = time.perf_counter() - t0
+                print(f"  sft step {i}/{steps}  loss {mean:.4f}  {dt:.0f}s", flush=True)
+    nnx.update(model, params)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+# TEMPORARY: a local KV-cache sampler until `htpo_jax.rollout.generate` lands.
+
+
+def _sample_tokens(model, prompt_ids, prompt_mask, max_new, rng, temperature, greedy, eos, pad):
+    b, p = prompt_ids.shape
+    s = p + max_new
+    cache = model.init_cache(b, s)
+    kv_mask = jnp.zeros((b, s), jnp.bool_).at[:, :p].set(prompt_mask.astype(jnp.bool_))
+    positions = jnp.clip(jnp.cumsum(prompt_mask, axis=1) - 1, 0)  # [B, P]
+    hidden, cache = model.forward_cached(prompt_ids, positions, cache, 0, kv_mask)
+    logits = model.unembed(hidden[:, -1])  # [B, V]
+    out = jnp.full((b, max_new), pad, jnp.int32)
+    done = jnp.zeros((b,), jnp.bool_)
+
+    def body(state):
+        i, logits, cache, kv_mask, out, done, rng = state
+        rng, key = jax.random.split(rng)
+        if greedy:
+            tok = jnp.argmax(logits, -1).astype(jnp.int32)
+        else:
+            tok = jax.random.categorical(key, logits / temperature).astype(jnp.int32)
+        tok = jnp.where(done, pad, tok)
+        out = out.at[:, i].set(tok)
+        done = done | (tok == eos)
+        kv_mask = kv_mask.at[:, p + i].set(True)
+        pos = positions[:, -1:] + 1 + i  # [B, 1]
+        hidden, cache = model.forward_cached(tok[:, None], pos, cache, p + i, kv_mask)
+        return i + 1, model.unembed(hidden[:, 0]), cache, kv_mask, out, done, rng
+
+    def cond(state):
+        return (state[0] < max_new) & ~jnp.all(state[5])
+
+    state = (0, logits, cache, kv_mask, out, done, rng)
+    return jax.lax.while_loop(cond, body, state)[4]
+
+
+def sample(model, prompt_ids, prompt_mask, *, max_new, rng, temperature, greedy, eos, pad):
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(state, ids, mask, rng):
+        m = nnx.merge(graphdef, state)
+        return _sample_tokens(m, ids, mask, max_new, rng, temperature, greedy, eos, pad)
+
+    return np.asarray(run(state, prompt_ids, prompt_mask, rng))
+
+
+def evaluate(model, tok, problems, *, n_samples, max_new, seed, batch=400) -> dict:
+    """Accuracy at T=1.0 (mean over samples), greedy accuracy, pass@n, length, format rate."""
+    prompts = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": p.question}], add_generation_prompt=True, tokenize=False
+        )
+        for p in problems
+    ]
+    enc = tok(prompts, add_special_tokens=False, padding=True, return_tensors="np")
+    ids, mask = enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+
+    def run(rep_ids, rep_mask, greedy, key):
+        outs = []
+        for s in range(0, len(rep_ids), batch):
+            key, sub = jax.random.split(key)
+            outs.append(
+                sample(
+                    model,
+                    jnp.asarray(rep_ids[s : s + batch]),
+                    jnp.asarray(rep_mask[s : s + batch]),
+                    max_new=max_new,
+                    rng=sub,
+                    temperature=1.0,
+                    greedy=greedy,
+                    eos=eos,
+                    pad=pad,
+                )
+            )
+        return np.concatenate(outs)
+
+    def score(tokens, truths):
+        accs, lens, fmts = [], [], []
+        for row, gt in zip(tokens, truths, strict=True):
+            row = list(row)
+            n = row.index(eos) + 1 if eos in row else len(row)
+            text = tok.decode(row[:n], skip_special_tokens=True)
+            accs.append(dapo_math_score(text, gt)["acc"])
+            lens.append(n)
+            fmts.append("Answer:" in text)
+        return np.array(accs, float), np.array(lens, float), np.array(fmts, float)
+
+    truths = [p.ground_truth for p in problems]
+    key = jax.random.key(seed)
+    g_acc, g_len, g_fmt = score(run(ids, mask, True, key), truths)
+    rep = np.repeat(np.arange(len(problems)), n_samples)
+    s_tokens = run(ids[rep], mask[rep], False, jax.random.fold_in(key, 1))
+    s_acc, s_len, s_fmt = score(s_tokens, [truths[i] for i in rep])
+    per_problem = s_acc.reshape(len(problems), n_samples)
+    return {
+        "acc_t1": float(s_acc.mean()),
+        "greedy_acc": float(g_acc.mean()),
+        f"pass@{n_samples}": float(per_problem.max(1).mean()),
+        "mean_len_t1": float(s_len.mean()),
+        "max_len_t1": int(s_len.max()),
+        "format_t1": float(s_fmt.mean()),
+        "format_greedy": float(g_fmt.mean()),
+        "frac_all_wrong": float((per_problem.max(1) == 0).mean()),
+        "frac_all_right": float((per_problem.min(1) == 1).mean()),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data-dir", default=str(ASSETS / "arith"))
+    ap.add_argument("--model-dir", default=str(ASSETS / "arith_model"))
+    ap.add_argument("--n-train", type=int, default=4000, help="RL training prompts")
+    ap.add_argument("--n-val", type=int, default=200)
+    ap.add_argument("--n-sft", type=int, default=60000, help="SFT problems (disjoint from val)")
+    ap.add_argument("--step-noise", type=float, default=0.3)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--hidden", type=int, default=64)
+    ap.add_argument("--mlp", type=int, default=192)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--max-ops", type=int, default=4)
+    ap.add_argument("--max-product", type=int, default=50)
+    ap.add_argument("--clean-steps", type=int, default=600, help="SFT steps on clean solutions")
+    ap.add_argument("--noisy-steps", type=int, default=300, help="then steps on noisy ones")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--seq-len", type=int, default=112)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--log-every", type=int, default=100)
+    ap.add_argument("--eval-only", action="store_true", help="evaluate the saved model")
+    ap.add_argument("--n-samples", type=int, default=8)
+    ap.add_argument("--max-new", type=int, default=64)
+    args = ap.parse_args(argv)
+    data_dir, model_dir = Path(args.data_dir), Path(args.model_dir)
+
+    t_start = time.perf_counter()
+    if not args.eval_only:
+        train_path, val_path = arith.write_task_data(
+            data_dir,
+            n_train=args.n_train,
+            n_val=args.n_val,
+            seed=args.seed,
+            max_ops=args.max_ops,
+            max_product=args.max_product,
+        )
+        print(f"wrote {train_path} ({train_path.stat().st_size / 1e6:.2f} MB), {val_path}")
+        arith.write_tokenizer(model_dir)
+    tok = arith.build_tokenizer()
+    val_rows = [json.loads(line) for line in (data_dir / "val.jsonl").read_text().splitlines()]
+    val_exprs = {r["prompt"][0]["content"] for r in val_rows}
+    val = _val_problems(val_rows)
+
+    if not args.eval_only:
+        pool = arith.generate_problems(
+            args.n_sft * 2, args.seed + 1, max_ops=args.max_ops, max_product=args.max_product
+        )
+        sft_problems = [p for p in pool if p.question not in val_exprs][: args.n_sft]
+        noise_rng = random.Random(args.seed + 2)
+        phases = [
+            (*sft_arrays(sft_problems, tok, noise_rng, 0.0, args.seq_len), args.clean_steps),
+            (
+                *sft_arrays(sft_problems, tok, noise_rng, args.step_noise, args.seq_len),
+                args.noisy_steps,
+            ),
+        ]
+        cfg = model_config(tok, args)
+        model = Decoder(cfg, rngs=nnx.Rngs(args.seed))
+        print(
+            f"model: {cfg.num_layers} layers x {cfg.hidden_size} wide, mlp {cfg.intermediate_size}"
+            f", {cfg.num_params():,} params; SFT on {len(sft_problems)} problems, "
+            f"step noise {args.step_noise}"
+        )
+        t0 = time.perf_counter()
+        sft(model, phases, args)
+        print(f"SFT wall time: {time.perf_counter() - t0:.0f}s")
+        save_pretrained(model, model_dir, dtype=jnp.float32)
+        arith.write_tokenizer(model_dir)
+
+    model = from_pretrained(model_dir, dtype=jnp.float32)
+    t0 = time.perf_counter()
+    res = evaluate(model, tok, val, n_samples=args.n_samples, max_new=args.max_new, seed=args.seed)
+    print(f"eval ({len(val)} val problems, {time.perf_counter() - t0:.0f}s):")
+    print(json.dumps(res, indent=2))
+    print(f"total wall time: {time.perf_counter() - t_start:.0f}s")
+
+
+def _val_problems(rows):
+    """Light problem objects for the val rows (question + ground truth is all eval needs)."""
+
+    class P:
+        def __init__(self, row):
+            self.question = row["prompt"][0]["content"]
+            self.ground_truth = row["reward_model"]["ground_truth"]
+
+    return [P(r) for r in rows]
+
+
+if __name__ == "__main__":
+    main()
