@@ -29,10 +29,12 @@ import numpy as np
 import optax
 from flax import nnx
 
+from htpo_jax.data import read_rows
 from htpo_jax.models.decoder import Decoder
 from htpo_jax.models.hf_io import from_pretrained, save_pretrained
 from htpo_jax.models.model_config import ModelConfig
 from htpo_jax.rewards.dapo_math import dapo_math_score
+from htpo_jax.rollout import generate
 from htpo_jax.tasks import arith
 
 ASSETS = Path(__file__).resolve().parent
@@ -182,86 +184,46 @@ def sft(model: Decoder, phases, args) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Evaluation
-# TEMPORARY: a local KV-cache sampler until `htpo_jax.rollout.generate` lands.
 
 
-def _sample_tokens(model, prompt_ids, prompt_mask, max_new, rng, temperature, greedy, eos, pad):
-    b, p = prompt_ids.shape
-    s = p + max_new
-    cache = model.init_cache(b, s)
-    kv_mask = jnp.zeros((b, s), jnp.bool_).at[:, :p].set(prompt_mask.astype(jnp.bool_))
-    positions = jnp.clip(jnp.cumsum(prompt_mask, axis=1) - 1, 0)  # [B, P]
-    hidden, cache = model.forward_cached(prompt_ids, positions, cache, 0, kv_mask)
-    logits = model.unembed(hidden[:, -1])  # [B, V]
-    out = jnp.full((b, max_new), pad, jnp.int32)
-    done = jnp.zeros((b,), jnp.bool_)
+def evaluate(model, tok, rows, *, n_samples, max_new, seed, batch=400) -> dict:
+    """Accuracy at T=1.0 (mean over samples), greedy accuracy, pass@n, length, format rate.
 
-    def body(state):
-        i, logits, cache, kv_mask, out, done, rng = state
-        rng, key = jax.random.split(rng)
-        if greedy:
-            tok = jnp.argmax(logits, -1).astype(jnp.int32)
-        else:
-            tok = jax.random.categorical(key, logits / temperature).astype(jnp.int32)
-        tok = jnp.where(done, pad, tok)
-        out = out.at[:, i].set(tok)
-        done = done | (tok == eos)
-        kv_mask = kv_mask.at[:, p + i].set(True)
-        pos = positions[:, -1:] + 1 + i  # [B, 1]
-        hidden, cache = model.forward_cached(tok[:, None], pos, cache, p + i, kv_mask)
-        return i + 1, model.unembed(hidden[:, 0]), cache, kv_mask, out, done, rng
-
-    def cond(state):
-        return (state[0] < max_new) & ~jnp.all(state[5])
-
-    state = (0, logits, cache, kv_mask, out, done, rng)
-    return jax.lax.while_loop(cond, body, state)[4]
-
-
-def sample(model, prompt_ids, prompt_mask, *, max_new, rng, temperature, greedy, eos, pad):
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def run(state, ids, mask, rng):
-        m = nnx.merge(graphdef, state)
-        return _sample_tokens(m, ids, mask, max_new, rng, temperature, greedy, eos, pad)
-
-    return np.asarray(run(state, prompt_ids, prompt_mask, rng))
-
-
-def evaluate(model, tok, problems, *, n_samples, max_new, seed, batch=400) -> dict:
-    """Accuracy at T=1.0 (mean over samples), greedy accuracy, pass@n, length, format rate."""
+    `rows`: `htpo_jax.data.Row`s. Responses are scored with `dapo_math_score`, as in training.
+    """
     prompts = [
         tok.apply_chat_template(
-            [{"role": "user", "content": p.question}], add_generation_prompt=True, tokenize=False
+            [{"role": r, "content": c} for r, c in row.messages],
+            add_generation_prompt=True,
+            tokenize=False,
         )
-        for p in problems
+        for row in rows
     ]
     enc = tok(prompts, add_special_tokens=False, padding=True, return_tensors="np")
     ids, mask = enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
     eos, pad = tok.eos_token_id, tok.pad_token_id
 
-    def run(rep_ids, rep_mask, greedy, key):
+    def run(n, greedy, key):
+        prompts_per_call = max(1, batch // n)
         outs = []
-        for s in range(0, len(rep_ids), batch):
-            key, sub = jax.random.split(key)
-            outs.append(
-                sample(
-                    model,
-                    jnp.asarray(rep_ids[s : s + batch]),
-                    jnp.asarray(rep_mask[s : s + batch]),
-                    max_new=max_new,
-                    rng=sub,
-                    temperature=1.0,
-                    greedy=greedy,
-                    eos=eos,
-                    pad=pad,
-                )
+        for s in range(0, len(ids), prompts_per_call):
+            rollout = generate(
+                model,
+                ids[s : s + prompts_per_call],
+                mask[s : s + prompts_per_call],
+                max_new_tokens=max_new,
+                rng=jax.random.fold_in(key, s),
+                n=n,
+                temperature=1.0,
+                greedy=greedy,
+                eos_token_id=eos,
+                pad_token_id=pad,
             )
-        return np.concatenate(outs)
+            outs.append(np.asarray(rollout.tokens))
+        return np.concatenate(outs)  # [len(problems) * n, max_new], rows grouped by prompt
 
     def score(tokens, truths):
-        accs, lens, fmts = [], [], []
+        accs, lens, fmts, ended = [], [], [], []
         for row, gt in zip(tokens, truths, strict=True):
             row = list(row)
             n = row.index(eos) + 1 if eos in row else len(row)
@@ -269,15 +231,15 @@ def evaluate(model, tok, problems, *, n_samples, max_new, seed, batch=400) -> di
             accs.append(dapo_math_score(text, gt)["acc"])
             lens.append(n)
             fmts.append("Answer:" in text)
-        return np.array(accs, float), np.array(lens, float), np.array(fmts, float)
+            ended.append(eos in row)
+        return tuple(np.array(x, float) for x in (accs, lens, fmts, ended))
 
-    truths = [p.ground_truth for p in problems]
+    truths = [row.ground_truth for row in rows]
     key = jax.random.key(seed)
-    g_acc, g_len, g_fmt = score(run(ids, mask, True, key), truths)
-    rep = np.repeat(np.arange(len(problems)), n_samples)
-    s_tokens = run(ids[rep], mask[rep], False, jax.random.fold_in(key, 1))
-    s_acc, s_len, s_fmt = score(s_tokens, [truths[i] for i in rep])
-    per_problem = s_acc.reshape(len(problems), n_samples)
+    g_acc, _, g_fmt, _ = score(run(1, True, key), truths)
+    s_tokens = run(n_samples, False, jax.random.fold_in(key, 1))
+    s_acc, s_len, s_fmt, s_eos = score(s_tokens, [t for t in truths for _ in range(n_samples)])
+    per_problem = s_acc.reshape(len(rows), n_samples)
     return {
         "acc_t1": float(s_acc.mean()),
         "greedy_acc": float(g_acc.mean()),
@@ -286,6 +248,7 @@ def evaluate(model, tok, problems, *, n_samples, max_new, seed, batch=400) -> di
         "max_len_t1": int(s_len.max()),
         "format_t1": float(s_fmt.mean()),
         "format_greedy": float(g_fmt.mean()),
+        "eos_t1": float(s_eos.mean()),
         "frac_all_wrong": float((per_problem.max(1) == 0).mean()),
         "frac_all_right": float((per_problem.min(1) == 1).mean()),
     }
@@ -332,17 +295,15 @@ def main(argv=None) -> None:
             max_product=args.max_product,
         )
         print(f"wrote {train_path} ({train_path.stat().st_size / 1e6:.2f} MB), {val_path}")
-        arith.write_tokenizer(model_dir)
     tok = arith.build_tokenizer()
-    val_rows = [json.loads(line) for line in (data_dir / "val.jsonl").read_text().splitlines()]
-    val_exprs = {r["prompt"][0]["content"] for r in val_rows}
-    val = _val_problems(val_rows)
+    val, _ = read_rows(data_dir / "val.jsonl")
+    val_questions = {content for row in val for _, content in row.messages}
 
     if not args.eval_only:
         pool = arith.generate_problems(
             args.n_sft * 2, args.seed + 1, max_ops=args.max_ops, max_product=args.max_product
         )
-        sft_problems = [p for p in pool if p.question not in val_exprs][: args.n_sft]
+        sft_problems = [p for p in pool if p.question not in val_questions][: args.n_sft]
         noise_rng = random.Random(args.seed + 2)
         phases = [
             (*sft_arrays(sft_problems, tok, noise_rng, 0.0, args.seq_len), args.clean_steps),
@@ -370,17 +331,6 @@ def main(argv=None) -> None:
     print(f"eval ({len(val)} val problems, {time.perf_counter() - t0:.0f}s):")
     print(json.dumps(res, indent=2))
     print(f"total wall time: {time.perf_counter() - t_start:.0f}s")
-
-
-def _val_problems(rows):
-    """Light problem objects for the val rows (question + ground truth is all eval needs)."""
-
-    class P:
-        def __init__(self, row):
-            self.question = row["prompt"][0]["content"]
-            self.ground_truth = row["reward_model"]["ground_truth"]
-
-    return [P(r) for r in rows]
 
 
 if __name__ == "__main__":
