@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from htpo_jax.selection import kth_largest_keys, masked_keys
+from htpo_jax.selection import key_values, kth_largest_keys, masked_keys, ordered_keys
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 GROUP_NAMES = (
@@ -232,41 +232,55 @@ def high_entropy_only_loss(
 def entropy_split(entropy, valid, hard, correct, config: LossConfig):
     """HTPO's per-row masks: (high, drop) as [B, T] bools.
 
-    high: valid & H >= tau, tau the k-th largest valid H of the row, k = max(floor(rho n), 1).
-    drop: for hard-correct rows, low & H < v1 with v1 the k1-th smallest low H; for easy-correct
-    rows, high & H >= v2 with v2 the k2-th largest high H; empty otherwise.
+    high: valid & H >= tau, tau the k-th largest valid H of the row, k = max(floor(rho n), 1)
+    (exact bisection, `selection.py`). drop: for hard-correct rows, low & H < v1 with v1 the
+    k1-th smallest low H; for easy-correct rows, high & H >= v2 with v2 the k2-th largest high H;
+    empty otherwise.
 
-    Low tokens are the bottom n_low of the row and high the top n_high, so v1 is the
-    (n - k1 + 1)-th largest and v2 the k2-th largest valid H of the whole row. Their ranks depend
-    on n_high, known only after tau; they are first guessed with n_high = k (true unless tau is
-    tied) in the same pass as tau, and recomputed exactly, only if some row had such a tie.
+    Low tokens are the bottom n_low of the row and high the top n_high, so v1 is the k1-th
+    smallest and v2 the k2-th largest valid H of the whole row: tail order statistics with small
+    ranks. They are read off one `lax.top_k` of width K (of -H for hard rows), K the largest rank
+    any row can need when tau is not tied (k1, k2 <= 1% of T at the default ratios). A row whose
+    rank exceeds K (ties at tau made n_high > k) sends the batch, under `lax.cond`, to the exact
+    bisection instead.
     """
     T = entropy.shape[-1]
     k_tab = _count_table(config.high_entropy_ratio, T)
     k1_tab = _count_table(config.drop_low_entropy_ratio, T)
     k2_tab = _count_table(config.drop_high_entropy_ratio, T)
-    keys = masked_keys(entropy, valid)  # [B, T]
-    n = jnp.sum(valid, axis=-1, dtype=jnp.int32)  # [B]
-    k = k_tab[n]
-
-    def drop_rank(n_high):
-        n_low = n - n_high
-        return jnp.where(hard, n - k1_tab[n_low] + 1, k2_tab[n_high])
-
-    tau, v_guess = kth_largest_keys(keys, (k, drop_rank(jnp.minimum(k, n))))
-    high = keys >= tau[:, None]
-    n_high = jnp.sum(high & valid, axis=-1, dtype=jnp.int32)
-    rank = drop_rank(n_high)
-    stale = correct & (rank != drop_rank(jnp.minimum(k, n)))
-    v = lax.cond(
-        jnp.any(stale),
-        lambda: kth_largest_keys(keys, (rank,))[0],
-        lambda: v_guess,
+    count = lambda ratio, m: max(int(ratio * m), 1)  # the tables' rule, for static sizes
+    k_max = count(config.high_entropy_ratio, T)
+    width = min(
+        max(
+            count(config.drop_low_entropy_ratio, T - k_max),
+            count(config.drop_high_entropy_ratio, k_max),
+        ),
+        T,
     )
-    high = high & valid
+    keys = ordered_keys(entropy)  # [B, T]
+    n = jnp.sum(valid, axis=-1, dtype=jnp.int32)  # [B]
+    (tau,) = kth_largest_keys(jnp.where(valid, keys, jnp.zeros_like(keys)), (k_tab[n],))
+    high = valid & (keys >= tau[:, None])
     low = valid & ~high
-    drop_low = low & (keys < v[:, None])
-    drop_high = high & (keys >= v[:, None])
+    n_high = jnp.sum(high, axis=-1, dtype=jnp.int32)
+    rank = jnp.where(hard, k1_tab[n - n_high], k2_tab[n_high])  # [B], from the bottom / the top
+    lowest = jnp.asarray(-jnp.inf, entropy.dtype)
+    sign = jnp.where(hard, -1, 1).astype(entropy.dtype)[:, None]
+
+    def by_top_k():
+        top = lax.top_k(jnp.where(valid, sign * entropy, lowest), width)[0]  # [B, width]
+        v = jnp.take_along_axis(top, jnp.clip(rank - 1, 0, width - 1)[:, None], axis=1)
+        return v * sign  # [B, 1]: v1 for hard rows, v2 for easy rows, as entropies
+
+    def by_bisection():
+        # the k1-th smallest is the (n - k1 + 1)-th largest
+        r = jnp.where(hard, n - rank + 1, rank)
+        (v,) = kth_largest_keys(jnp.where(valid, keys, jnp.zeros_like(keys)), (r,))
+        return key_values(v, entropy.dtype)[:, None]
+
+    v = lax.cond(jnp.any(correct & (rank > width)), by_bisection, by_top_k)
+    drop_low = low & (entropy < v)
+    drop_high = high & (entropy >= v)
     drop = jnp.where(hard[:, None], drop_low, drop_high) & correct[:, None]
     return high, drop
 

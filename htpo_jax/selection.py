@@ -59,3 +59,9 @@ def kth_largest_keys(keys: jax.Array, ranks: tuple[jax.Array, ...]) -> tuple[jax
 
     init = tuple(jnp.zeros(keys.shape[:1], dt) for _ in ranks)
     return lax.fori_loop(0, nbits, body, init, unroll=UNROLL)
+
+
+def key_values(keys: jax.Array, dtype) -> jax.Array:
+    """The floats of `ordered_keys` keys (the inverse map; -0.0 comes back as +0.0)."""
+    sign = jnp.asarray(1 << (8 * jnp.dtype(dtype).itemsize - 1), keys.dtype)
+    return lax.bitcast_convert_type(jnp.where(keys & sign, keys ^ sign, ~keys), dtype)
