@@ -148,50 +148,45 @@ def dapo_loss(
     return loss, _ppo_metrics(valid, pg2 > pg1, lower, neg_kl)
 
 
-def grpo_loss(
-    log_prob,
-    old_log_prob,
-    advantages,
-    response_mask,
-    *,
-    config=LossConfig(),
-    num_tokens=None,
-    num_sequences=None,
-):
-    """GRPO's aggregation (seq-mean-token-mean) of the clipped loss."""
-    cfg = dataclasses.replace(config, loss_agg_mode="seq-mean-token-mean")
-    return dapo_loss(
+def _dapo_with_agg(mode: str, name: str, doc: str):
+    """`dapo_loss` with its aggregation fixed to `mode` (the GRPO-family baselines)."""
+
+    def loss(
         log_prob,
         old_log_prob,
         advantages,
         response_mask,
-        config=cfg,
-        num_tokens=num_tokens,
-        num_sequences=num_sequences,
-    )
+        *,
+        config=LossConfig(),
+        num_tokens=None,
+        num_sequences=None,
+    ):
+        cfg = dataclasses.replace(config, loss_agg_mode=mode)
+        return dapo_loss(
+            log_prob,
+            old_log_prob,
+            advantages,
+            response_mask,
+            config=cfg,
+            num_tokens=num_tokens,
+            num_sequences=num_sequences,
+        )
+
+    loss.__name__ = loss.__qualname__ = name
+    loss.__doc__ = doc
+    return loss
 
 
-def dr_grpo_loss(
-    log_prob,
-    old_log_prob,
-    advantages,
-    response_mask,
-    *,
-    config=LossConfig(),
-    num_tokens=None,
-    num_sequences=None,
-):
-    """Dr. GRPO's aggregation (seq-mean-token-sum-norm: token sums over the constant T)."""
-    cfg = dataclasses.replace(config, loss_agg_mode="seq-mean-token-sum-norm")
-    return dapo_loss(
-        log_prob,
-        old_log_prob,
-        advantages,
-        response_mask,
-        config=cfg,
-        num_tokens=num_tokens,
-        num_sequences=num_sequences,
-    )
+grpo_loss = _dapo_with_agg(
+    "seq-mean-token-mean",
+    "grpo_loss",
+    "GRPO's aggregation (seq-mean-token-mean) of the clipped loss.",
+)
+dr_grpo_loss = _dapo_with_agg(
+    "seq-mean-token-sum-norm",
+    "dr_grpo_loss",
+    "Dr. GRPO's aggregation (seq-mean-token-sum-norm: token sums over the constant T).",
+)
 
 
 def high_entropy_only_loss(

@@ -1,9 +1,5 @@
 """htpo_loss and the baselines: official golden cases, spec properties, edge rows, accumulation."""
 
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import jax
@@ -12,6 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tiny_models import run_on_fake_devices
 
 from htpo_jax.loss import (
     GROUP_NAMES,
@@ -302,11 +299,4 @@ print("OK")
 
 
 def test_sharded_batch_matches_unsharded():
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
-    )
-    code = textwrap.dedent(SHARDED.format(tests=str(Path(__file__).parent)))
-    out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+    run_on_fake_devices(SHARDED, 8)

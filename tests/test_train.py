@@ -6,16 +6,13 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+from tiny_models import small_qwen3
 
 from htpo_jax.config import load_config
 from htpo_jax.metrics import read_metrics
-from htpo_jax.models.decoder import Decoder
 from htpo_jax.models.hf_io import save_pretrained
-from htpo_jax.models.model_config import ModelConfig
 from htpo_jax.tasks.arith import write_task_data, write_tokenizer
 from htpo_jax.train import main
 
@@ -31,24 +28,7 @@ def tiny_run_dir(tmp_path_factory):
     from transformers import AutoTokenizer
 
     vocab = len(AutoTokenizer.from_pretrained(str(tok)))
-    cfg = ModelConfig.from_hf_dict(
-        dict(
-            model_type="qwen3",
-            vocab_size=vocab,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=16,
-            tie_word_embeddings=True,
-            rms_norm_eps=1e-6,
-            hidden_act="silu",
-            rope_theta=10000.0,
-            max_position_embeddings=256,
-        )
-    )
-    save_pretrained(Decoder(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0)), model_dir)
+    save_pretrained(small_qwen3(vocab), model_dir)
     write_task_data(root / "data", n_train=64, n_val=8, seed=0, max_ops=1)
     return root
 

@@ -1,42 +1,18 @@
 """The jitted update: micro-batch accumulation equals one batch; it runs sharded on 4 devices."""
 
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from tiny_models import run_on_fake_devices, small_qwen3
 
 from htpo_jax.config import load_config
-from htpo_jax.models.decoder import Decoder
-from htpo_jax.models.model_config import ModelConfig
 from htpo_jax.train_step import StepConfig, TrainState, UpdateBatch, jit_update, make_optimizer
 
 
 def tiny_model():
-    cfg = ModelConfig.from_hf_dict(
-        dict(
-            model_type="qwen3",
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=16,
-            tie_word_embeddings=False,
-            rms_norm_eps=1e-6,
-            hidden_act="silu",
-            rope_theta=1e4,
-            max_position_embeddings=128,
-        )
-    )
-    return Decoder(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    return small_qwen3(64, tied=False)
 
 
 def random_batch(n=8, p=6, r=10, seed=0):
@@ -128,11 +104,4 @@ print("OK")
 
 
 def test_update_sharded_on_four_devices_matches_one():
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
-    )
-    code = textwrap.dedent(SHARDED.format(tests=str(Path(__file__).parent)))
-    out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+    run_on_fake_devices(SHARDED, 4)

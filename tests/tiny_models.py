@@ -62,3 +62,46 @@ def random_decoder(family="qwen3", tied=False, seed=0, **kw) -> Decoder:
         flat.append((path, var.replace(jnp.asarray(value, var.dtype))))
     nnx.update(model, nnx.from_flat_state(flat))
     return model
+
+
+def small_qwen3(vocab: int, tied: bool = True) -> Decoder:
+    """A 2-layer, 32-wide Qwen3-style model (1 kv head), float32: the trainer tests' policy."""
+    cfg = ModelConfig.from_hf_dict(
+        dict(
+            model_type="qwen3",
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            tie_word_embeddings=tied,
+            rms_norm_eps=1e-6,
+            hidden_act="silu",
+            rope_theta=10000.0,
+            max_position_embeddings=256,
+        )
+    )
+    return Decoder(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
+
+
+def run_on_fake_devices(code: str, n_devices: int, timeout: int = 300) -> None:
+    """Run a Python snippet in a fresh process with `n_devices` fake CPU devices (XLA_FLAGS must
+    be set before jax is imported); `{tests}` in it becomes this folder. Asserts it prints OK."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    env = dict(
+        os.environ,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}",
+        JAX_PLATFORMS="cpu",
+    )
+    code = textwrap.dedent(code.replace("{tests!r}", repr(str(Path(__file__).parent))))
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
