@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from tiny_models import small_qwen3
@@ -88,6 +89,23 @@ def test_two_step_smoke(tiny_run_dir, tmp_path):
     assert abs(fracs - 1.0) < 1e-5
     assert summary["val_accuracy_before"] is not None
     assert (out / "checkpoints").is_dir() and (out / "config.yaml").exists()
+
+    # The trained policy back in HF format: transformers loads it and agrees with our model.
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from htpo_jax.export import export
+    from htpo_jax.models.hf_io import from_pretrained
+
+    assert export(out, tmp_path / "hf") == 2
+    ours = from_pretrained(tmp_path / "hf", dtype=jnp.float32)
+    start = from_pretrained(tiny_run_dir / "model", dtype=jnp.float32)
+    ids = np.arange(1, 13, dtype=np.int32)[None]
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        hf_logits = hf(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(ours(ids)), hf_logits, atol=2e-4)
+    assert np.abs(np.asarray(ours(ids)) - np.asarray(start(ids))).max() > 1e-4  # it trained
 
 
 def test_resume_reproduces_straight_run(tiny_run_dir, tmp_path):
