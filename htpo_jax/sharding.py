@@ -45,6 +45,10 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("act_kv_heads", "tensor"),
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
+    # the unembedding in models/logprobs.py: vocabulary over every model-parallel axis, the
+    # tokens of an fsdp group gathered (batch split over `data` only)
+    ("unembed_vocab", ("tensor", "fsdp")),
+    ("act_batch_data", "data"),
     # KV cache [L, B, S, K, H]
     ("cache_layers", None),
     ("cache_batch", ("data", "fsdp")),

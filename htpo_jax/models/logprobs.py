@@ -10,12 +10,20 @@ The sequence is cut into chunks of `chunk_size` positions; `lax.map` runs one ch
 `jax.checkpoint` on the chunk body makes the backward pass recompute each chunk's logits instead of
 saving them, so peak memory grows with B * chunk_size * V, not B * T * V. Softmax math is float32.
 Entropy is returned under `stop_gradient` (it is a diagnostic / token selector, not a loss term).
+
+Under a mesh the unembedding [D, V] is resharded to split the VOCABULARY over every model-parallel
+axis (`unembed_vocab`: tensor x fsdp) and each chunk's hidden states are gathered over `fsdp`
+(`act_batch_data`): each chip computes the logits of all the fsdp group's tokens for its slice of
+the vocabulary (logsumexp and the target's logit are reduced across chips). So neither the table
+nor its gradient is ever held whole on a chip; the gradient stays a [D, V / shards] slice.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from htpo_jax.sharding import constrain
 
 
 def chunked_logprobs_and_entropy(
@@ -35,13 +43,15 @@ def chunked_logprobs_and_entropy(
     y = jnp.pad(targets_bt, ((0, 0), (0, pad)))
     h = h.reshape(b, n, c, d).swapaxes(0, 1)  # [n, B, C, D]
     y = y.reshape(b, n, c).swapaxes(0, 1)  # [n, B, C]
+    w_dv = constrain(unembed_dv.astype(hidden_btd.dtype), (None, "unembed_vocab"))
 
     @jax.checkpoint
     def chunk(xs):
         h_bcd, y_bc = xs
-        z_bcv = jnp.einsum(
-            "bcd,dv->bcv", h_bcd, unembed_dv.astype(h_bcd.dtype), preferred_element_type=jnp.float32
-        )
+        h_bcd = constrain(h_bcd, ("act_batch_data", None, None))  # one chunk gathered at a time
+        y_bc = constrain(y_bc, ("act_batch_data", None))
+        z_bcv = jnp.einsum("bcd,dv->bcv", h_bcd, w_dv, preferred_element_type=jnp.float32)
+        z_bcv = constrain(z_bcv, ("act_batch_data", None, "unembed_vocab"))
         z_bcv = z_bcv / jnp.float32(temperature)
         lse_bc = jax.nn.logsumexp(z_bcv, axis=-1)
         z_target = jnp.take_along_axis(z_bcv, y_bc[..., None], axis=-1)[..., 0]
