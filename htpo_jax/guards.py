@@ -104,6 +104,7 @@ class OutputLock:
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
             self.held = True
+            _held.append(self)
             atexit.register(self.release)  # also on an exception that ends the process
             return self
         raise LaunchError(f"could not take the lock {self.path}")
@@ -127,6 +128,15 @@ class OutputLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+_held: list[OutputLock] = []
+
+
+def release_locks() -> None:
+    """Release every lock this process holds (train.main calls it however the run ends)."""
+    while _held:
+        _held.pop().release()
 
 
 # ---------------------------------------------------------------- run identity
@@ -332,6 +342,18 @@ def setup_logging(level: int = logging.INFO) -> None:
         handler._htpo = True
         pkg.addHandler(handler)
     pkg.propagate = False
+    absl = logging.getLogger("absl")
+    if _drop_traceback not in absl.filters:
+        absl.addFilter(_drop_traceback)
+
+
+def _drop_traceback(record: logging.LogRecord) -> bool:
+    """Orbax logs a failed background save with its traceback on every thread involved (~1,500
+    lines for a full disk); the trainer reports it in one line, so absl's records keep only their
+    message line."""
+    if record.exc_info or record.exc_text:
+        record.exc_info, record.exc_text = None, None
+    return True
 
 
 def prelaunch(cfg) -> None:

@@ -412,6 +412,8 @@ def main(argv=None) -> dict:
     except (guards.TrainingStopped, CheckpointSaveError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
+    finally:
+        guards.release_locks()
     print_summary(summary)
     return summary
 
