@@ -271,7 +271,8 @@ def setup(cfg: Config, mesh: jax.sharding.Mesh) -> Run:
         rng=jax.random.key(cfg.trainer.seed),
     )
     step_cfg = StepConfig.from_config(cfg)
-    guards.OutputLock(out).acquire()
+    if is_main_process():  # one lock per run, held by the process that writes the shared files
+        guards.OutputLock(out).acquire()
     ckpt = Checkpointer.from_config(cfg)
     start, run_id = 0, guards.new_run_id()
     restored = guards.resume(ckpt, state, cfg)
