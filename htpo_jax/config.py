@@ -436,6 +436,9 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     for text in overrides:
         _apply(tree, *parse_override(text))
     _resolve_paths(tree, Path.cwd())  # paths from --set: relative to where the user is
+    if not isinstance(tree.get("trainer"), dict) or "output_dir" not in tree["trainer"]:
+        default = TrainerConfig.output_dir  # the one path with a default: where the user is too
+        tree["trainer"] = {**(tree.get("trainer") or {}), "output_dir": str(Path.cwd() / default)}
     return config_from_dict(tree)
 
 
