@@ -410,7 +410,7 @@ def main(argv=None) -> dict:
     except (guards.LaunchError, DataError, CheckpointMismatch) as e:  # bad input: one line
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    except (guards.TrainingStopped, CheckpointSaveError) as e:
+    except (guards.TrainingStopped, CheckpointSaveError, SamplingExhausted) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
     finally:
