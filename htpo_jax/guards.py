@@ -171,6 +171,7 @@ DRIFT_IGNORED = (
     "trainer.collapse_window",
     "model.remat",
     "model.attention_chunk_size",
+    "model.attention_impl",  # how attention is computed, not what
     "rollout.max_num_seqs",
     "algorithm.reward_num_workers",
     "algorithm.reward_timeout_s",
