@@ -334,15 +334,9 @@ class CollapseWatch:
 def setup_logging(level: int = logging.INFO) -> None:
     """Show htpo_jax's INFO lines ("resumed from step N", ...). Importing orbax installs absl's
     handler on the root logger, which turns `logging.basicConfig` into a no-op and leaves the
-    root at WARNING; so the package logger gets its own handler and does not propagate."""
-    pkg = logging.getLogger("htpo_jax")
-    pkg.setLevel(level)
-    if not any(getattr(h, "_htpo", False) for h in pkg.handlers):
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
-        handler._htpo = True
-        pkg.addHandler(handler)
-    pkg.propagate = False
+    root at WARNING, so INFO records of ours were never created. Setting the package logger's
+    level is enough: its records propagate to whatever handler the root has."""
+    logging.getLogger("htpo_jax").setLevel(level)
     absl = logging.getLogger("absl")
     if _drop_traceback not in absl.filters:
         absl.addFilter(_drop_traceback)

@@ -349,3 +349,15 @@ def test_adversarial_rewards_return_within_the_limit(solution, truth, fn):
 def test_default_config_bounds_reward_time():
     assert load_config(REPO / "configs" / "default.yaml").algorithm.reward_timeout_s > 0
     assert load_config().algorithm.reward_timeout_s > 0
+
+
+def test_trainer_info_lines_show_although_orbax_configured_logging(caplog):
+    import orbax.checkpoint  # noqa: F401  (installs absl's handler on the root logger)
+
+    logging.getLogger("htpo_jax").setLevel(logging.NOTSET)  # as before the trainer starts
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("htpo_jax.train").info("resumed from x at step 3")
+    assert "resumed from" not in caplog.text  # the bug: INFO lines were never created
+    guards.setup_logging()
+    logging.getLogger("htpo_jax.train").info("resumed from x at step 3")
+    assert "resumed from x at step 3" in caplog.text
