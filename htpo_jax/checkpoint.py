@@ -10,17 +10,23 @@ Typed PRNG keys (`jax.random.key`) are stored as their raw `key_data` and re-wra
 with the implementation of the template's key, since array serializers take plain dtypes only.
 Saves are asynchronous: training continues while the arrays are written; `wait()` / `close()`
 block until the last save is committed.
+
+The directory is a local path or a `gs://bucket/path` URL (`checkpoint_path`): Orbax writes
+arrays through tensorstore's GCS driver and the rest through etils.epath, which needs gcsfs
+(`pip install 'htpo_jax[gcs]'`). A URL is never turned into a local directory named `gs:`.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
-from pathlib import Path
+import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from etils import epath
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +67,25 @@ def _rewrap_keys(template, restored):
     return jax.tree.map(fix, template, restored)
 
 
+class StorageError(ValueError):
+    """A checkpoint location that cannot be used (one line, names the directory)."""
+
+
+def checkpoint_path(directory: str | os.PathLike) -> epath.Path:
+    """`gs://bucket/path` as a Cloud Storage path, anything else as an absolute local path."""
+    text = os.fspath(directory)
+    if "://" not in text:
+        return epath.Path(os.path.abspath(text))
+    if not text.startswith("gs://") or len(text) <= len("gs://"):
+        raise StorageError(f"checkpoint dir {text!r}: only gs://BUCKET/PATH URLs or local paths")
+    if importlib.util.find_spec("gcsfs") is None:
+        raise StorageError(
+            f"checkpoint dir {text!r} is on Cloud Storage, which needs gcsfs: "
+            f"pip install 'htpo_jax[gcs]'"
+        )
+    return epath.Path(text)
+
+
 class Checkpointer:
     """Save every `save_every` steps (and on demand), keep `max_to_keep`, restore the latest.
 
@@ -73,12 +98,12 @@ class Checkpointer:
 
     def __init__(
         self,
-        directory: str | Path,
+        directory: str | os.PathLike,
         max_to_keep: int = 3,
         save_every: int = 10,
         async_save: bool = True,
     ):
-        self.directory = Path(directory).absolute()
+        self.directory = checkpoint_path(directory)
         self.save_every = save_every
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,

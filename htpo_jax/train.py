@@ -21,7 +21,8 @@ from flax import nnx
 from tqdm import tqdm
 
 from htpo_jax import advantages as adv_lib
-from htpo_jax.checkpoint import Checkpointer
+from htpo_jax import distributed as dist
+from htpo_jax.checkpoint import Checkpointer, StorageError
 from htpo_jax.config import Config, cli_config, dump_yaml
 from htpo_jax.data import DataState, train_stream, val_dataset
 from htpo_jax.eval import Scored, sample_and_score, validate
@@ -117,6 +118,9 @@ def collect(run: Run, key) -> tuple[dict, dict]:
         )
         kept.append((s, np.flatnonzero(keep)))
         n_kept += int(keep.sum())
+    # Every host derived `keep` from the same all-gathered rewards (dist.score_lockstep); a
+    # disagreement here is a bug, reported at once instead of a hang in the next collective.
+    dist.agree("filter decision", [rounds, n_kept])
     width = max(s.prompt_ids.shape[1] for s, _ in kept)
     parts: dict[str, list] = {k: [] for k in ("pids", "pmask", "tokens", "rmask", "reward", "acc")}
     for s, idx in kept:
@@ -198,7 +202,7 @@ def old_logprobs(run: Run, batch: UpdateBatch) -> tuple[UpdateBatch, float]:
 def put(run: Run, x, lead: int = 0):
     """Host array -> device, batch axis (after `lead` leading axes) over data x fsdp."""
     names = (None,) * lead + ("act_batch",) + (None,) * (x.ndim - lead - 1)
-    return jax.device_put(x, logical_sharding(names, run.mesh, x.shape))
+    return dist.put_global(x, logical_sharding(names, run.mesh, x.shape))
 
 
 # ---------------------------------------------------------------- 7 UPDATE
@@ -227,6 +231,7 @@ def rl_step(run: Run, step: int) -> dict:
     key = jax.random.fold_in(run.state.rng, step)
     kept, stats = collect(run, key)
     times["time/rollout_reward_filter"] = time.perf_counter() - t0
+    dist.barrier(f"old log-probs step {step}")
     t1 = time.perf_counter()
     batch, mean_ent = old_logprobs(run, build_batch(run, kept))
     times["time/old_log_prob"] = time.perf_counter() - t1
@@ -264,6 +269,8 @@ def setup(cfg: Config, mesh: jax.sharding.Mesh) -> Run:
         rng=jax.random.key(cfg.trainer.seed),
     )
     step_cfg = StepConfig.from_config(cfg)
+    dist.set_collective_timeout(cfg.trainer.collective_timeout_s)
+    dist.check_shared_dir(cfg.checkpoint_dir)
     ckpt = Checkpointer.from_config(cfg)
     start, data_state = 0, None
     restored = ckpt.restore_latest(state) if cfg.checkpoint.resume else None
@@ -314,6 +321,8 @@ def run_validation(run: Run) -> dict:
 def train(cfg: Config) -> dict:
     """The whole run; returns a summary (accuracy before/after, paths)."""
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    stops = dist.StopSignals()  # SIGTERM / SIGINT: save at the end of the step, exit 0
+    stopped = None
     with jax.set_mesh(mesh):
         run = setup(cfg, mesh)
         t, total = cfg.trainer, cfg.trainer.total_steps
@@ -339,7 +348,8 @@ def train(cfg: Config) -> dict:
             metrics["train/lr_step"] = int(run.state.step)
             if step % t.log_every == 0 or step == total or "val/accuracy" in metrics:
                 run.logger.log(step, metrics)
-            if run.ckpt.should_save(step, last=step == total):
+            stopped = stops.should_stop(step)
+            if run.ckpt.should_save(step, last=step == total) or stopped:
                 run.ckpt.save(
                     step,
                     run.state,
@@ -349,14 +359,19 @@ def train(cfg: Config) -> dict:
                 acc=f"{metrics['train/accuracy']:.2f}",
                 val=f"{(last_val or first_val or {}).get('val/accuracy', float('nan')):.2f}",
             )
+            if stopped:
+                bar.close()
+                break
         run.ckpt.close()
+        stops.close()
         run.logger.close()
         if run.pool is not None:
             run.pool.close()
     summary = {
         "val_accuracy_before": (first_val or {}).get("val/accuracy"),
         "val_accuracy_after": (last_val or {}).get("val/accuracy"),
-        "steps": total,
+        "steps": total if not stopped else step,
+        "stopped": stopped,
         "metrics": str(run.logger.path),
         "checkpoints": cfg.checkpoint_dir,
         "last": plain({k: v for k, v in metrics.items() if isinstance(v, int | float | np.number)}),
@@ -372,17 +387,30 @@ def print_summary(summary: dict) -> None:
     )
     print(f"metrics:     {summary['metrics']}")
     print(f"checkpoints: {summary['checkpoints']}")
+    if summary.get("stopped"):
+        print(
+            f"stopped after step {summary['steps']} ({summary['stopped']}): checkpoint "
+            f"{summary['steps']} saved in {summary['checkpoints']}; run the same command to resume"
+        )
 
 
 def main(argv=None) -> dict:
-    if os.environ.get("HTPO_DISTRIBUTED") == "1":  # multi-host: tpu_scripts/launch.sh sets it
-        jax.distributed.initialize()
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--config" not in argv and DEFAULT_CONFIG.exists():
         argv = ["--config", str(DEFAULT_CONFIG), *argv]
     cfg = cli_config(argv, description=__doc__.splitlines()[0])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    summary = train(cfg)
+    dist.initialize(cfg.distributed)  # before any JAX backend is touched
+    try:
+        summary = train(cfg)
+    except (dist.SetupError, StorageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except dist.CollectiveTimeout as e:
+        # Other hosts are stuck or gone: JAX's exit-time shutdown barrier would wait for them.
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        logging.shutdown()
+        os._exit(1)
     print_summary(summary)
     return summary
 
