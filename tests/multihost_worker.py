@@ -3,8 +3,8 @@
 `python tests/multihost_worker.py [train args...]` runs `htpo_jax.train.main` with test hooks set
 by environment variables:
 
-- MH_TRACE: a file; every step start and every filter decision of this process is appended as a
-  JSON line (so the test can see where each process is and compare decisions across hosts).
+- MH_TRACE: a file; every step start, filter decision and reward time-out count of this process
+  is appended as a JSON line (the test sees where each process is and compares the hosts).
 - MH_SLOW_PROCESS=i: on process i only, the reward function sleeps MH_SLOW_S seconds for every
   4th response, so with a small `algorithm.reward_timeout_s` those responses time out there and
   nowhere else.
@@ -58,6 +58,17 @@ def _install_hooks() -> None:
         return kept, stats
 
     T.rl_step, T.collect = traced_step, traced_collect
+
+    import htpo_jax.eval as E
+
+    score = E.score_lockstep
+
+    def traced_score(*args, **kw):
+        reward, scored = score(*args, **kw)
+        _trace({"event": "reward", "timed_out": int(scored.timed_out.sum())})
+        return reward, scored
+
+    E.score_lockstep = traced_score
 
     slow = os.environ.get("MH_SLOW_PROCESS")
     if slow is not None:
