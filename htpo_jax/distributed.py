@@ -3,9 +3,9 @@
 Every host runs the same program (JAX multi-controller). This module owns what keeps them in
 step:
 
-- `initialize`: `jax.distributed.initialize` from the `distributed:` config section, the standard
-  environment variables (JAX_COORDINATOR_ADDRESS, ...), or cluster auto-detection (Cloud TPU,
-  SLURM, Open MPI, Kubernetes).
+- `initialize`: `jax.distributed.initialize` from the `distributed:` config section, environment
+  variables (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, JAX_LOCAL_DEVICE_IDS),
+  or cluster auto-detection (Cloud TPU, SLURM, Open MPI, Kubernetes).
 - Host collectives (`allgather_bytes`, `allgather_arrays`, `agree`, `barrier`) go through the
   coordination service's key-value store and barriers, never through the accelerators, and each
   waits at most `trainer.collective_timeout_s`: a host that does not arrive turns into a
@@ -58,7 +58,7 @@ def _env_says_multiprocess() -> str | None:
         return "HTPO_DISTRIBUTED=1"
     if os.environ.get("JAX_COORDINATOR_ADDRESS"):
         return "JAX_COORDINATOR_ADDRESS"
-    for var in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+    for var in ("JAX_NUM_PROCESSES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
         if int(os.environ.get(var, "1") or 1) > 1:
             return var
     return None
@@ -80,10 +80,11 @@ def initialize(d) -> bool:
     if os.environ.get("JAX_PLATFORMS", "") == "cpu":
         # CPU devices of several processes need a collectives backend (tests, workstations).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    env_n, env_id = os.environ.get("JAX_NUM_PROCESSES"), os.environ.get("JAX_PROCESS_ID")
     kwargs = dict(
         coordinator_address=d.coordinator or None,
-        num_processes=d.num_processes or None,
-        process_id=d.process_id if d.process_id >= 0 else None,
+        num_processes=d.num_processes or (int(env_n) if env_n else None),
+        process_id=d.process_id if d.process_id >= 0 else (int(env_id) if env_id else None),
         local_device_ids=list(d.local_device_ids) or None,
         initialization_timeout=d.init_timeout_s,
     )
