@@ -27,7 +27,8 @@ from htpo_jax.metrics import read_metrics
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "multihost_worker.py"
 # The default config, 4 steps, no validation (it is not what these tests are about).
-BASE = ["trainer.total_steps=4", "data.val_files=[]", "trainer.progress_bar=false"]
+BASE = ["trainer.total_steps=4", "data.val_files=[]", "trainer.val_before_train=false"]
+BASE += ["trainer.progress_bar=false"]
 
 
 # ---------------------------------------------------------------- quick
@@ -86,6 +87,18 @@ def test_checkpointer_local_through_epath(tmp_path):
     restored, extra = Checkpointer(str(tmp_path / "c")).restore_latest(state)
     np.testing.assert_array_equal(restored["w"], state["w"])
     assert extra["data"] == "x"
+
+
+def test_checkpoint_on_a_fake_gcs_server():
+    """gs:// end to end (tensorstore + gcsfs) against a local fake Cloud Storage server."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "fake_gcs_check.py")],
+        env=_env(1),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0 and "OK" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
 
 
 def test_shard_bounds_cover_every_row_once():
