@@ -301,7 +301,15 @@ class StopSignals:
         if self._jax_preemption and multihost_utils.reached_preemption_sync_point(self._calls):
             local = local or "preemption notice (SIGTERM)"
         reasons = [b.decode() for b in allgather_bytes(f"stop check step {step}", local.encode())]
-        named = [f"{r} on process {p}" for p, r in enumerate(reasons) if r]
+        where: dict[str, list[int]] = {}
+        for p, r in enumerate(reasons):
+            if r:
+                where.setdefault(r, []).append(p)
+        # A JAX preemption notice reaches every host: name hosts only for local signals.
+        named = [
+            r if len(ps) == len(reasons) else f"{r} on process {', '.join(map(str, ps))}"
+            for r, ps in where.items()
+        ]
         return ", ".join(named) or None
 
     def close(self) -> None:
