@@ -446,7 +446,8 @@ def _check_storage_urls(c: Config, bad) -> None:
         )
     if "://" in c.checkpoint.dir and not c.checkpoint.dir.startswith("gs://"):
         bad("checkpoint.dir", f"only gs:// URLs or local paths, got {c.checkpoint.dir!r}")
-    if c.checkpoint.dir.startswith("gs:/") and not c.checkpoint.dir.startswith("gs://"):
+    # a mistyped URL such as gs:/b, possibly made absolute by the path resolution above
+    if "gs:/" in c.checkpoint.dir and "gs://" not in c.checkpoint.dir:
         bad("checkpoint.dir", f"a Cloud Storage URL is gs://BUCKET/PATH, got {c.checkpoint.dir!r}")
 
 
