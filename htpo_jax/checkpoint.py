@@ -17,18 +17,24 @@ Resume (`restore_latest`) walks the steps newest first and restores the first th
 `verify` accepts, warning about each skipped one (a truncated or missing file in the newest step
 falls back to the one before it). Every save records the parameter shapes in the JSON item so
 that a different model is reported in one line before any array is read.
+
+The directory is a local path or a `gs://bucket/path` URL (`checkpoint_path`): Orbax writes
+arrays through tensorstore's GCS driver and the rest through etils.epath, which needs gcsfs
+(`pip install 'htpo_jax[gcs]'`). A URL is never turned into a local directory named `gs:`.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from etils import epath
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +125,25 @@ def _rewrap_keys(template, restored):
     return jax.tree.map(fix, template, restored)
 
 
+class StorageError(ValueError):
+    """A checkpoint location that cannot be used (one line, names the directory)."""
+
+
+def checkpoint_path(directory: str | os.PathLike) -> epath.Path:
+    """`gs://bucket/path` as a Cloud Storage path, anything else as an absolute local path."""
+    text = os.fspath(directory)
+    if "://" not in text:
+        return epath.Path(os.path.abspath(text))
+    if not text.startswith("gs://") or len(text) <= len("gs://"):
+        raise StorageError(f"checkpoint dir {text!r}: only gs://BUCKET/PATH URLs or local paths")
+    if importlib.util.find_spec("gcsfs") is None:
+        raise StorageError(
+            f"checkpoint dir {text!r} is on Cloud Storage, which needs gcsfs: "
+            f"pip install 'htpo_jax[gcs]'"
+        )
+    return epath.Path(text)
+
+
 class Checkpointer:
     """Save every `save_every` steps (and on demand), keep `max_to_keep`, restore the latest.
 
@@ -131,12 +156,12 @@ class Checkpointer:
 
     def __init__(
         self,
-        directory: str | Path,
+        directory: str | os.PathLike,
         max_to_keep: int = 3,
         save_every: int = 10,
         async_save: bool = True,
     ):
-        self.directory = Path(directory).absolute()
+        self.directory = checkpoint_path(directory)
         self.save_every = save_every
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,

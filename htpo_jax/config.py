@@ -1,9 +1,10 @@
 """The run configuration: one tree of frozen dataclasses, loaded from YAML plus `--set` overrides.
 
-Sections: model, data, rollout, algorithm, optim, trainer, checkpoint, mesh. Defaults are the
-paper's (its train.sh: Qwen3-8B-Base on DAPO-Math-17k). Everything is validated before any work
-starts; a bad value or unknown key raises `ConfigError` with one line that names the key and the
-allowed values or the nearest known key. `cli_config` turns that into a message and exit status 2.
+Sections: model, data, rollout, algorithm, optim, trainer, checkpoint, mesh, distributed.
+Defaults are the paper's (its train.sh: Qwen3-8B-Base on DAPO-Math-17k). Everything is validated
+before any work starts; a bad value or unknown key raises `ConfigError` with one line that names
+the key and the allowed values or the nearest known key. `cli_config` turns that into a message
+and exit status 2.
 
 The config is never mutated at run time; derive a changed copy with `dataclasses.replace`.
 `docs/CONFIG.md` is generated from the field help below (`python -m htpo_jax.config --markdown`).
@@ -180,6 +181,12 @@ class TrainerConfig:
     collapse_window: int = _f(
         10, "Warn when train/accuracy is 0 this many steps in a row (0 = off).", NONNEG
     )
+    collective_timeout_s: float = _f(
+        900.0,
+        "Multi-host: longest wait of one host for the others at a sync point before the run "
+        "stops with an error naming the stage (the watchdog).",
+        POS,
+    )
 
 
 @dataclass(frozen=True)
@@ -201,6 +208,29 @@ class MeshConfig:
 
 
 @dataclass(frozen=True)
+class DistributedConfig:
+    initialize: Literal["auto", "always", "never"] = _f(
+        "auto",
+        "Call jax.distributed.initialize: auto = when coordinator/num_processes, "
+        "HTPO_DISTRIBUTED=1, JAX_COORDINATOR_ADDRESS, or a SLURM/Open MPI job of several tasks "
+        "says there are several processes.",
+    )
+    coordinator: str = _f(
+        "", "HOST:PORT of process 0's coordination service; empty = environment / auto-detect."
+    )
+    num_processes: int = _f(0, "Number of processes (0 = environment / auto-detect).", NONNEG)
+    process_id: int = _f(
+        -1,
+        "This process's index, 0 .. num_processes-1 (-1 = environment / auto-detect).",
+        (lambda v: v >= -1, "must be -1 (auto) or >= 0"),
+    )
+    local_device_ids: tuple[int, ...] = _f(
+        (), "GPU ids this process uses (one process per GPU); empty = all it sees."
+    )
+    init_timeout_s: int = _f(300, "Seconds to wait for every process to join at start.", POS)
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -210,6 +240,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Plain nested dict (tuples as lists): for logging, JSON and YAML."""
@@ -217,7 +248,11 @@ class Config:
 
     @property
     def checkpoint_dir(self) -> str:
-        return self.checkpoint.dir or str(Path(self.trainer.output_dir) / "checkpoints")
+        if self.checkpoint.dir:
+            return self.checkpoint.dir
+        if "://" in self.trainer.output_dir:  # Path() would fold 'gs://' into 'gs:/'
+            return self.trainer.output_dir.rstrip("/") + "/checkpoints"
+        return str(Path(self.trainer.output_dir) / "checkpoints")
 
 
 def _plain(x):
@@ -397,6 +432,23 @@ def _cross_checks(c: Config) -> None:
         bad("trainer.output_dir", "must not be empty")
     if len(set(c.trainer.logger)) != len(c.trainer.logger):
         bad("trainer.logger", f"duplicate entries in {list(c.trainer.logger)}")
+    _check_storage_urls(c, bad)
+
+
+def _check_storage_urls(c: Config, bad) -> None:
+    """gs:// is the one URL scheme for checkpoints; logs stay on local disk (appended per step)."""
+    if "://" in c.trainer.output_dir:
+        bad(
+            "trainer.output_dir",
+            f"must be a local directory (metrics.jsonl is appended every step), got "
+            f"{c.trainer.output_dir!r}; put checkpoints on Cloud Storage with "
+            f"checkpoint.dir=gs://BUCKET/PATH",
+        )
+    if "://" in c.checkpoint.dir and not c.checkpoint.dir.startswith("gs://"):
+        bad("checkpoint.dir", f"only gs:// URLs or local paths, got {c.checkpoint.dir!r}")
+    # a mistyped URL such as gs:/b, possibly made absolute by the path resolution above
+    if "gs:/" in c.checkpoint.dir and "gs://" not in c.checkpoint.dir:
+        bad("checkpoint.dir", f"a Cloud Storage URL is gs://BUCKET/PATH, got {c.checkpoint.dir!r}")
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -7,7 +7,7 @@ import dataclasses
 import jax
 import numpy as np
 
-from htpo_jax.rewards import compute_rewards
+from htpo_jax.distributed import score_lockstep
 from htpo_jax.rollout import generate
 from htpo_jax.sharding import to_host
 
@@ -81,7 +81,8 @@ def sample_and_score(
         skip_special_tokens=True,
     )
     truths = [gt for gt in batch.ground_truth for _ in range(n)]
-    reward, scored = compute_rewards(texts, truths, lengths, cfg, pool=pool)
+    # Each host scores its shard; all get the same rewards (multi-host lockstep).
+    reward, scored = score_lockstep(texts, truths, lengths, cfg, pool=pool)
     return Scored(
         prompt_ids=np.asarray(batch.input_ids),
         prompt_mask=np.asarray(batch.attention_mask),

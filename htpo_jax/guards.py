@@ -178,6 +178,8 @@ DRIFT_IGNORED = (
     "data.val_files",
     "data.val_batch_size",
     "rollout.val_",
+    "distributed.",  # how many processes and who starts them, not what they compute
+    "trainer.collective_timeout_s",
 )
 
 

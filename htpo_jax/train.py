@@ -21,11 +21,13 @@ from flax import nnx
 from tqdm import tqdm
 
 from htpo_jax import advantages as adv_lib
+from htpo_jax import distributed as dist
 from htpo_jax import guards
 from htpo_jax.checkpoint import (
     Checkpointer,
     CheckpointMismatch,
     CheckpointSaveError,
+    StorageError,
 )
 from htpo_jax.config import Config, cli_config, dump_yaml
 from htpo_jax.data import DataError, DataState, PromptStream, train_stream, val_dataset
@@ -124,6 +126,9 @@ def collect(run: Run, key) -> tuple[dict, dict]:
         )
         kept.append((s, np.flatnonzero(keep)))
         n_kept += int(keep.sum())
+    # Every host derived `keep` from the same all-gathered rewards (dist.score_lockstep); a
+    # disagreement here is a bug, reported at once instead of a hang in the next collective.
+    dist.agree("filter decision", [rounds, n_kept])
     width = max(s.prompt_ids.shape[1] for s, _ in kept)
     parts: dict[str, list] = {k: [] for k in ("pids", "pmask", "tokens", "rmask", "reward", "acc")}
     for s, idx in kept:
@@ -205,7 +210,7 @@ def old_logprobs(run: Run, batch: UpdateBatch) -> tuple[UpdateBatch, float]:
 def put(run: Run, x, lead: int = 0):
     """Host array -> device, batch axis (after `lead` leading axes) over data x fsdp."""
     names = (None,) * lead + ("act_batch",) + (None,) * (x.ndim - lead - 1)
-    return jax.device_put(x, logical_sharding(names, run.mesh, x.shape))
+    return dist.put_global(x, logical_sharding(names, run.mesh, x.shape))
 
 
 # ---------------------------------------------------------------- 7 UPDATE
@@ -234,6 +239,7 @@ def rl_step(run: Run, step: int) -> dict:
     key = jax.random.fold_in(run.state.rng, step)
     kept, stats = collect(run, key)
     times["time/rollout_reward_filter"] = time.perf_counter() - t0
+    dist.barrier(f"old log-probs step {step}")
     t1 = time.perf_counter()
     batch, mean_ent = old_logprobs(run, build_batch(run, kept))
     times["time/old_log_prob"] = time.perf_counter() - t1
@@ -273,6 +279,8 @@ def setup(cfg: Config, mesh: jax.sharding.Mesh) -> Run:
     step_cfg = StepConfig.from_config(cfg)
     if is_main_process():  # one lock per run, held by the process that writes the shared files
         guards.OutputLock(out).acquire()
+    dist.set_collective_timeout(cfg.trainer.collective_timeout_s)
+    dist.check_shared_dir(cfg.checkpoint_dir)
     ckpt = Checkpointer.from_config(cfg)
     start, run_id = 0, guards.new_run_id()
     restored = guards.resume(ckpt, state, cfg)
@@ -329,6 +337,8 @@ def run_validation(run: Run) -> dict:
 def train(cfg: Config) -> dict:
     """The whole run; returns a summary (accuracy before/after, paths)."""
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    stops = dist.StopSignals()  # SIGTERM / SIGINT: save at the end of the step, exit 0
+    stopped = None
     with jax.set_mesh(mesh):
         run = setup(cfg, mesh)
         t, total = cfg.trainer, cfg.trainer.total_steps
@@ -355,7 +365,8 @@ def train(cfg: Config) -> dict:
             if step % t.log_every == 0 or step == total or "val/accuracy" in metrics:
                 run.logger.log(step, metrics)
             run.watch.after_step(step, metrics, run.ckpt)  # non-finite stop, collapse, disk
-            if run.ckpt.should_save(step, last=step == total):
+            stopped = stops.should_stop(step)
+            if run.ckpt.should_save(step, last=step == total) or stopped:
                 run.watch.save(
                     step,
                     run.state,
@@ -371,14 +382,19 @@ def train(cfg: Config) -> dict:
                 acc=f"{metrics['train/accuracy']:.2f}",
                 val=f"{(last_val or first_val or {}).get('val/accuracy', float('nan')):.2f}",
             )
+            if stopped:
+                bar.close()
+                break
         run.ckpt.close()
+        stops.close()
         run.logger.close()
         if run.pool is not None:
             run.pool.close()
     summary = {
         "val_accuracy_before": (first_val or {}).get("val/accuracy"),
         "val_accuracy_after": (last_val or {}).get("val/accuracy"),
-        "steps": total,
+        "steps": total if not stopped else step,
+        "stopped": stopped,
         "metrics": str(run.logger.path),
         "checkpoints": cfg.checkpoint_dir,
         "last": plain({k: v for k, v in metrics.items() if isinstance(v, int | float | np.number)}),
@@ -394,25 +410,38 @@ def print_summary(summary: dict) -> None:
     )
     print(f"metrics:     {summary['metrics']}")
     print(f"checkpoints: {summary['checkpoints']}")
+    if summary.get("stopped"):
+        print(
+            f"stopped after step {summary['steps']} ({summary['stopped']}): checkpoint "
+            f"{summary['steps']} saved in {summary['checkpoints']}; run the same command to resume"
+        )
 
 
 def main(argv=None) -> dict:
-    if os.environ.get("HTPO_DISTRIBUTED") == "1":  # multi-host: tpu_scripts/launch.sh sets it
-        jax.distributed.initialize()
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--config" not in argv and DEFAULT_CONFIG.exists():
         argv = ["--config", str(DEFAULT_CONFIG), *argv]
     cfg = cli_config(argv, description=__doc__.splitlines()[0])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     guards.setup_logging()
+    dist.initialize(cfg.distributed)  # before any JAX backend is touched
     try:
         summary = train(cfg)
     except (guards.LaunchError, DataError, CheckpointMismatch) as e:  # bad input: one line
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except (dist.SetupError, StorageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     except (guards.TrainingStopped, CheckpointSaveError, SamplingExhausted) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
+    except dist.CollectiveTimeout as e:
+        # Other hosts are stuck or gone: JAX's exit-time shutdown barrier would wait for them.
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        guards.release_locks()
+        logging.shutdown()
+        os._exit(1)
     finally:
         guards.release_locks()
     print_summary(summary)

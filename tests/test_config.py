@@ -117,6 +117,7 @@ def test_to_dict_round_trip():
         "trainer",
         "checkpoint",
         "mesh",
+        "distributed",
     }
     assert config_from_dict(json.loads(json.dumps(d))) == c
 

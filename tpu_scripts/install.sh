@@ -10,7 +10,7 @@
 # 1. the code, into ~/htpo_jax: `git clone REPO_URL` at REF when REPO_URL is set, otherwise a
 #    copy of this working tree (tracked files and untracked, non-ignored ones);
 # 2. a Python $PYTHON_VERSION venv in ~/htpo_venv (through uv: TPU VM images ship Python 3.10,
-#    the package needs >= 3.11) with `pip install -e .[tensorboard]` and $JAX_SPEC. Pin
+#    the package needs >= 3.11) with `pip install -e .[tensorboard,gcs]` and $JAX_SPEC. Pin
 #    JAX_SPEC (e.g. 'jax[tpu]==0.10.2') to the version you tested with;
 # 3. with STAGE_FROM: `gcloud storage rsync -r STAGE_FROM DATA_DIR` (the model and data files the
 #    config names; each host reads its own copy);
@@ -53,7 +53,7 @@ fi
 export PATH="$HOME/.local/bin:$PATH"
 command -v uv >/dev/null || python3 -m pip install --user --quiet uv
 [[ -x "$venv/bin/python" ]] || uv venv --quiet --python "$PYTHON_VERSION" "$venv"
-uv pip install --quiet --python "$venv/bin/python" -e "./$src[tensorboard]" "$JAX_SPEC"
+uv pip install --quiet --python "$venv/bin/python" -e "./$src[tensorboard,gcs]" "$JAX_SPEC"
 if [[ -n "$STAGE_FROM" ]]; then
   sudo mkdir -p "$DATA_DIR" && sudo chown "$(id -u):$(id -g)" "$DATA_DIR"
   gcloud storage rsync --recursive "$STAGE_FROM" "$DATA_DIR"

@@ -11,8 +11,10 @@
 # command: JAX makes one program of them. HTPO_DISTRIBUTED=1 tells the trainer to call
 # jax.distributed.initialize() first (needed on a slice with more than one host).
 # Each host writes ~/htpo_logs/<RUN_NAME>.log and its process id to ~/htpo_logs/<RUN_NAME>.pid;
-# a host where that process still runs refuses to start a second one (the TPU is taken).
-# FOLLOW=1 then tails host 0's log. Stop a run: see docs/TPU.md.
+# a host where that process still runs refuses to start a second one (stop it first:
+# tpu_scripts/stop.sh). Otherwise every host first kills leftover trainer processes (a crashed
+# or killed run can leave one holding the TPU) and removes the libtpu lockfile.
+# FOLLOW=1 then tails host 0's log. Stop a run (it saves a checkpoint first): tpu_scripts/stop.sh.
 # Relaunching the same config resumes from the latest checkpoint in checkpoint.dir.
 set -euo pipefail
 
@@ -38,6 +40,14 @@ remote="mkdir -p htpo_logs
 if [[ -f $pid ]] && kill -0 \$(cat $pid) 2>/dev/null; then
   echo \"host \$(hostname): $RUN_NAME is already running (pid \$(cat $pid))\" >&2; exit 1
 fi
+# anchored: this shell's own command line contains the trainer command too
+stale=\$(pgrep -f '^[^ ]*python[0-9.]* -m htpo_jax[.]train' || true)
+if [[ -n \"\$stale\" ]]; then
+  echo \"host \$(hostname): killing leftover trainer processes \$stale\" >&2
+  kill -9 \$stale 2>/dev/null || true
+  sleep 2
+fi
+sudo rm -f /tmp/libtpu_lockfile 2>/dev/null || rm -f /tmp/libtpu_lockfile
 cd htpo_jax && source ~/htpo_venv/bin/activate
 HTPO_DISTRIBUTED=1 setsid nohup $train > ~/$log 2>&1 < /dev/null &
 echo \$! > ~/$pid

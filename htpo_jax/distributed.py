@@ -1,0 +1,324 @@
+"""Multi-host runs: start-up, host sync points with a deadline, lockstep scoring, stop requests.
+
+Every host runs the same program (JAX multi-controller). This module owns what keeps them in
+step:
+
+- `initialize`: `jax.distributed.initialize` from the `distributed:` config section, environment
+  variables (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, JAX_LOCAL_DEVICE_IDS),
+  or cluster auto-detection (Cloud TPU, SLURM, Open MPI, Kubernetes).
+- Host collectives (`allgather_bytes`, `allgather_arrays`, `agree`, `barrier`) go through the
+  coordination service's key-value store and barriers, never through the accelerators, and each
+  waits at most `trainer.collective_timeout_s`: a host that does not arrive turns into a
+  `CollectiveTimeout` naming the stage and where every host was (the watchdog), not a silent hang.
+- `score_lockstep`: each host scores its own contiguous shard of the decoded responses; the
+  results are all-gathered, so every host holds the same rewards and takes the same decisions
+  (dynamic-sampling keep masks, number of rounds), and a reward time-out has one verdict.
+- `StopSignals`: SIGTERM / SIGINT and JAX's preemption notices become one agreed stop at a step
+  boundary (the trainer then saves and exits 0).
+- `put_global`: host array -> global array without device_put's cross-host equality check.
+- `check_shared_dir`: a multi-host checkpoint directory must be visible to every host.
+
+With one process every collective is the identity and costs nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import math
+import os
+import signal
+import uuid
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+log = logging.getLogger(__name__)
+
+_PREFIX = "htpo"
+_state = {"timeout_s": 900.0, "seq": 0}
+
+
+class CollectiveTimeout(RuntimeError):
+    """A host sync point was not reached by every host in time (or the hosts disagreed)."""
+
+
+class SetupError(RuntimeError):
+    """A multi-host setup problem the user must fix (one line; the trainer exits 2)."""
+
+
+# ---------------------------------------------------------------- start-up
+def _env_says_multiprocess() -> str | None:
+    """Name of the environment hint that asks for jax.distributed, or None."""
+    if os.environ.get("HTPO_DISTRIBUTED") == "1":
+        return "HTPO_DISTRIBUTED=1"
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        return "JAX_COORDINATOR_ADDRESS"
+    for var in ("JAX_NUM_PROCESSES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+        if int(os.environ.get(var, "1") or 1) > 1:
+            return var
+    return None
+
+
+def initialize(d) -> bool:
+    """Start jax.distributed when the `distributed` config section (or the environment) asks.
+
+    Must run before anything touches a JAX backend. Returns True when it was started.
+    Settings left at their auto values (empty / 0 / -1) are taken from the environment or from
+    JAX's cluster auto-detection, so the same command works by hand and on a managed cluster.
+    """
+    explicit = bool(d.coordinator or d.num_processes or d.process_id >= 0 or d.local_device_ids)
+    reason = "distributed.* keys" if explicit else _env_says_multiprocess()
+    if d.initialize == "never" or (d.initialize == "auto" and reason is None):
+        return False
+    if jax.distributed.is_initialized():
+        return True
+    if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+        # CPU devices of several processes need a collectives backend (tests, workstations).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    env_n, env_id = os.environ.get("JAX_NUM_PROCESSES"), os.environ.get("JAX_PROCESS_ID")
+    kwargs = dict(
+        coordinator_address=d.coordinator or None,
+        num_processes=d.num_processes or (int(env_n) if env_n else None),
+        process_id=d.process_id if d.process_id >= 0 else (int(env_id) if env_id else None),
+        local_device_ids=list(d.local_device_ids) or None,
+        initialization_timeout=d.init_timeout_s,
+    )
+    log.info("starting jax.distributed (%s): %s", reason or "distributed.initialize=always", kwargs)
+    jax.distributed.initialize(**kwargs)
+    log.info(
+        "process %d of %d, %d local / %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
+    return True
+
+
+def set_collective_timeout(seconds: float) -> None:
+    _state["timeout_s"] = float(seconds)
+
+
+# ---------------------------------------------------------------- host collectives
+def _client():
+    from jax._src import distributed as jd
+
+    return jd.global_state.client
+
+
+def _where_all(client) -> str:
+    try:
+        where = dict(client.key_value_dir_get(f"{_PREFIX}/where/"))
+    except Exception:  # the service may be gone; the stage name alone must do
+        return "unknown"
+    return "; ".join(f"process {k.rsplit('/', 1)[-1]}: {v}" for k, v in sorted(where.items()))
+
+
+def allgather_bytes(stage: str, data: bytes) -> list[bytes]:
+    """`data` of every process, in process order. Waits at most the collective timeout."""
+    if jax.process_count() == 1:
+        return [data]
+    client, me = _client(), jax.process_index()
+    _state["seq"] += 1
+    seq = _state["seq"]
+    client.key_value_set(f"{_PREFIX}/where/{me}", f"{stage} (sync #{seq})", allow_overwrite=True)
+    client.key_value_set_bytes(f"{_PREFIX}/ag/{seq}/{me}", data)
+    timeout_s = _state["timeout_s"]
+    try:
+        # The stage is part of the barrier id: hosts at different stages never meet.
+        client.wait_at_barrier(f"{_PREFIX}/b/{seq}/{stage}", int(timeout_s * 1000))
+    except Exception as e:
+        raise CollectiveTimeout(
+            f"process {me} waited more than trainer.collective_timeout_s={timeout_s:g}s at "
+            f"'{stage}' (sync #{seq}) for the other hosts; last known: {_where_all(client)} "
+            f"[{type(e).__name__}]"
+        ) from None
+    got = dict(client.key_value_dir_get_bytes(f"{_PREFIX}/ag/{seq}/"))
+    if seq > 1:  # every host is past sync seq-1's reads once it has passed this barrier
+        client.key_value_delete(f"{_PREFIX}/ag/{seq - 1}/{me}")
+    return [got[f"{_PREFIX}/ag/{seq}/{p}"] for p in range(jax.process_count())]
+
+
+def barrier(stage: str) -> None:
+    """All hosts reach `stage` (or CollectiveTimeout names it)."""
+    allgather_bytes(stage, b"")
+
+
+def agree(stage: str, value) -> None:
+    """Raise CollectiveTimeout at once unless every host has the same (JSON-able) value."""
+    mine = json.dumps(value, sort_keys=True, default=str)
+    seen = [b.decode() for b in allgather_bytes(stage, mine.encode())]
+    if len(set(seen)) > 1:
+        raise CollectiveTimeout(
+            f"hosts out of step at '{stage}': "
+            + "; ".join(f"process {p}: {v}" for p, v in enumerate(seen))
+        )
+
+
+def allgather_arrays(stage: str, **arrays: np.ndarray) -> dict[str, list[np.ndarray]]:
+    """Each named host-local array from every process: name -> [array of process 0, 1, ...]."""
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    parts = [np.load(io.BytesIO(b)) for b in allgather_bytes(stage, buf.getvalue())]
+    return {k: [p[k] for p in parts] for k in arrays}
+
+
+# ---------------------------------------------------------------- lockstep scoring
+def shard_bounds(n: int, n_hosts: int, host: int) -> tuple[int, int]:
+    """Rows [lo, hi) of n that `host` scores: contiguous, sizes differ by at most one chunk."""
+    per = math.ceil(n / n_hosts) if n else 0
+    return min(host * per, n), min((host + 1) * per, n)
+
+
+def score_lockstep(solutions, ground_truths, response_lengths, cfg, pool=None, stage="reward"):
+    """`rewards.compute_rewards` of all N responses, each scored on exactly one host.
+
+    Returns the same (reward [N], RewardBatch) on every host: the array fields of the batch are
+    all-gathered, list fields (the extracted answers) too. One process: compute_rewards itself.
+    """
+    from htpo_jax.rewards import compute_rewards
+
+    n_hosts = jax.process_count()
+    if n_hosts == 1:
+        return compute_rewards(solutions, ground_truths, response_lengths, cfg, pool=pool)
+    lo, hi = shard_bounds(len(solutions), n_hosts, jax.process_index())
+    lengths = np.asarray(response_lengths)
+    reward, scored = compute_rewards(
+        list(solutions[lo:hi]), list(ground_truths[lo:hi]), lengths[lo:hi], cfg, pool=pool
+    )
+    arrays = {"reward": np.asarray(reward)}
+    lists = {}
+    for f in dataclasses.fields(scored):
+        v = getattr(scored, f.name)
+        if isinstance(v, np.ndarray):
+            arrays[f.name] = v
+        elif isinstance(v, list | tuple):
+            lists[f.name] = list(v)
+    arrays["lists_json"] = np.frombuffer(json.dumps(lists).encode(), np.uint8)
+    got = allgather_arrays(stage, **arrays)
+    merged_lists = {k: [] for k in lists}
+    for blob in got.pop("lists_json"):
+        for k, v in json.loads(blob.tobytes().decode()).items():
+            merged_lists[k].extend(v)
+    merged = {k: np.concatenate(v) for k, v in got.items()}
+    reward = merged.pop("reward")
+    return reward, dataclasses.replace(scored, **merged, **merged_lists)
+
+
+# ---------------------------------------------------------------- device arrays
+def put_global(x: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+    """A host array that every process holds in full -> a global array with `sharding`.
+
+    Each process fills only its addressable shards. Unlike `jax.device_put`, no cross-host
+    equality check (a collective on every call): lockstep guarantees the values agree.
+    """
+    if jax.process_count() == 1:
+        return jax.device_put(x, sharding)
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+# ---------------------------------------------------------------- shared checkpoint dir
+def check_shared_dir(directory) -> None:
+    """Refuse (SetupError) a multi-host checkpoint dir that some host cannot see.
+
+    Process 0 writes a marker file; every other host must find it. Orbax's first save would
+    otherwise stall at a barrier and fail with no checkpoint.
+    """
+    if jax.process_count() == 1:
+        return
+    from htpo_jax.checkpoint import checkpoint_path
+
+    directory = checkpoint_path(directory)
+    nonce = uuid.uuid4().hex if jax.process_index() == 0 else ""
+    marker = None
+    if nonce:
+        directory.mkdir(parents=True, exist_ok=True)
+        marker = directory / f".htpo_shared_check_{nonce}"
+        marker.write_text(nonce)
+    nonce = allgather_bytes("checkpoint dir check (write)", nonce.encode())[0].decode()
+    probe = directory / f".htpo_shared_check_{nonce}"
+    seen = probe.exists() and probe.read_text() == nonce
+    verdicts = allgather_bytes("checkpoint dir check (read)", b"1" if seen else b"0")
+    if marker is not None:
+        marker.unlink()
+    blind = [p for p, v in enumerate(verdicts) if v != b"1"]
+    if blind:
+        raise SetupError(
+            f"checkpoint.dir {str(directory)!r} is not shared between hosts: process(es) "
+            f"{blind} cannot see a file process 0 wrote there; use a shared filesystem or gs://"
+        )
+
+
+# ---------------------------------------------------------------- stops and preemption
+class StopSignals:
+    """SIGTERM / SIGINT / JAX preemption notices -> one stop decision, agreed at a step boundary.
+
+    The first signal only sets a flag (the run saves at the end of the current step and exits 0);
+    a second one of the same kind ends the process at once. On a multi-process run SIGTERM is
+    left to JAX's preemption notifier (it tells every host, and `reached_preemption_sync_point`
+    picks the same step everywhere); SIGINT and any local flag are all-gathered every step, so
+    a signal to one host stops all of them at the same step.
+    """
+
+    def __init__(self, signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)):
+        self.reason: str | None = None
+        self._calls = 0  # step boundaries seen by this process: the same count on every host
+        self._previous: dict[int, object] = {}
+        self._jax_preemption = jax.process_count() > 1 and _preemption_manager() is not None
+        for sig in signals:
+            if sig == signal.SIGTERM and self._jax_preemption:
+                continue  # JAX's notifier holds SIGTERM; see should_stop
+            try:
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+            except ValueError:  # not the main thread: no handlers, stops come only from JAX
+                pass
+
+    def _on_signal(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.reason is not None:  # second signal: stop now
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signum)
+            return
+        self.reason = name
+        log.warning("%s received: saving a checkpoint at the end of this step, then exiting", name)
+
+    def should_stop(self, step: int) -> str | None:
+        """Why every host stops after `step` (the same answer on all of them), or None."""
+        local = self.reason or ""
+        if jax.process_count() == 1:
+            return local or None
+        self._calls += 1
+        # JAX wants a counter that every host advances together from the same start; a resumed
+        # run starts at a later step, so count boundaries since start instead of passing `step`.
+        if self._jax_preemption and multihost_utils.reached_preemption_sync_point(self._calls):
+            local = local or "preemption notice (SIGTERM)"
+        reasons = [b.decode() for b in allgather_bytes(f"stop check step {step}", local.encode())]
+        where: dict[str, list[int]] = {}
+        for p, r in enumerate(reasons):
+            if r:
+                where.setdefault(r, []).append(p)
+        # A JAX preemption notice reaches every host: name hosts only for local signals.
+        named = [
+            r if len(ps) == len(reasons) else f"{r} on process {', '.join(map(str, ps))}"
+            for r, ps in where.items()
+        ]
+        return ", ".join(named) or None
+
+    def close(self) -> None:
+        for sig, prev in self._previous.items():
+            signal.signal(sig, prev)
+        self._previous.clear()
+
+
+def _preemption_manager():
+    from jax._src import distributed as jd
+
+    return jd.global_state.preemption_sync_manager
