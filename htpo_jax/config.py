@@ -62,6 +62,12 @@ class ModelConfig:
         "Query chunk of the training attention (0 = full T x T; set it for long responses).",
         NONNEG,
     )
+    scan_layers: bool = _f(
+        True,
+        "Stack the layers' parameters [L, ...] and apply them with lax.scan: compile time and "
+        "program size do not grow with depth (false: a Python loop; same results, but "
+        "checkpoints of one layout do not restore into the other).",
+    )
 
 
 @dataclass(frozen=True)
