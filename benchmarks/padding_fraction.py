@@ -56,7 +56,11 @@ def default_task(max_tokens: int):
         pmask, ext, r.max_response_length, multiple=cfg.data.pad_to_multiple,
         max_tokens=max_tokens, shards=1,
     )  # fmt: skip
-    return out, {"rows": len(ext), "mean_response": float(ext.mean()), "max_response": int(ext.max())}
+    return out, {
+        "rows": len(ext),
+        "mean_response": float(ext.mean()),
+        "max_response": int(ext.max()),
+    }
 
 
 def dapo_like(seed: int = 0):

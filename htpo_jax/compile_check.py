@@ -83,25 +83,16 @@ def embedded_models() -> list[str]:
 
 
 def decoder_kwargs(model_section) -> dict:
-    """Decoder keyword arguments from the `model` config section, for the ones Decoder takes
-    (the attention / layer-scan switches are newer than this tool)."""
-    import inspect
-
+    """Decoder keyword arguments from the `model` config section (as train.py builds it)."""
     import jax.numpy as jnp
 
-    from htpo_jax.models.decoder import Decoder
+    from htpo_jax.models.hf_io import decoder_options
 
-    accepted = inspect.signature(Decoder.__init__).parameters
-    kw = {
-        "dtype": jnp.dtype(model_section.dtype),
-        "param_dtype": jnp.dtype(model_section.param_dtype),
-        "remat": model_section.remat,
-        "attention_chunk_size": model_section.attention_chunk_size or None,
-    }
-    for name in ("attention_impl", "scan_layers"):
-        if hasattr(model_section, name):
-            kw[name] = getattr(model_section, name)
-    return {k: v for k, v in kw.items() if k in accepted}
+    return dict(
+        dtype=jnp.dtype(model_section.dtype),
+        param_dtype=jnp.dtype(model_section.param_dtype),
+        **decoder_options(model_section),
+    )
 
 
 def build_context(cfg: Config, mesh, model_cfg) -> Context:

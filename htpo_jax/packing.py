@@ -7,9 +7,9 @@ by response length (longest first) and cut into micro-batches whose token count
 (`optim.max_tokens_per_micro`, like verl's `ppo_max_token_len_per_gpu`). Each micro-batch is
 padded only to its own longest response, rounded up to a *length bucket*.
 
-Compiles stay bounded: the response width of a micro-batch is one of the buckets
-`m * 2^k` and `m * 1.5 * 2^k` (m = `data.pad_to_multiple`, at most ~33% padding per row), and its row count
-is a function of the bucket alone (the budget divided by the width, rounded down to a multiple of
+Compiles stay bounded: the response width of a micro-batch is one of the buckets `m * 2^k` and
+`m * 1.5 * 2^k` (m = `data.pad_to_multiple`; at most ~33% padding per row), and its row count is a
+function of the bucket alone (the budget divided by the width, rounded down to a multiple of
 the batch shards), so a run compiles one program per bucket it meets, not one per step.
 The loss stays the exact global token-mean: every micro-batch loss is divided by the token count
 of the whole mini-batch (train_step.micro_grads), and filler rows carry no response tokens.
