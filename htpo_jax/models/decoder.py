@@ -67,7 +67,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from htpo_jax.models.attention import attend_in_query_chunks
+from htpo_jax.models.attention import attend_in_query_chunks, resolve_impl, self_attention
 from htpo_jax.models.model_config import ModelConfig
 from htpo_jax.sharding import constrain
 
@@ -292,8 +292,9 @@ def positions_from_mask(attention_mask_bt):
 class Decoder(nnx.Module):
     """Decoder-only LM.
 
-    `remat=True` recomputes each layer in the backward pass. `attention_chunk_size` (None: all
-    queries at once) bounds the attention scores held at a time to that many query positions.
+    `remat=True` recomputes each layer in the backward pass. `attention_impl` (auto, xla,
+    chunked, splash, cudnn; see `models/attention.py`) picks the training attention;
+    `attention_chunk_size` (None: 2,048 for `chunked`) is the chunked path's query block.
     `scan_layers` stacks the layers' parameters and scans over them (see the module docstring).
     """
 
@@ -305,12 +306,15 @@ class Decoder(nnx.Module):
         param_dtype=None,
         remat: bool = False,
         attention_chunk_size: int | None = None,
+        attention_impl: str = "auto",
         scan_layers: bool = True,
         rngs: nnx.Rngs,
     ):
         param_dtype = dtype if param_dtype is None else param_dtype
         self.cfg, self.dtype, self.param_dtype, self.remat = cfg, dtype, param_dtype, remat
         self.attention_chunk_size = attention_chunk_size or None
+        resolve_impl(attention_impl, 1, dtype, None, "cpu")  # fails early on an unknown name
+        self.attention_impl = attention_impl
         self.scan_layers = scan_layers
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.embed_tokens = nnx.Param(
@@ -386,18 +390,17 @@ class Decoder(nnx.Module):
 
     def hidden_states(self, input_ids_bt, attention_mask_bt=None, positions_bt=None):
         """Final-normed hidden states [B, T, D] of a (left-padded) batch."""
-        _, t = input_ids_bt.shape
         if attention_mask_bt is None:
             attention_mask_bt = jnp.ones(input_ids_bt.shape, jnp.bool_)
         attention_mask_bt = attention_mask_bt.astype(jnp.bool_)
         if positions_bt is None:
             positions_bt = positions_from_mask(attention_mask_bt)
-        causal_tt = jnp.tril(jnp.ones((t, t), jnp.bool_))
-        mask_bts = causal_tt[None] & attention_mask_bt[:, None, :]  # [B, T, S=T]
-        chunk = self.attention_chunk_size
+        attention = functools.partial(
+            self_attention, impl=self.attention_impl, chunk_size=self.attention_chunk_size
+        )
 
         def kv_fn(layer, q_btnh, k_btkh, v_btkh, kv_state):
-            return attend_in_query_chunks(q_btnh, k_btkh, v_btkh, mask_bts, chunk), kv_state
+            return attention(q_btnh, k_btkh, v_btkh, attention_mask_bt), kv_state
 
         x = self._embed(input_ids_bt)
         x, _ = self._run_layers(x, positions_bt, kv_fn, None, self.remat)

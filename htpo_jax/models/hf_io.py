@@ -104,6 +104,7 @@ def decoder_options(model_cfg) -> dict:
     return dict(
         remat=model_cfg.remat,
         attention_chunk_size=model_cfg.attention_chunk_size or None,
+        attention_impl=model_cfg.attention_impl,
         scan_layers=model_cfg.scan_layers,
     )
 
@@ -120,14 +121,15 @@ def from_pretrained(
     mesh: jax.sharding.Mesh | None = None,
     remat: bool = False,
     attention_chunk_size: int | None = None,
+    attention_impl: str = "auto",
     scan_layers: bool = True,
 ) -> Decoder:
     """Loads a HF checkpoint directory (config.json + one or many safetensors files).
 
     `dtype` is the compute dtype, `param_dtype` the stored one (default: `dtype`); `remat`,
-    `attention_chunk_size` and `scan_layers` are passed to `Decoder`. With `mesh`, every
-    parameter is created already sharded by its logical axes (`htpo_jax.sharding`), each device
-    reading only its own slice from the memory-mapped file.
+    `attention_chunk_size`, `attention_impl` and `scan_layers` are passed to `Decoder`. With
+    `mesh`, every parameter is created already sharded by its logical axes
+    (`htpo_jax.sharding`), each device reading only its own slice from the memory-mapped file.
     """
     cfg = ModelConfig.from_pretrained(path)
     param_dtype = dtype if param_dtype is None else param_dtype
@@ -139,6 +141,7 @@ def from_pretrained(
             param_dtype=param_dtype,
             remat=remat,
             attention_chunk_size=attention_chunk_size,
+            attention_impl=attention_impl,
             scan_layers=scan_layers,
             rngs=nnx.Rngs(0),
         )
