@@ -322,8 +322,13 @@ def measure(prog: Program, mesh, limit: int) -> dict:
     import jax
 
     t0 = time.perf_counter()
-    with jax.set_mesh(mesh):
-        compiled = prog.fn.lower(*prog.args).compile()
+    try:
+        with jax.set_mesh(mesh):
+            compiled = prog.fn.lower(*prog.args).compile()
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        return out_of_memory(prog, str(e), time.perf_counter() - t0)
     seconds = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -346,6 +351,31 @@ def measure(prog: Program, mesh, limit: int) -> dict:
         "flops": float((cost or {}).get("flops", float("nan"))),
         "compile_seconds": round(seconds, 1),
         "note": prog.note,
+    }
+
+
+def out_of_memory(prog: Program, message: str, seconds: float) -> dict:
+    """The row of a program that the TPU compiler itself refused ("Ran out of memory on HBM"):
+    the temporaries it asked for, parsed from its message, stand for the peak."""
+    import re
+
+    found = re.search(r"HLO temporaries \(([\d.]+)([KMGT])", message)
+    scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    temp = int(float(found.group(1)) * scale[found.group(2)]) if found else 0
+    return {
+        "program": prog.name,
+        "shape": prog.shape,
+        "arguments": 0,
+        "temporaries": temp,
+        "outputs": 0,
+        "aliased": 0,
+        "resident": prog.resident,
+        "code": 0,
+        "peak": temp + prog.resident,
+        "fits": False,
+        "flops": float("nan"),
+        "compile_seconds": round(seconds, 1),
+        "note": "the TPU compiler ran out of HBM: " + message.strip().splitlines()[0][:200],
     }
 
 
@@ -474,7 +504,8 @@ def main(argv=None) -> int:
     for r in failed:
         print(
             f"does not fit: {r['program']} [{r['shape']}] needs {r['peak'] / GiB:.2f} GiB per "
-            f"chip > {report['limit_per_chip'] / GiB:.2f} GiB",
+            f"chip > {report['limit_per_chip'] / GiB:.2f} GiB"
+            + (f" ({r['note']})" if "ran out" in r["note"] else ""),
             file=sys.stderr,
         )
     return 1 if failed else 0
