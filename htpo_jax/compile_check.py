@@ -407,7 +407,16 @@ def table(rows: list[dict], hbm: int, limit: int) -> str:
     return "\n".join("| " + x + " |" if i < len(lines) - 1 else x for i, x in enumerate(lines))
 
 
-def run_check(cfg: Config, target, *, headroom: float, programs, model_config=None, layers=None):
+def run_check(
+    cfg: Config,
+    target,
+    *,
+    headroom: float,
+    programs,
+    model_config=None,
+    layers=None,
+    fail_fast=False,
+):
     """Compile every selected program on `target`; returns the report dict."""
     from htpo_jax.models.model_config import ModelConfig
     from htpo_jax.sharding import make_mesh
@@ -435,6 +444,10 @@ def run_check(cfg: Config, target, *, headroom: float, programs, model_config=No
                 file=sys.stderr,
                 flush=True,
             )
+            if fail_fast and not r["fits"]:
+                break
+        if fail_fast and rows and not rows[-1]["fits"]:
+            break
     return {
         "target": target.name,
         "chips": target.chips,
@@ -470,6 +483,9 @@ def main(argv=None) -> int:
         "--programs", default=",".join(PROGRAMS), help=f"subset of {','.join(PROGRAMS)}"
     )
     parser.add_argument(
+        "--fail-fast", action="store_true", help="stop at the first program that does not fit"
+    )
+    parser.add_argument(
         "--num-layers", type=int, help="build the model with fewer layers (quick trials only)"
     )
     args = parser.parse_args(argv)
@@ -491,6 +507,7 @@ def main(argv=None) -> int:
             programs=programs,
             model_config=args.model_config,
             layers=args.num_layers,
+            fail_fast=args.fail_fast,
         )
     except (TargetError, ConfigProblem, FileNotFoundError) as e:
         print(f"compile_check: {e}", file=sys.stderr)

@@ -91,7 +91,12 @@ def _state(params, tx):
 
 
 @pytest.mark.parametrize(
-    "loss,agg", [("htpo", "token-mean"), ("dapo", "token-mean"), ("grpo", "seq-mean-token-mean")]
+    "loss,agg",
+    [
+        ("htpo", "token-mean"),
+        pytest.param("dapo", "token-mean", marks=pytest.mark.slow),
+        pytest.param("grpo", "seq-mean-token-mean", marks=pytest.mark.slow),
+    ],
 )
 def test_packed_update_equals_unpacked(loss, agg):
     sc, graphdef, params, tx = _setup(loss, agg)
@@ -138,6 +143,7 @@ def test_packed_scoring_equals_padded():
     np.testing.assert_allclose(ent * m, np.asarray(ent_ref) * m, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_trainer_with_token_budget_matches_padded_run(tiny_run_dir, tmp_path):  # noqa: F811
     """Two RL steps with token-budget micro-batches (KL on: the reference pass is packed too)
     log the same losses as padded micro-batches: same rollouts, same math, other shapes."""
