@@ -93,7 +93,7 @@ def _state(params, tx):
 @pytest.mark.parametrize(
     "loss,agg",
     [
-        ("htpo", "token-mean"),
+        pytest.param("htpo", "token-mean", marks=pytest.mark.slow),
         pytest.param("dapo", "token-mean", marks=pytest.mark.slow),
         pytest.param("grpo", "seq-mean-token-mean", marks=pytest.mark.slow),
     ],
