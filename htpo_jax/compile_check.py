@@ -137,6 +137,7 @@ def run_check(
     model_config=None,
     layers=None,
     fail_fast=False,
+    on_row=None,
 ):
     """Compile every selected program on `target`; returns the report dict."""
     from htpo_jax.models.model_config import ModelConfig
@@ -159,6 +160,8 @@ def run_check(
         for prog in PROGRAMS[name](ctx):
             rows.append(measure(prog, mesh, limit))
             r = rows[-1]
+            if on_row is not None:  # e.g. write the JSON so far: a stopped run keeps its rows
+                on_row(rows)
             print(
                 f"compiled {r['program']} [{r['shape']}] in {r['compile_seconds']:.0f}s: "
                 f"peak {r['peak'] / GiB:.2f} GiB per chip",
@@ -229,6 +232,9 @@ def main(argv=None) -> int:
             model_config=args.model_config,
             layers=args.num_layers,
             fail_fast=args.fail_fast,
+            on_row=(lambda rows: Path(args.json).write_text(json.dumps(rows, indent=2) + "\n"))
+            if args.json
+            else None,
         )
     except (TargetError, ConfigProblem, FileNotFoundError) as e:
         print(f"compile_check: {e}", file=sys.stderr)
