@@ -162,6 +162,13 @@ class OptimConfig:
     grad_clip: float = _f(1.0, "Global gradient-norm clip (0 = off).", NONNEG)
     mini_batch_size: int = _f(32, "Prompts per optimizer update (PPO mini-batch).", POS)
     micro_batch_size: int = _f(16, "Responses per gradient-accumulation chunk.", POS)
+    max_tokens_per_micro: int = _f(
+        0,
+        "Token budget per batch shard (chip) of a scoring / update micro-batch: rows sorted by "
+        "length, each micro-batch padded to its own length bucket (0 = off: micro_batch_size "
+        "rows padded to the step's longest response).",
+        NONNEG,
+    )
     ppo_epochs: int = _f(1, "Passes over each step's batch.", POS)
 
 

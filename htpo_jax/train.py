@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from htpo_jax import advantages as adv_lib
 from htpo_jax import distributed as dist
-from htpo_jax import guards
+from htpo_jax import guards, packing
 from htpo_jax.checkpoint import (
     Checkpointer,
     CheckpointMismatch,
@@ -40,8 +40,11 @@ from htpo_jax.train_step import (
     StepConfig,
     TrainState,
     UpdateBatch,
+    jit_apply_grads,
+    jit_micro_grads,
     jit_update,
     make_optimizer,
+    packed_update,
     score_responses,
 )
 
@@ -72,6 +75,7 @@ class Run:
     logger: MetricsLogger
     pool: RewardPool | None
     start_step: int
+    packed_fns: tuple | None = None  # (micro_grads, apply_grads) with optim.max_tokens_per_micro
     run_id: str = ""  # written into every checkpoint (guards.py)
     watch: guards.StepWatch | None = None
 
@@ -183,8 +187,45 @@ def build_batch(run: Run, kept: dict) -> UpdateBatch:
 
 
 # ---------------------------------------------------------------- 6 OLD LOG-PROBS
+def batch_shards(run: Run) -> int:
+    return int(run.mesh.shape["data"] * run.mesh.shape["fsdp"])
+
+
+def micro_plan(run: Run, batch: UpdateBatch) -> list[packing.Micro]:
+    """Token-budget micro-batches of `batch` (packing.py): longest rows first, bucketed widths."""
+    return packing.plan(
+        packing.response_extent(batch.response_mask),
+        batch.prompt_len,
+        max_tokens=run.cfg.optim.max_tokens_per_micro,
+        shards=batch_shards(run),
+        multiple=run.cfg.data.pad_to_multiple,
+        cap=run.cfg.rollout.max_response_length,
+    )
+
+
+def old_logprobs_packed(run: Run, batch: UpdateBatch) -> tuple[UpdateBatch, float]:
+    """`old_logprobs` over token-budget micro-batches (each padded to its own width bucket)."""
+    t, m = run.step_cfg.temperature, batch.response_mask
+    old, ref, ent = np.zeros_like(m), np.zeros_like(m), np.zeros_like(m)
+    for micro in micro_plan(run, batch):
+        mb = packing.gather(batch, micro)
+        ids, mask = put(run, mb.input_ids), put(run, mb.attention_mask)
+        scored = score_responses(run.graphdef, run.state.params, ids, mask, mb.prompt_len, t)
+        lp, e = to_host(scored)
+        packing.scatter(lp, micro, old)
+        packing.scatter(e, micro, ent)
+        if run.ref_params is not None:
+            ref_lp = score_responses(run.graphdef, run.ref_params, ids, mask, mb.prompt_len, t)
+            packing.scatter(to_host(ref_lp[0]), micro, ref)
+    ref = ref * m if run.ref_params is not None else batch.ref_log_prob
+    mean_ent = float((ent * m).sum() / max(m.sum(), 1))
+    return batch.replace(old_log_prob=old * m, ref_log_prob=ref), mean_ent
+
+
 def old_logprobs(run: Run, batch: UpdateBatch) -> tuple[UpdateBatch, float]:
     """Old (and reference) log-probs in micro-batch chunks; returns the batch and mean entropy."""
+    if run.cfg.optim.max_tokens_per_micro:
+        return old_logprobs_packed(run, batch)
     mb = run.cfg.optim.micro_batch_size
     t = run.step_cfg.temperature
     old, ref, ent = [], [], []
@@ -214,6 +255,21 @@ def put(run: Run, x, lead: int = 0):
 
 
 # ---------------------------------------------------------------- 7 UPDATE
+def update_packed(run: Run, mini: UpdateBatch) -> dict:
+    """One optimizer update over the token-budget micro-batches of one mini-batch."""
+    grads_fn, apply_fn = run.packed_fns
+    micros = [
+        jax.tree.map(lambda x: put(run, x), packing.gather(mini, m)) for m in micro_plan(run, mini)
+    ]
+    rmask = np.asarray(mini.response_mask)
+    num_tokens, num_seqs = np.float32(rmask.sum()), np.float32((rmask > 0).any(-1).sum())
+    zeros = lambda: jax.tree.map(jnp.zeros_like, run.state.params)
+    run.state, metrics = packed_update(
+        run.state, micros, num_tokens, num_seqs, grads_fn, apply_fn, zeros
+    )
+    return metrics
+
+
 def update_all(run: Run, batch: UpdateBatch) -> dict:
     o, g = run.cfg.optim, run.cfg.rollout.n
     n_rows = batch.input_ids.shape[0]
@@ -222,6 +278,9 @@ def update_all(run: Run, batch: UpdateBatch) -> dict:
     for _ in range(o.ppo_epochs):
         for start in range(0, n_rows, mini_rows):
             mini = jax.tree.map(lambda x, s=start: x[s : s + mini_rows], batch)
+            if o.max_tokens_per_micro:
+                per_update.append(update_packed(run, mini))
+                continue
             # [mini_rows, ...] -> [n_micro, micro, ...]
             mini = jax.tree.map(
                 lambda x: put(run, x.reshape(-1, o.micro_batch_size, *x.shape[1:]), lead=1), mini
@@ -314,6 +373,9 @@ def setup(cfg: Config, mesh: jax.sharding.Mesh) -> Run:
         ckpt=ckpt,
         pool=pool,
         start_step=start,
+        packed_fns=(jit_micro_grads(graphdef, step_cfg), jit_apply_grads(tx))
+        if cfg.optim.max_tokens_per_micro
+        else None,
         logger=MetricsLogger(
             out,
             resume_step=start if restored else None,

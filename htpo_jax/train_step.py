@@ -200,3 +200,59 @@ def jit_update(graphdef, tx, sc: StepConfig, state_shardings=None):
         donate_argnums=0,
         out_shardings=(state_shardings, None) if state_shardings is not None else None,
     )
+
+
+# ---------------------------------------------------------------- token-budget micro-batches
+# With `optim.max_tokens_per_micro` the micro-batches of a mini-batch have different shapes
+# (packing.py), so they cannot ride one `lax.scan`: each is one call of `micro_grads` (one program
+# per width bucket), adding into a donated gradient accumulator, then `apply_grads` takes the
+# optimizer step. Same math as `update`: every micro loss is divided by the mini-batch counts.
+def micro_grads(grads, params, micro: UpdateBatch, num_tokens, num_seqs, graphdef, sc):
+    """grads + d(micro loss)/d(params), and the micro-batch's metrics (grads donated)."""
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    (_, metrics), g = grad_fn(params, graphdef, micro, num_tokens, num_seqs, sc)
+    return jax.tree.map(jnp.add, grads, g), metrics
+
+
+def apply_grads(state: TrainState, grads, tx):
+    """One optax step from accumulated gradients (state donated); returns (state, grad_norm)."""
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
+    return new, optax.tree.norm(grads)
+
+
+def jit_micro_grads(graphdef, sc: StepConfig, grad_shardings=None):
+    """`micro_grads` jitted; the accumulator (argument 0) is donated and keeps its sharding."""
+    fn = functools.partial(micro_grads, graphdef=graphdef, sc=sc)
+    out = (grad_shardings, None) if grad_shardings is not None else None
+    return jax.jit(fn, donate_argnums=0, out_shardings=out)
+
+
+def jit_apply_grads(tx, state_shardings=None):
+    """`apply_grads` jitted; the TrainState and the gradients are donated."""
+    out = (state_shardings, None) if state_shardings is not None else None
+    return jax.jit(functools.partial(apply_grads, tx=tx), donate_argnums=(0, 1), out_shardings=out)
+
+
+def packed_update(state, micros, num_tokens, num_seqs, grads_fn, apply_fn, zeros_fn):
+    """One optimizer update over a list of device micro-batches of any shapes.
+
+    `zeros_fn()` gives a fresh zero accumulator. Metrics as `update`'s: `loss` is the sum of the
+    micro losses; the others are token-weighted means over micro-batches.
+    """
+    grads = zeros_fn()
+    per_micro, weights = [], []
+    for micro in micros:
+        grads, metrics = grads_fn(grads, state.params, micro, num_tokens, num_seqs)
+        per_micro.append(metrics)
+        weights.append(micro.response_mask.sum())
+    state, grad_norm = apply_fn(state, grads)
+    w = jnp.stack([jnp.asarray(x, jnp.float32) for x in weights])
+    w = w / jnp.maximum(w.sum(), 1.0)
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *per_micro)
+    metrics = {k: jnp.sum(v * w) for k, v in stacked.items()}
+    metrics["loss"] = jnp.sum(stacked["policy_loss"])
+    del metrics["policy_loss"]
+    metrics["grad_norm"] = grad_norm
+    return state, metrics

@@ -1,0 +1,302 @@
+"""The jitted programs of one RL step, built from abstract arrays for `compile_check`.
+
+`PROGRAMS` maps a name to a builder: a small function from the `Context` (config, mesh, abstract
+model and training state, all `ShapeDtypeStruct`s with shardings) to the `Program`s to compile,
+at the config's largest shapes. A new jitted program (e.g. a rollout engine's prefill and decode
+steps) is one more builder. The model is built from its `config.json` by `nnx.eval_shape`, so no
+weights are read or allocated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+from htpo_jax.config import Config
+
+MODELS_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
+
+
+@dataclasses.dataclass
+class Program:
+    """One jitted program to compile: `fn.lower(*args)`; `resident` = bytes per chip of state
+    that lives outside its arguments while it runs (e.g. AdamW moments during the rollout)."""
+
+    name: str
+    shape: str
+    fn: object
+    args: tuple
+    resident: int = 0
+    note: str = ""
+
+
+@dataclasses.dataclass
+class Context:
+    """What every builder needs: config, mesh, abstract model / state, step config."""
+
+    cfg: Config
+    mesh: object
+    graphdef: object
+    params: object  # nnx.State of ShapeDtypeStructs with shardings
+    opt_state: object
+    tx: object
+    step_cfg: object
+    shards: int  # batch shards (data x fsdp)
+    model_cfg: object
+
+
+# ---------------------------------------------------------------- model and state, abstract
+def model_config_path(cfg: Config, override: str | None) -> Path:
+    """config.json of the run's model: --model-config, model.path, or configs/models/<name>."""
+    if override:
+        p = Path(override)
+        return p / "config.json" if p.is_dir() else p
+    p = Path(cfg.model.path) / "config.json"
+    if p.is_file():
+        return p
+    embedded = MODELS_DIR / Path(cfg.model.path).name / "config.json"
+    if embedded.is_file():
+        return embedded
+    raise FileNotFoundError(
+        f"no config.json for model.path={cfg.model.path!r}: not at {p} nor {embedded}; "
+        f"pass --model-config PATH (embedded: {', '.join(sorted(embedded_models()))})"
+    )
+
+
+def embedded_models() -> list[str]:
+    return [d.name for d in MODELS_DIR.iterdir() if (d / "config.json").is_file()]
+
+
+def decoder_kwargs(model_section) -> dict:
+    """Decoder keyword arguments from the `model` config section (as train.py builds it)."""
+    import jax.numpy as jnp
+
+    from htpo_jax.models.hf_io import decoder_options
+
+    return dict(
+        dtype=jnp.dtype(model_section.dtype),
+        param_dtype=jnp.dtype(model_section.param_dtype),
+        **decoder_options(model_section),
+    )
+
+
+def build_context(cfg: Config, mesh, model_cfg) -> Context:
+    import jax
+    import optax
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from htpo_jax.models.decoder import Decoder
+    from htpo_jax.sharding import variable_sharding
+    from htpo_jax.train_step import StepConfig, make_optimizer
+
+    with jax.set_mesh(mesh):
+        abstract = nnx.eval_shape(
+            lambda: Decoder(model_cfg, **decoder_kwargs(cfg.model), rngs=nnx.Rngs(0))
+        )
+    graphdef, state = nnx.split(abstract)
+    params = jax.tree.map(
+        lambda v: v.replace(
+            jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=variable_sharding(v, mesh))
+        ),
+        state,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+    updates = cfg.optim.ppo_epochs * (cfg.data.train_batch_size // cfg.optim.mini_batch_size)
+    tx = make_optimizer(cfg.optim, cfg.trainer.total_steps * updates)
+    opt = jax.eval_shape(tx.init, params)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt_sh = optax.tree_map_params(
+        tx,
+        lambda _, s: s,
+        opt,
+        shardings(params),
+        transform_non_params=lambda _: replicated,
+    )
+    opt = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), opt, opt_sh)
+    shards = int(mesh.shape["data"] * mesh.shape["fsdp"])
+    return Context(
+        cfg, mesh, graphdef, params, opt, tx, StepConfig.from_config(cfg), shards, model_cfg
+    )
+
+
+def shardings(tree):
+    import jax
+
+    return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def per_chip_bytes(tree) -> int:
+    """Bytes of one chip's shards of an abstract tree (the largest shard of each array)."""
+    import jax
+    import numpy as np
+
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+        total += int(np.prod(shape)) * x.dtype.itemsize
+    return total
+
+
+def array(ctx: Context, shape, dtype, lead: int = 0):
+    """Abstract batch array: the axis after `lead` leading axes split over data x fsdp."""
+    import jax
+
+    from htpo_jax.sharding import logical_sharding
+
+    names = (None,) * lead + ("act_batch",) + (None,) * (len(shape) - lead - 1)
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=logical_sharding(names, ctx.mesh, shape))
+
+
+def update_batch(ctx: Context, lead: tuple[int, ...], rows: int, prompt: int, width: int):
+    import jax.numpy as jnp
+
+    from htpo_jax.train_step import UpdateBatch
+
+    a = lambda shape, dt: array(ctx, lead + shape, dt, lead=len(lead))
+    return UpdateBatch(
+        input_ids=a((rows, prompt + width), jnp.int32),
+        attention_mask=a((rows, prompt + width), jnp.int32),
+        response_mask=a((rows, width), jnp.float32),
+        old_log_prob=a((rows, width), jnp.float32),
+        ref_log_prob=a((rows, width), jnp.float32),
+        advantages=a((rows, width), jnp.float32),
+        hard=a((rows,), jnp.bool_),
+        correct=a((rows,), jnp.bool_),
+        prompt_len=prompt,
+    )
+
+
+# ---------------------------------------------------------------- the programs of one step
+def prompt_width(cfg: Config) -> int:
+    from htpo_jax.rollout import prompt_bucket
+
+    m = cfg.data.pad_to_multiple
+    return prompt_bucket(math.ceil(cfg.data.max_prompt_length / m) * m)
+
+
+def micro_shapes(ctx: Context) -> list[tuple[int, int]]:
+    """(rows, response width) of the scoring / update micro-batches to check: the widest, and
+    with token budgets also the one with the most rows (the log-prob head scales with rows)."""
+    from htpo_jax import packing
+
+    c, p, r = ctx.cfg, prompt_width(ctx.cfg), ctx.cfg.rollout.max_response_length
+    if not c.optim.max_tokens_per_micro:
+        return [(c.optim.micro_batch_size, r)]
+    ws = packing.widths(r, c.data.pad_to_multiple)
+    rows = lambda w: packing.rows_for_width(p + w, c.optim.max_tokens_per_micro, ctx.shards)
+    shapes = [(rows(ws[-1]), ws[-1])]
+    if rows(ws[0]) != shapes[0][0]:
+        shapes.append((rows(ws[0]), ws[0]))
+    return shapes
+
+
+def ref_bytes(ctx: Context) -> int:
+    return per_chip_bytes(ctx.params) if ctx.cfg.algorithm.use_kl_loss else 0
+
+
+def rollout_programs(ctx: Context) -> list[Program]:
+    """The sampler's jitted generate (prefill + decode loop) at the largest sampler call."""
+    import jax
+    import jax.numpy as jnp
+
+    from htpo_jax import rollout
+
+    c = ctx.cfg
+    r, n = c.rollout, c.rollout.n
+    calls = [(c.data.gen_batch_size, n), (c.data.val_batch_size, r.val_n)]
+    best = None
+    for prompts, k in calls:
+        if r.max_num_seqs:
+            prompts = min(prompts, max(r.max_num_seqs // k, 1))
+        step = math.lcm(k, ctx.shards)
+        padded = math.ceil(rollout.bucket(prompts * k) / step) * step // k
+        if best is None or padded * k > best[0] * best[1]:
+            best = (padded, k)
+    prompts, k = best
+    p = prompt_width(c)
+    eos = ctx.model_cfg.eos_token_id or (0,)
+    fn = rollout._compiled(
+        ctx.graphdef, k, r.max_response_length, False, r.top_k, r.top_p < 1.0, eos, 0,
+        jnp.dtype(c.model.dtype),
+    )  # fmt: skip
+    ids = array(ctx, (prompts, p), jnp.int32)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    f32 = jax.ShapeDtypeStruct((), jnp.float32)
+    args = (ctx.params, ids, ids, key, f32, f32)
+    shape = f"{prompts * k} rows x ({p}+{r.max_response_length})"
+    note = "FLOPs count the decode loop body once"
+    return [
+        Program("rollout", shape, fn, args, per_chip_bytes(ctx.opt_state) + ref_bytes(ctx), note)
+    ]
+
+
+def old_log_prob_programs(ctx: Context) -> list[Program]:
+    import functools
+
+    import jax.numpy as jnp
+
+    from htpo_jax.train_step import score_responses
+
+    p, t = prompt_width(ctx.cfg), ctx.step_cfg.temperature
+    out = []
+    for rows, w in micro_shapes(ctx):
+        ids = array(ctx, (rows, p + w), jnp.int32)
+        fn = functools.partial(score_responses.lower, ctx.graphdef)
+        lowered = _Lowered(lambda *a, fn=fn, p=p: fn(a[0], a[1], a[2], p, t, 1024))
+        resident = per_chip_bytes(ctx.opt_state) + ref_bytes(ctx)
+        out.append(
+            Program(
+                "old_log_prob", f"{rows} x ({p}+{w})", lowered, (ctx.params, ids, ids), resident
+            )
+        )
+    return out
+
+
+def update_programs(ctx: Context) -> list[Program]:
+    import jax
+    import jax.numpy as jnp
+
+    from htpo_jax.train_step import TrainState, jit_apply_grads, jit_micro_grads, jit_update
+
+    c, p = ctx.cfg, prompt_width(ctx.cfg)
+    state = TrainState(
+        params=ctx.params,
+        opt_state=ctx.opt_state,
+        step=jax.ShapeDtypeStruct((), jnp.int32),
+        rng=jax.eval_shape(lambda: jax.random.key(0)),
+    )
+    state_sh = shardings(state)
+    if not c.optim.max_tokens_per_micro:
+        rows = c.optim.mini_batch_size * c.rollout.n
+        mb = c.optim.micro_batch_size
+        mini = update_batch(ctx, (rows // mb,), mb, p, c.rollout.max_response_length)
+        fn = jit_update(ctx.graphdef, ctx.tx, ctx.step_cfg, state_sh)
+        shape = f"{rows // mb} x {mb} x ({p}+{c.rollout.max_response_length})"
+        return [Program("update", shape, fn, (state, mini), ref_bytes(ctx))]
+    out = []
+    grads_fn = jit_micro_grads(ctx.graphdef, ctx.step_cfg, shardings(ctx.params))
+    scalar = jax.ShapeDtypeStruct((), jnp.float32)
+    for rows, w in micro_shapes(ctx):
+        micro = update_batch(ctx, (), rows, p, w)
+        args = (ctx.params, ctx.params, micro, scalar, scalar)  # accumulator has params' shapes
+        resident = per_chip_bytes(ctx.opt_state) + ref_bytes(ctx)
+        out.append(Program("update", f"{rows} x ({p}+{w})", grads_fn, args, resident))
+    apply = jit_apply_grads(ctx.tx, state_sh)
+    out.append(Program("optimizer", "AdamW step", apply, (state, ctx.params), ref_bytes(ctx)))
+    return out
+
+
+class _Lowered:
+    """Adapter: a callable that lowers, for programs whose jit takes static arguments."""
+
+    def __init__(self, lower):
+        self.lower = lower
+
+
+PROGRAMS = {
+    "rollout": rollout_programs,
+    "old_log_prob": old_log_prob_programs,
+    "update": update_programs,
+}

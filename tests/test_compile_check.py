@@ -1,0 +1,99 @@
+"""compile_check: AOT-compiles the step's programs on fake CPU devices (and on a TPU topology when
+libtpu is installed), prints the per-chip memory table and JSON, exits 1 naming what won't fit."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from htpo_jax.topology import GiB, TargetError, resolve_target
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_tool(*args, timeout=900):
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env["PYTHONPATH"] = str(ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "htpo_jax.compile_check", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_targets():
+    t = resolve_target("v5p-64", None, None)
+    assert (t.chips, t.topology, t.hbm_bytes, t.accelerator_type) == (
+        32,
+        "v5p:2x4x4",
+        95 * GiB,
+        "v5p-64",
+    )
+    assert resolve_target("v5p-8", None, None).topology == "v5p:2x2x1"
+    e = resolve_target("v5e-8", None, None)
+    assert (e.topology, e.hbm_bytes, e.accelerator_type) == ("v5e:2x4", 16 * GiB, "v5litepod-8")
+    assert resolve_target("v6e-8", None, 12.5).hbm_bytes == int(12.5 * GiB)
+    assert resolve_target(None, "cpu:4", 1).chips == 4
+    for bad in ("v5p-63", "v9-8", "v5p", "tpu"):
+        with pytest.raises(TargetError, match="--topology"):
+            resolve_target(bad, None, None)
+    with pytest.raises(TargetError, match="cpu:N"):
+        resolve_target(None, "gpu:2", None)
+
+
+def test_default_config_on_four_cpu_devices(tmp_path):
+    out = run_tool(
+        "--devices", "cpu:4", "--programs", "old_log_prob", "--json", tmp_path / "r.json"
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "| old_log_prob | 128 x (64+64) |" in out.stdout
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["chips"] == 4 and report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    (row,) = report["programs"]
+    assert row["program"] == "old_log_prob" and row["fits"] and report["fits"]
+    assert row["peak"] >= row["arguments"] + row["temporaries"] > 0 and row["flops"] > 0
+
+
+def test_tiny_hbm_exits_1_naming_the_program():
+    out = run_tool("--devices", "cpu:4", "--programs", "old_log_prob", "--hbm-gib", "1e-4")
+    assert out.returncode == 1
+    assert "does not fit: old_log_prob" in out.stderr
+    assert "| NO |" in out.stdout
+
+
+def test_bad_input_exits_2_with_one_line():
+    out = run_tool("--topology", "v5p-63")
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0, out.stderr
+    out = run_tool("--devices", "cpu:3", "--set", "mesh.fsdp=2")
+    assert out.returncode == 2 and "mesh" in out.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_every_program_and_a_huge_shape(tmp_path):
+    out = run_tool("--devices", "cpu:4", "--json", tmp_path / "r.json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    names = [r["program"] for r in json.loads((tmp_path / "r.json").read_text())["programs"]]
+    assert names == ["rollout", "old_log_prob", "update"]
+    # 64 responses of 64k tokens per micro-batch with full attention: the update cannot fit 8 GiB
+    huge = ("optim.micro_batch_size=64", "rollout.max_response_length=65536")
+    out = run_tool("--devices", "cpu:4", "--programs", "update", "--hbm-gib", "8", "--set", *huge)
+    assert out.returncode == 1 and "does not fit: update" in out.stderr, out.stderr[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
+def test_default_config_on_a_small_tpu_topology(tmp_path):
+    # XLA's TPU compiler on this CPU host: no TPU needed (takes minutes on 2 shared cores).
+    out = run_tool("--topology", "v5e-4", "--json", tmp_path / "r.json", timeout=1800)
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["topology"] == "v5e:2x2" and report["hbm_per_chip"] == 16 * GiB
+    assert [r["program"] for r in report["programs"]] == ["rollout", "old_log_prob", "update"]
+    assert all(r["fits"] and r["flops"] > 0 for r in report["programs"])
