@@ -153,17 +153,21 @@ def _decode_fn(graphdef, page_size, k_steps, n_new, greedy, top_k, use_top_p, eo
 _JITTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _programs(model, key: tuple, make):
+def _programs(model):
+    """(graphdef, {key: jitted fn}, state) of `model` (state read once per generate call)."""
     entry = _JITTED.get(model)
     if entry is None:
         graphdef, state = nnx.split(model)
         entry = _JITTED[model] = (graphdef, {})
     else:
         state = nnx.state(model)
-    graphdef, fns = entry
+    return entry[0], entry[1], state
+
+
+def _program(graphdef, fns, key: tuple, make):
     if key not in fns:
         fns[key] = make(graphdef, *key[1:])
-    return fns[key], state
+    return fns[key]
 
 
 # ---------------------------------------------------------------------- sizes
@@ -187,7 +191,7 @@ def resolve_sizes(cfg: EngineConfig, model, prompt_lens, n, max_new_tokens, cach
     """(max_num_seqs, num_pages incl. the trash page) for one call.
 
     num_pages = 0: the pages that fit `kv_memory_fraction` of free memory, but never more than
-    the call can use (every row at full length at once, prompts shared). max_num_seqs = 0:
+    the call can use (max_num_seqs rows at full length, plus every prompt). max_num_seqs = 0:
     min(rows, 512).
     """
     ps = cfg.page_size
@@ -198,8 +202,9 @@ def resolve_sizes(cfg: EngineConfig, model, prompt_lens, n, max_new_tokens, cach
     longest = max(prompt_lens) - 1 + max_new_tokens
     if cfg.num_pages:
         return seqs, cfg.num_pages + 1
-    usable = sum(-(-(ln - 1) // ps) + n * (-(-(ln - 1 + max_new_tokens) // ps) + 1)
-                 for ln in prompt_lens)  # fmt: skip
+    # At most max_num_seqs rows hold pages at once (prompt pages are shared by n rows).
+    row_pages = -(-longest // ps) + 1
+    usable = seqs * row_pages + sum(-(-(ln - 1) // ps) for ln in prompt_lens)
     budget = int(cfg.kv_memory_fraction * free_memory_bytes()) // per_page
     pages = max(min(usable, budget), -(-longest // ps) + 1)  # at least one full row
     return seqs, pages + 1
@@ -233,13 +238,14 @@ def generate_paged(model, prompt_ids, prompt_mask, *, max_new_tokens, rng, n, te
     decode_key = (k_steps, max_new_tokens, greedy, int(top_k), top_p < 1.0, eos,
                   int(pad_token_id), config.attention)  # fmt: skip
     temperature, top_p = jnp.float32(temperature), jnp.float32(top_p)
+    graphdef, fns, state = _programs(model)
+    prefill_fn = _program(graphdef, fns, ("prefill", ps, chunk), _prefill_fn)
+    decode_fn = _program(graphdef, fns, ("decode", ps) + decode_key, _decode_fn)
     while not sched.done:
         prefill, plan = sched.plan()
         if prefill is not None:
-            fn, state = _programs(model, ("prefill", ps, chunk), _prefill_fn)
-            pools = fn(state, pools, prefill.ids_bt, prefill.len_b, prefill.page_table_bp)
-        fn, state = _programs(model, ("decode", ps) + decode_key, _decode_fn)
-        pools, tok_sk, lp_sk = fn(
+            pools = prefill_fn(state, pools, prefill.ids_bt, prefill.len_b, prefill.page_table_bp)
+        pools, tok_sk, lp_sk = decode_fn(
             state, pools, plan.page_table_sp, plan.kv_len_s, plan.tok_s, plan.step_s,
             plan.row_s, plan.active_s, plan.copy_src_s, plan.copy_dst_s, rng, temperature, top_p,
         )  # fmt: skip

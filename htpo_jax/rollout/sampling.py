@@ -123,6 +123,8 @@ def sample_step(logits_bv, keys_b, steps_b, temperature, top_p, *, greedy, top_k
 
 def is_eos(tok, eos_ids: tuple[int, ...]):
     """Elementwise: tok is one of the (static) EOS ids."""
+    if len(eos_ids) > 8:  # one compare per id would unroll into a long chain
+        return jnp.isin(tok, jnp.asarray(eos_ids, jnp.int32))
     hit = jnp.zeros(tok.shape, jnp.bool_)
     for e in eos_ids:
         hit = hit | (tok == e)

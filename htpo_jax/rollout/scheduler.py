@@ -39,7 +39,7 @@ class PageAllocator:
     """Reference-counted pages 1 .. num_pages - 1 (page 0 is the trash page, never handed out)."""
 
     def __init__(self, num_pages: int):
-        self.refs = np.zeros(num_pages, np.int32)
+        self.refs = [0] * num_pages  # plain lists: this runs per row, numpy indexing is slower
         self.free = list(range(num_pages - 1, 0, -1))  # pop() hands out low pages first
         self.peak_used = 0
 
@@ -48,10 +48,14 @@ class PageAllocator:
         return len(self.free)
 
     def alloc(self, k: int) -> list[int]:
+        if k == 0:
+            return []
         if k > len(self.free):
             raise RuntimeError(f"page pool exhausted: {k} pages wanted, {len(self.free)} free")
-        pages = [self.free.pop() for _ in range(k)]
-        self.refs[pages] = 1
+        pages = self.free[-k:][::-1]
+        del self.free[-k:]
+        for p in pages:
+            self.refs[p] = 1
         self.peak_used = max(self.peak_used, len(self.refs) - 1 - len(self.free))
         return pages
 
