@@ -170,7 +170,9 @@ def test_page_allocator_reuses_pages():
 
 
 def _random_pool(rng, pages, c, k, h):
-    return jnp.asarray(rng.standard_normal((pages, c, 2 * k, h)), jnp.float32)
+    """(k, v) pages, each [pages, c, K, H]."""
+    kv = rng.standard_normal((2, pages, c, k, h))
+    return jnp.asarray(kv[0], jnp.float32), jnp.asarray(kv[1], jnp.float32)
 
 
 def test_paged_attention_matches_dense_attention():
@@ -182,8 +184,7 @@ def test_paged_attention_matches_dense_attention():
     q = jnp.asarray(rng.standard_normal((b, n, h)), jnp.float32)
     out = pa.paged_attention_reference(q, pool, table, kv_len)
     for i in range(b):
-        kv = np.asarray(pool)[table[i]].reshape(-1, 2 * k, h)[: kv_len[i]]  # [L, 2K, H]
-        k_i, v_i = kv[:, 0::2], kv[:, 1::2]
+        k_i, v_i = (np.asarray(a)[table[i]].reshape(-1, k, h)[: kv_len[i]] for a in pool)
         dense = attend_one_query(q[i : i + 1, None], k_i[None], v_i[None],
                                  np.ones((1, 1, kv_len[i]), bool))  # fmt: skip
         np.testing.assert_allclose(out[i], dense[0, 0], atol=1e-5)
@@ -204,18 +205,36 @@ def test_paged_attention_matches_jax_kernel_reference():
     table = rng.permutation(np.arange(1, 20))[: b * 3].reshape(b, 3).astype(np.int32)
     kv_len = np.array([1, 8, 17, 24], np.int32)
     q = jnp.asarray(rng.standard_normal((b, n, h)), jnp.float32)
-    ref = ref_ragged_paged_attention(q, pool, jnp.asarray(kv_len), jnp.asarray(table),
+    combined = pa.interleave_kv(*pool)  # the kernel's layout [pages, c, 2K, H]
+    ref = ref_ragged_paged_attention(q, combined, jnp.asarray(kv_len), jnp.asarray(table),
                                      jnp.arange(b + 1, dtype=jnp.int32),
                                      jnp.array([b], jnp.int32), sm_scale=h**-0.5)  # fmt: skip
     out = pa.paged_attention_reference(q, pool, table, kv_len)
     np.testing.assert_allclose(out, ref, atol=1e-5)
 
 
-def test_write_kv_interleaves_keys_and_values():
-    pool = jnp.zeros((4, 2, 4, 3))
+def test_write_kv_in_both_layouts_and_recent_tokens():
     k = jnp.arange(12.0).reshape(2, 2, 3)
     v = -jnp.arange(12.0).reshape(2, 2, 3) - 1
-    pool = pa.write_kv(pool, k, v, jnp.array([2, 0]), jnp.array([1, 1]))
-    np.testing.assert_array_equal(pool[2, 1, 0::2], k[0])
-    np.testing.assert_array_equal(pool[2, 1, 1::2], v[0])
-    assert float(jnp.abs(pool[1]).sum()) == 0 and float(jnp.abs(pool[3]).sum()) == 0
+    page, off = jnp.array([2, 0]), jnp.array([1, 1])
+    (kv,) = pa.write_kv((jnp.zeros((4, 2, 4, 3)),), k, v, page, off)  # TPU layout
+    np.testing.assert_array_equal(kv[2, 1, 0::2], k[0])
+    np.testing.assert_array_equal(kv[2, 1, 1::2], v[0])
+    assert float(jnp.abs(kv[1]).sum()) == 0 and float(jnp.abs(kv[3]).sum()) == 0
+    pk, pv = pa.write_kv((jnp.zeros((4, 2, 2, 3)), jnp.zeros((4, 2, 2, 3))), k, v, page, off)
+    np.testing.assert_array_equal(pk[2, 1], k[0])
+    np.testing.assert_array_equal(pv[2, 1], v[0])
+    # Attention over pooled + recent tokens == attention after writing the recent ones.
+    rng = np.random.RandomState(2)
+    pool = _random_pool(rng, 6, 4, 2, 8)
+    table = np.array([[1, 2, 3], [4, 5, 0]], np.int32)
+    kv_len = np.array([5, 2], np.int32)
+    q = jnp.asarray(rng.standard_normal((2, 4, 8)), jnp.float32)
+    rk, rv = (jnp.asarray(rng.standard_normal((2, 3, 2, 8)), jnp.float32) for _ in range(2))
+    out = pa.paged_attention_with_recent(q, pool, table, kv_len, (rk, rv), jnp.arange(3) < 2)
+    pos = kv_len[:, None] + np.arange(2)[None]  # the 2 real recent tokens' positions
+    pages = np.take_along_axis(table, pos // 4, axis=1)
+    written = pa.write_kv(pool, rk[:, :2].reshape(4, 2, 8), rv[:, :2].reshape(4, 2, 8),
+                          pages.reshape(-1), (pos % 4).reshape(-1))  # fmt: skip
+    ref = pa.paged_attention_reference(q, written, table, kv_len + 2)
+    np.testing.assert_allclose(out, ref, atol=1e-5)

@@ -89,7 +89,8 @@ def generate(
 
     prompt_ids, prompt_mask: [B, P] (numpy or jax); rng: a PRNG key (ignored when greedy).
     `cache_dtype` defaults to the model's compute dtype. `engine`: an `EngineConfig` (None: the
-    defaults, sized from free memory) or "static" for the dense reference sampler, whose shapes
+    defaults, sized from free memory; the static sampler under a mesh whose data x fsdp axes
+    split the batch) or "static" for the dense reference sampler, whose shapes
     `batch_bucket` / `length_bucket` round (the engine ignores them). `stats` (a dict, engine
     only) receives the run's counters (rounds, preemptions, peak KV bytes). Returns a `Rollout`
     of B * n rows.
@@ -97,7 +98,9 @@ def generate(
     kw = dict(max_new_tokens=max_new_tokens, rng=rng, n=n, temperature=temperature,
               top_p=top_p, top_k=top_k, greedy=greedy, eos_token_id=eos_token_id,
               pad_token_id=pad_token_id, cache_dtype=cache_dtype)  # fmt: skip
-    if engine == "static":
+    # The engine keeps one page pool on one device; a mesh that splits the batch (data x fsdp)
+    # is served by the static sampler, whose rows and cache shard over it.
+    if engine == "static" or (engine is None and static._batch_shards() > 1):
         return static.generate(
             model, prompt_ids, prompt_mask, batch_bucket=batch_bucket, length_bucket=length_bucket,
             **kw,

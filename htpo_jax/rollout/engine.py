@@ -92,7 +92,7 @@ def _prefill_fn(graphdef, page_size: int, chunk_size: int):
         off_x = (pos_bt % page_size).reshape(b * t)
 
         def kv_fn(q, k, v, pool):
-            kh = k.shape[2:]
+            kh = k.shape[2:]  # [B, T, K, H] -> [B * T, K, H] tokens
             pool = pa.write_kv(pool, k.reshape(b * t, *kh), v.reshape(b * t, *kh), page_x, off_x)
             return attend_in_query_chunks(q, k, v, mask_bts, chunk_size), pool
 
@@ -103,32 +103,64 @@ def _prefill_fn(graphdef, page_size: int, chunk_size: int):
 
 
 def _decode_fn(graphdef, page_size, k_steps, n_new, greedy, top_k, use_top_p, eos, pad, impl):
+    impl = pa.resolve_impl(impl)
+
     def run(state, pools, table_sp, kv_len_s, tok_s, step_s, row_s, active_s, src_s, dst_s,
             rng, temperature, top_p):  # fmt: skip
         sampling.note_trace()
         model = nnx.merge(graphdef, state)
         s = tok_s.shape[0]
         # Copy-on-write: newly admitted rows get their prompt's partial last page.
-        pools = tuple(pool.at[dst_s].set(pool[src_s]) for pool in pools)
+        pools = tuple(pa.copy_pages(pool, src_s, dst_s) for pool in pools)
         keys_s = sampling.row_keys(rng, row_s)
         out_tok = jnp.full((s, k_steps), pad, jnp.int32)
         out_lp = jnp.zeros((s, k_steps), jnp.float32)
+        kv0_s = kv_len_s  # cache length at the start of the call
+        # Reference path: the pool is read-only inside the loop (a pool updated in the loop carry
+        # was copied every step on XLA:CPU); this call's new keys / values go to a small
+        # [S, K_steps, K, H] k and v buffer per layer, written into the pages after the loop.
+        # TPU path: the kernel reads only the pool, so each step writes its token there.
+        kh = (model.cfg.num_kv_heads, model.cfg.head_dim)
+        recents = tuple(
+            tuple(jnp.zeros((s, k_steps, *kh), a.dtype) for a in pool) for pool in pools
+        )
+        recent_pos = jnp.arange(k_steps)
 
         def cond(c):
             return (c[0] < k_steps) & jnp.any(c[5])
 
         def body(c):
-            i, pools, kv_len, tok, step, active, out_tok, out_lp = c
-            col = jnp.take_along_axis(table_sp, (kv_len // page_size)[:, None], axis=1)[:, 0]
-            page_s = jnp.where(active, col, 0)  # done rows write to the trash page
-            off_s = kv_len % page_size
+            i, pools, kv_len, tok, step, active, out_tok, out_lp, recents = c
 
-            def kv_fn(q, k, v, pool):  # q [S, 1, N, H], k / v [S, 1, K, H]
-                pool = pa.write_kv(pool, k[:, 0], v[:, 0], page_s, off_s)
-                out = pa.paged_decode_attention(q[:, 0], pool, table_sp, kv_len + 1, impl)
-                return out[:, None], pool  # [S, 1, N, H]
+            if impl == "tpu":
+                col = jnp.take_along_axis(table_sp, (kv_len // page_size)[:, None], axis=1)[:, 0]
+                page_s = jnp.where(active, col, 0)  # done rows write to the trash page
+                off_s = kv_len % page_size
 
-            hidden, pools = forward_kv(model, tok[:, None], kv_len[:, None], pools, kv_fn)
+                def kv_fn(q, k, v, pool):  # q [S, 1, N, H], k / v [S, 1, K, H]
+                    pool = pa.write_kv(pool, k[:, 0], v[:, 0], page_s, off_s)
+                    out = pa.paged_attention_tpu(q[:, 0], pool, table_sp, kv_len + 1)
+                    return out[:, None], pool  # [S, 1, N, H]
+
+                hidden, pools = forward_kv(model, tok[:, None], kv_len[:, None], pools, kv_fn)
+            else:
+                layer = iter(range(len(pools)))
+                new_recents = list(recents)
+
+                def kv_fn(q, k, v, pool):
+                    j = next(layer)
+                    r = tuple(  # [S, K_steps, K, H] <- [S, 1, K, H] at step i
+                        jax.lax.dynamic_update_slice_in_dim(buf, x.astype(buf.dtype), i, 1)
+                        for buf, x in zip(new_recents[j], (k, v), strict=True)
+                    )
+                    new_recents[j] = r
+                    out = pa.paged_attention_with_recent(
+                        q[:, 0], pool, table_sp, kv0_s, r, recent_pos <= i
+                    )
+                    return out[:, None], pool
+
+                hidden, _ = forward_kv(model, tok[:, None], kv_len[:, None], pools, kv_fn)
+                recents = tuple(new_recents)
             new, lp = sampling.sample_step(
                 model.unembed(hidden[:, 0]), keys_s, step, temperature, top_p,
                 greedy=greedy, top_k=top_k, use_top_p=use_top_p,
@@ -140,11 +172,24 @@ def _decode_fn(graphdef, page_size, k_steps, n_new, greedy, top_k, use_top_p, eo
             done = sampling.is_eos(new, eos) | (step + 1 >= n_new)
             a = active.astype(jnp.int32)
             return (i + 1, pools, kv_len + a, jnp.where(active, new, tok), step + a,
-                    active & ~done, out_tok, out_lp)  # fmt: skip
+                    active & ~done, out_tok, out_lp, recents)  # fmt: skip
 
-        c = (jnp.int32(0), pools, kv_len_s, tok_s, step_s, active_s, out_tok, out_lp)
+        c = (jnp.int32(0), pools, kv_len_s, tok_s, step_s, active_s, out_tok, out_lp, recents)
         c = jax.lax.while_loop(cond, body, c)
-        return c[1], c[6], c[7]
+        pools, kv_len_end = c[1], c[2]
+        if impl != "tpu":  # the call's tokens into their pages: row s fed kv_len_end - kv0
+            pos_sk = kv0_s[:, None] + recent_pos[None, :]  # [S, K_steps]
+            fed_sk = pos_sk < kv_len_end[:, None]
+            col_sk = jnp.minimum(pos_sk // page_size, table_sp.shape[1] - 1)
+            page_sk = jnp.where(fed_sk, jnp.take_along_axis(table_sp, col_sk, axis=1), 0)
+            page_x, off_x = page_sk.reshape(-1), (pos_sk % page_size).reshape(-1)
+            pools = tuple(
+                pa.write_kv(
+                    pool, rk.reshape(s * k_steps, *kh), rv.reshape(s * k_steps, *kh), page_x, off_x
+                )  # fmt: skip
+                for pool, (rk, rv) in zip(pools, c[8], strict=True)
+            )
+        return pools, c[6], c[7]
 
     return jax.jit(run, donate_argnums=1)
 
@@ -191,7 +236,8 @@ def resolve_sizes(cfg: EngineConfig, model, prompt_lens, n, max_new_tokens, cach
     """(max_num_seqs, num_pages incl. the trash page) for one call.
 
     num_pages = 0: the pages that fit `kv_memory_fraction` of free memory, but never more than
-    the call can use (max_num_seqs rows at full length, plus every prompt). max_num_seqs = 0:
+    the call can use (max_num_seqs rows at full length, plus every prompt) rounded up to a power
+    of two. max_num_seqs = 0:
     min(rows, 512).
     """
     ps = cfg.page_size
@@ -204,10 +250,15 @@ def resolve_sizes(cfg: EngineConfig, model, prompt_lens, n, max_new_tokens, cach
         return seqs, cfg.num_pages + 1
     # At most max_num_seqs rows hold pages at once (prompt pages are shared by n rows).
     row_pages = -(-longest // ps) + 1
-    usable = seqs * row_pages + sum(-(-(ln - 1) // ps) for ln in prompt_lens)
+    usable = (1 << (seqs - 1).bit_length()) * row_pages + sum(
+        -(-(ln - 1) // ps) for ln in prompt_lens
+    )
     budget = int(cfg.kv_memory_fraction * free_memory_bytes()) // per_page
-    pages = max(min(usable, budget), -(-longest // ps) + 1)  # at least one full row
-    return seqs, pages + 1
+    # The pool's size is part of every program's input shape: a power of two (when the budget
+    # allows) so that calls with other row counts or lengths reuse the compiled programs.
+    wanted = 1 << (usable - 1).bit_length()
+    pages = max(min(wanted, budget), -(-longest // ps) + 1)  # at least one full row
+    return seqs, pages
 
 
 # ---------------------------------------------------------------------- the host loop
@@ -230,7 +281,8 @@ def generate_paged(model, prompt_ids, prompt_mask, *, max_new_tokens, rng, n, te
                       max_num_seqs=seqs, steps_per_call=k_steps,
                       min_slots=min(config.min_slots, seqs))  # fmt: skip
     c = model.cfg
-    pools = _init_pool(c.num_layers, num_pages, ps, c.num_kv_heads, c.head_dim, cache_dtype)
+    impl = pa.resolve_impl(config.attention)
+    pools = _init_pool(c.num_layers, num_pages, ps, c.num_kv_heads, c.head_dim, cache_dtype, impl)
     rows = len(prompts) * n
     out_tokens = np.full((rows, max_new_tokens), pad_token_id, np.int32)
     out_logp = np.zeros((rows, max_new_tokens), np.float32)
@@ -262,9 +314,9 @@ def generate_paged(model, prompt_ids, prompt_mask, *, max_new_tokens, rng, n, te
     return _finish(out_tokens, out_logp, eos)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
-def _init_pool(num_layers, num_pages, page_size, kv_heads, head_dim, dtype):
-    return pa.init_pool(num_layers, num_pages, page_size, kv_heads, head_dim, dtype)
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))
+def _init_pool(num_layers, num_pages, page_size, kv_heads, head_dim, dtype, impl):
+    return pa.init_pool(num_layers, num_pages, page_size, kv_heads, head_dim, dtype, impl)
 
 
 def _finish(tokens_bn: np.ndarray, logp_bn: np.ndarray, eos) -> Rollout:
