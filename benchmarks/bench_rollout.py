@@ -219,12 +219,14 @@ def run_case(name: str, case: dict, iters: int, use_hf: bool, hf_threads: str) -
                 jax=jax.__version__, host=platform.node(), prompts=b, samples_per_prompt=n_samples,
                 prompt_len=p, max_new_tokens=n, eos_ids=len(eos or ()), dtype=dtype.name,
                 n_params=cfg.num_params(), iters=iters, cpu_count=os.cpu_count(),
-                loadavg_1min=[load_before, load_after], engine=dict(engine_stats), hf=hf_info)  # fmt: skip
+                loadavg_1min=[load_before, load_after], engine=dict(engine_stats),
+                hf=hf_info)  # fmt: skip
     print(f"\n== {name}: {cfg.num_params() / 1e6:.1f}M params, {b} prompts x {n_samples} samples, "
           f"{p} -> up to {n} new, {dtype.name}, {len(eos or ())} EOS ids; {dev.device_kind}; "
           f"1-min load {load_before:.1f} -> {load_after:.1f} on {os.cpu_count()} CPUs")  # fmt: skip
-    print(f"engine: max_num_seqs {engine_stats.get('max_num_seqs')}, pool "
-          f"{engine_stats.get('pool_bytes', 0) / 2**20:.1f} MiB, rounds {engine_stats.get('rounds')}, "
+    pool_mib = engine_stats.get("pool_bytes", 0) / 2**20
+    print(f"engine: max_num_seqs {engine_stats.get('max_num_seqs')}, pool {pool_mib:.1f} MiB, "
+          f"rounds {engine_stats.get('rounds')}, "
           f"preemptions {engine_stats.get('preemptions')}")  # fmt: skip
     print(f"{'sampler':>24} {'seconds':>8} {'CPU s':>7} {'mean len':>8} {'useful tok/s':>12} "
           f"{'peak KV MiB':>11} {'vs HF':>6} {'vs static':>9}")  # fmt: skip

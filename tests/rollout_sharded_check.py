@@ -36,8 +36,8 @@ def main():
 
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
     model = shard_model(random_decoder("qwen3", False), mesh)
-    q = model.layers[0].self_attn.q_proj.kernel[...]
-    assert q.sharding.spec == jax.P("fsdp", "tensor", None), q.sharding
+    q = model.layers.self_attn.q_proj.kernel[...]  # [L, D, N, H]
+    assert q.sharding.spec == jax.P(None, "fsdp", "tensor", None), q.sharding
     with jax.set_mesh(mesh):
         greedy = generate(model, ids, mask, greedy=True, **kw)
         sample = generate(model, ids, mask, rng=jax.random.key(2), top_p=0.95, **kw)
@@ -57,7 +57,8 @@ def main():
     # temporary memory with one device's. Cache: 2 layers x (k, v) x [8, 16 + 4096, 2, 16] f32
     # = 16.8 MB on one device; batch over 4 and kv heads over 2 leaves 2.1 MB per device.
     def temp_bytes(m):
-        fn, state = rollout.static._jitted(m, (1, 4096, True, -1, False, (), 0, jnp.dtype(jnp.float32)))
+        static = (1, 4096, True, -1, False, (), 0, jnp.dtype(jnp.float32))
+        fn, state = rollout.static._jitted(m, static)
         pad = ((0, 0), (5, 0))  # 11 -> 16 columns, as generate pads them
         args = (np.pad(ids, pad), np.pad(mask, pad).astype(np.int32), jax.random.key(0))
         return fn.lower(state, *args, jnp.float32(1), jnp.float32(1)).compile()

@@ -1,4 +1,5 @@
-"""The samplers (the paged engine by default; the static one where named): the log-prob contract with the trainer, EOS / mask / padding handling,
+"""The samplers (the paged engine by default; the static one where named): the log-prob
+contract with the trainer, EOS / mask / padding handling,
 determinism and per-row randomness, one compile per shape bucket, sampling distributions against
 the exact ones, greedy parity with transformers, and (subprocess, 8 fake devices) sharding."""
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from tiny_models import left_padded_batch, random_decoder
 
-from htpo_jax.models.decoder import attend_one_query
+from htpo_jax.models.attention import attend_one_query
 from htpo_jax.rollout import EngineConfig, generate, trace_count
 from htpo_jax.rollout import paged_attention as pa
 from htpo_jax.rollout.scheduler import PageAllocator, Scheduler
@@ -170,8 +170,8 @@ def test_page_allocator_reuses_pages():
 
 
 def _random_pool(rng, pages, c, k, h):
-    """(k, v) pages, each [pages, c, K, H]."""
-    kv = rng.standard_normal((2, pages, c, k, h))
+    """(k, v) pages of one layer, each [L=1, pages, c, K, H]."""
+    kv = rng.standard_normal((2, 1, pages, c, k, h))
     return jnp.asarray(kv[0], jnp.float32), jnp.asarray(kv[1], jnp.float32)
 
 
@@ -182,15 +182,17 @@ def test_paged_attention_matches_dense_attention():
     table = np.array([[3, 7, 1, 0], [5, 0, 0, 0], [11, 2, 9, 4]], np.int32)
     kv_len = np.array([9, 1, 16], np.int32)
     q = jnp.asarray(rng.standard_normal((b, n, h)), jnp.float32)
-    out = pa.paged_attention_reference(q, pool, table, kv_len)
+    out = pa.paged_attention_reference(q, pool, 0, table, kv_len)
     for i in range(b):
-        k_i, v_i = (np.asarray(a)[table[i]].reshape(-1, k, h)[: kv_len[i]] for a in pool)
+        k_i, v_i = (np.asarray(a)[0, table[i]].reshape(-1, k, h)[: kv_len[i]] for a in pool)
         dense = attend_one_query(q[i : i + 1, None], k_i[None], v_i[None],
                                  np.ones((1, 1, kv_len[i]), bool))  # fmt: skip
         np.testing.assert_allclose(out[i], dense[0, 0], atol=1e-5)
     # Extra table columns (a larger pages bucket) read nothing new.
     wide = np.pad(table, ((0, 0), (0, 4)), constant_values=6)
-    np.testing.assert_allclose(pa.paged_attention_reference(q, pool, wide, kv_len), out, atol=1e-6)
+    np.testing.assert_allclose(
+        pa.paged_attention_reference(q, pool, 0, wide, kv_len), out, atol=1e-6
+    )
 
 
 def test_paged_attention_matches_jax_kernel_reference():
@@ -205,11 +207,11 @@ def test_paged_attention_matches_jax_kernel_reference():
     table = rng.permutation(np.arange(1, 20))[: b * 3].reshape(b, 3).astype(np.int32)
     kv_len = np.array([1, 8, 17, 24], np.int32)
     q = jnp.asarray(rng.standard_normal((b, n, h)), jnp.float32)
-    combined = pa.interleave_kv(*pool)  # the kernel's layout [pages, c, 2K, H]
+    combined = pa.interleave_kv(pool[0][0], pool[1][0])  # the kernel's layout [pages, c, 2K, H]
     ref = ref_ragged_paged_attention(q, combined, jnp.asarray(kv_len), jnp.asarray(table),
                                      jnp.arange(b + 1, dtype=jnp.int32),
                                      jnp.array([b], jnp.int32), sm_scale=h**-0.5)  # fmt: skip
-    out = pa.paged_attention_reference(q, pool, table, kv_len)
+    out = pa.paged_attention_reference(q, pool, 0, table, kv_len)
     np.testing.assert_allclose(out, ref, atol=1e-5)
 
 
@@ -217,13 +219,14 @@ def test_write_kv_in_both_layouts_and_recent_tokens():
     k = jnp.arange(12.0).reshape(2, 2, 3)
     v = -jnp.arange(12.0).reshape(2, 2, 3) - 1
     page, off = jnp.array([2, 0]), jnp.array([1, 1])
-    (kv,) = pa.write_kv((jnp.zeros((4, 2, 4, 3)),), k, v, page, off)  # TPU layout
-    np.testing.assert_array_equal(kv[2, 1, 0::2], k[0])
-    np.testing.assert_array_equal(kv[2, 1, 1::2], v[0])
-    assert float(jnp.abs(kv[1]).sum()) == 0 and float(jnp.abs(kv[3]).sum()) == 0
-    pk, pv = pa.write_kv((jnp.zeros((4, 2, 2, 3)), jnp.zeros((4, 2, 2, 3))), k, v, page, off)
-    np.testing.assert_array_equal(pk[2, 1], k[0])
-    np.testing.assert_array_equal(pv[2, 1], v[0])
+    (kv,) = pa.write_kv((jnp.zeros((2, 4, 2, 4, 3)),), 1, k, v, page, off)  # TPU layout
+    np.testing.assert_array_equal(kv[1, 2, 1, 0::2], k[0])
+    np.testing.assert_array_equal(kv[1, 2, 1, 1::2], v[0])
+    assert float(jnp.abs(kv[0]).sum()) == 0 and float(jnp.abs(kv[1, 3]).sum()) == 0
+    zeros = jnp.zeros((1, 4, 2, 2, 3))
+    pk, pv = pa.write_kv((zeros, zeros), 0, k, v, page, off)
+    np.testing.assert_array_equal(pk[0, 2, 1], k[0])
+    np.testing.assert_array_equal(pv[0, 2, 1], v[0])
     # Attention over pooled + recent tokens == attention after writing the recent ones.
     rng = np.random.RandomState(2)
     pool = _random_pool(rng, 6, 4, 2, 8)
@@ -231,10 +234,10 @@ def test_write_kv_in_both_layouts_and_recent_tokens():
     kv_len = np.array([5, 2], np.int32)
     q = jnp.asarray(rng.standard_normal((2, 4, 8)), jnp.float32)
     rk, rv = (jnp.asarray(rng.standard_normal((2, 3, 2, 8)), jnp.float32) for _ in range(2))
-    out = pa.paged_attention_with_recent(q, pool, table, kv_len, (rk, rv), jnp.arange(3) < 2)
+    out = pa.paged_attention_with_recent(q, pool, 0, table, kv_len, (rk, rv), jnp.arange(3) < 2)
     pos = kv_len[:, None] + np.arange(2)[None]  # the 2 real recent tokens' positions
     pages = np.take_along_axis(table, pos // 4, axis=1)
-    written = pa.write_kv(pool, rk[:, :2].reshape(4, 2, 8), rv[:, :2].reshape(4, 2, 8),
+    written = pa.write_kv(pool, 0, rk[:, :2].reshape(4, 2, 8), rv[:, :2].reshape(4, 2, 8),
                           pages.reshape(-1), (pos % 4).reshape(-1))  # fmt: skip
-    ref = pa.paged_attention_reference(q, written, table, kv_len + 2)
+    ref = pa.paged_attention_reference(q, written, 0, table, kv_len + 2)
     np.testing.assert_allclose(out, ref, atol=1e-5)

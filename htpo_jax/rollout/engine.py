@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from htpo_jax.models.decoder import apply_rope, attend_in_query_chunks, rope_inv_freq
+from htpo_jax.models.attention import attend_in_query_chunks
 from htpo_jax.rollout import paged_attention as pa
 from htpo_jax.rollout import sampling
 from htpo_jax.rollout.sampling import Rollout
@@ -53,32 +53,9 @@ class EngineConfig:
     attention: str = "auto"  # "auto" (TPU kernel on TPU), "reference", "tpu"
 
 
-# ---------------------------------------------------------------------- the model, per layer
-def forward_kv(model, input_ids_bt, positions_bt, pools, kv_fn):
-    """Final-normed hidden states [B, T, D] and new pools, with attention replaced by
-    `kv_fn(q_btnh, k_btkh, v_btkh, pool_l) -> (out_btnh, pool_l)` in every layer.
-
-    The decoder layer's math (norms, projections, qk-norm, rope, residuals, MLP), written against
-    the layer modules so that the engine owns how keys and values are stored and read.
-    """
-    x = model._embed(input_ids_bt)
-    inv_freq = rope_inv_freq(model.cfg)
-    new_pools = []
-    for layer, pool in zip(model.layers, pools, strict=True):
-        attn = layer.self_attn
-        h = layer.input_layernorm(x)
-        q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
-        if attn.q_norm is not None:
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = apply_rope(q, positions_bt, inv_freq), apply_rope(k, positions_bt, inv_freq)
-        out, pool = kv_fn(q, k, v, pool)
-        x = x + attn.o_proj(out)
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
-        new_pools.append(pool)
-    return model.norm(x), tuple(new_pools)
-
-
 # ---------------------------------------------------------------------- compiled programs
+# Both programs run the model through `Decoder.forward_kv` with their own kv_fn(layer, q, k, v,
+# kv_state); the pools are stacked over layers ([L, pages, ...]) like every decoder kv_state.
 def _prefill_fn(graphdef, page_size: int, chunk_size: int):
     def run(state, pools, ids_bt, len_b, table_bp):
         sampling.note_trace()
@@ -91,12 +68,14 @@ def _prefill_fn(graphdef, page_size: int, chunk_size: int):
         page_x = jnp.where(valid_bt, page_bt, 0).reshape(b * t)  # padding -> trash page
         off_x = (pos_bt % page_size).reshape(b * t)
 
-        def kv_fn(q, k, v, pool):
+        def kv_fn(layer, q, k, v, pools):
             kh = k.shape[2:]  # [B, T, K, H] -> [B * T, K, H] tokens
-            pool = pa.write_kv(pool, k.reshape(b * t, *kh), v.reshape(b * t, *kh), page_x, off_x)
-            return attend_in_query_chunks(q, k, v, mask_bts, chunk_size), pool
+            pools = pa.write_kv(
+                pools, layer, k.reshape(b * t, *kh), v.reshape(b * t, *kh), page_x, off_x
+            )
+            return attend_in_query_chunks(q, k, v, mask_bts, chunk_size), pools
 
-        _, pools = forward_kv(model, ids_bt, pos_bt, pools, kv_fn)
+        _, pools = model.forward_kv(ids_bt, pos_bt, pools, kv_fn)
         return pools
 
     return jax.jit(run, donate_argnums=1)
@@ -110,20 +89,19 @@ def _decode_fn(graphdef, page_size, k_steps, n_new, greedy, top_k, use_top_p, eo
         sampling.note_trace()
         model = nnx.merge(graphdef, state)
         s = tok_s.shape[0]
+        n_layers = model.cfg.num_layers
         # Copy-on-write: newly admitted rows get their prompt's partial last page.
-        pools = tuple(pa.copy_pages(pool, src_s, dst_s) for pool in pools)
+        pools = pa.copy_pages(pools, src_s, dst_s)
         keys_s = sampling.row_keys(rng, row_s)
         out_tok = jnp.full((s, k_steps), pad, jnp.int32)
         out_lp = jnp.zeros((s, k_steps), jnp.float32)
         kv0_s = kv_len_s  # cache length at the start of the call
-        # Reference path: the pool is read-only inside the loop (a pool updated in the loop carry
-        # was copied every step on XLA:CPU); this call's new keys / values go to a small
-        # [S, K_steps, K, H] k and v buffer per layer, written into the pages after the loop.
+        # Reference path: the pool is read-only inside the loop (closed over; a pool updated in
+        # the loop carry was copied every step on XLA:CPU); this call's new keys / values go to
+        # small [L, S, K_steps, K, H] k and v buffers, written into the pages after the loop.
         # TPU path: the kernel reads only the pool, so each step writes its token there.
         kh = (model.cfg.num_kv_heads, model.cfg.head_dim)
-        recents = tuple(
-            tuple(jnp.zeros((s, k_steps, *kh), a.dtype) for a in pool) for pool in pools
-        )
+        recents = tuple(jnp.zeros((n_layers, s, k_steps, *kh), a.dtype) for a in pools[:2])
         recent_pos = jnp.arange(k_steps)
 
         def cond(c):
@@ -131,36 +109,33 @@ def _decode_fn(graphdef, page_size, k_steps, n_new, greedy, top_k, use_top_p, eo
 
         def body(c):
             i, pools, kv_len, tok, step, active, out_tok, out_lp, recents = c
-
             if impl == "tpu":
                 col = jnp.take_along_axis(table_sp, (kv_len // page_size)[:, None], axis=1)[:, 0]
                 page_s = jnp.where(active, col, 0)  # done rows write to the trash page
                 off_s = kv_len % page_size
 
-                def kv_fn(q, k, v, pool):  # q [S, 1, N, H], k / v [S, 1, K, H]
-                    pool = pa.write_kv(pool, k[:, 0], v[:, 0], page_s, off_s)
-                    out = pa.paged_attention_tpu(q[:, 0], pool, table_sp, kv_len + 1)
-                    return out[:, None], pool  # [S, 1, N, H]
+                def kv_fn(layer, q, k, v, pools):  # q [S, 1, N, H], k / v [S, 1, K, H]
+                    pools = pa.write_kv(pools, layer, k[:, 0], v[:, 0], page_s, off_s)
+                    out = pa.paged_attention_tpu(q[:, 0], pools, layer, table_sp, kv_len + 1)
+                    return out[:, None], pools  # [S, 1, N, H]
 
-                hidden, pools = forward_kv(model, tok[:, None], kv_len[:, None], pools, kv_fn)
+                hidden, pools = model.forward_kv(tok[:, None], kv_len[:, None], pools, kv_fn)
             else:
-                layer = iter(range(len(pools)))
-                new_recents = list(recents)
+                read_only = pools
 
-                def kv_fn(q, k, v, pool):
-                    j = next(layer)
-                    r = tuple(  # [S, K_steps, K, H] <- [S, 1, K, H] at step i
-                        jax.lax.dynamic_update_slice_in_dim(buf, x.astype(buf.dtype), i, 1)
-                        for buf, x in zip(new_recents[j], (k, v), strict=True)
+                def kv_fn(layer, q, k, v, recents):
+                    start = (layer, 0, i, 0, 0)  # [L, S, K_steps, K, H] <- [1, S, 1, K, H]
+                    recents = tuple(
+                        jax.lax.dynamic_update_slice(buf, x[None].astype(buf.dtype), start)
+                        for buf, x in zip(recents, (k, v), strict=True)
                     )
-                    new_recents[j] = r
+                    mine = tuple(jax.lax.dynamic_index_in_dim(r, layer, 0, False) for r in recents)
                     out = pa.paged_attention_with_recent(
-                        q[:, 0], pool, table_sp, kv0_s, r, recent_pos <= i
+                        q[:, 0], read_only, layer, table_sp, kv0_s, mine, recent_pos <= i
                     )
-                    return out[:, None], pool
+                    return out[:, None], recents
 
-                hidden, _ = forward_kv(model, tok[:, None], kv_len[:, None], pools, kv_fn)
-                recents = tuple(new_recents)
+                hidden, recents = model.forward_kv(tok[:, None], kv_len[:, None], recents, kv_fn)
             new, lp = sampling.sample_step(
                 model.unembed(hidden[:, 0]), keys_s, step, temperature, top_p,
                 greedy=greedy, top_k=top_k, use_top_p=use_top_p,
@@ -183,12 +158,9 @@ def _decode_fn(graphdef, page_size, k_steps, n_new, greedy, top_k, use_top_p, eo
             col_sk = jnp.minimum(pos_sk // page_size, table_sp.shape[1] - 1)
             page_sk = jnp.where(fed_sk, jnp.take_along_axis(table_sp, col_sk, axis=1), 0)
             page_x, off_x = page_sk.reshape(-1), (pos_sk % page_size).reshape(-1)
-            pools = tuple(
-                pa.write_kv(
-                    pool, rk.reshape(s * k_steps, *kh), rv.reshape(s * k_steps, *kh), page_x, off_x
-                )  # fmt: skip
-                for pool, (rk, rv) in zip(pools, c[8], strict=True)
-            )
+            layer_lx = jnp.arange(n_layers)[:, None]
+            rk, rv = (r.reshape(n_layers, s * k_steps, *kh) for r in c[8])  # [L, S*K_steps, K, H]
+            pools = pa.write_kv(pools, layer_lx, rk, rv, page_x[None], off_x[None])
         return pools, c[6], c[7]
 
     return jax.jit(run, donate_argnums=1)
@@ -286,7 +258,7 @@ def generate_paged(model, prompt_ids, prompt_mask, *, max_new_tokens, rng, n, te
     rows = len(prompts) * n
     out_tokens = np.full((rows, max_new_tokens), pad_token_id, np.int32)
     out_logp = np.zeros((rows, max_new_tokens), np.float32)
-    chunk = model.layers[0].self_attn.chunk_size or 1024
+    chunk = getattr(model, "attention_chunk_size", None) or 1024
     decode_key = (k_steps, max_new_tokens, greedy, int(top_k), top_p < 1.0, eos,
                   int(pad_token_id), config.attention)  # fmt: skip
     temperature, top_p = jnp.float32(temperature), jnp.float32(top_p)

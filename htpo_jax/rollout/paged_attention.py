@@ -31,7 +31,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from htpo_jax.models.decoder import attend_one_query
+from htpo_jax.models.attention import attend_one_query
 
 
 def resolve_impl(impl: str) -> str:
@@ -44,12 +44,12 @@ def resolve_impl(impl: str) -> str:
 
 
 def init_pool(num_layers, num_pages, page_size, kv_heads, head_dim, dtype, impl="reference"):
-    """Zeroed pools (page 0 = trash), one tuple of arrays per layer in `impl`'s layout."""
+    """Zeroed pools (page 0 = trash) in `impl`'s layout, every layer stacked: a tuple of arrays
+    [L, num_pages, page_size, ...] (the decoder's kv_state convention: leading layer axis)."""
     if impl == "tpu":
-        shape = (num_pages, page_size, 2 * kv_heads, head_dim)
-        return tuple((jnp.zeros(shape, dtype),) for _ in range(num_layers))
-    shape = (num_pages, page_size, kv_heads, head_dim)
-    return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(num_layers))
+        return (jnp.zeros((num_layers, num_pages, page_size, 2 * kv_heads, head_dim), dtype),)
+    shape = (num_layers, num_pages, page_size, kv_heads, head_dim)
+    return (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
 
 def page_bytes(num_layers: int, page_size: int, kv_heads: int, head_dim: int, itemsize: int):
@@ -63,53 +63,54 @@ def interleave_kv(k_xkh, v_xkh):
     return kv.reshape(*k_xkh.shape[:-2], 2 * k_xkh.shape[-2], k_xkh.shape[-1])  # [..., 2K, H]
 
 
-def write_kv(pool_l, k_xkh, v_xkh, page_x, offset_x):
-    """Writes X tokens' keys and values ([X, K, H] each) at (page_x, offset_x) ([X] int32).
+def write_kv(pool, layer, k_xkh, v_xkh, page_x, offset_x):
+    """Writes X tokens' keys and values ([X, K, H] each) of `layer` at (page_x, offset_x).
 
-    Tokens aimed at page 0 (trash) may collide; real pages never do (one writer per slot).
+    `layer` is an int (may be traced) or an int array broadcasting against page_x. Tokens aimed
+    at page 0 (trash) may collide; real pages never do (one writer per slot).
     """
-    idx = (page_x, offset_x)
-    if len(pool_l) == 1:
-        (kv,) = pool_l
+    idx = (layer, page_x, offset_x)
+    if len(pool) == 1:
+        (kv,) = pool
         new = interleave_kv(k_xkh, v_xkh).astype(kv.dtype)  # [X, 2K, H]
         return (kv.at[idx].set(new, mode="promise_in_bounds"),)
-    k, v = pool_l
+    k, v = pool
     return (
         k.at[idx].set(k_xkh.astype(k.dtype), mode="promise_in_bounds"),
         v.at[idx].set(v_xkh.astype(v.dtype), mode="promise_in_bounds"),
     )
 
 
-def copy_pages(pool_l, src_x, dst_x):
-    """Page dst_x[i] <- page src_x[i] (copy-on-write of shared partial pages; 0 -> 0 is a no-op)."""
-    return tuple(a.at[dst_x].set(a[src_x]) for a in pool_l)
+def copy_pages(pool, src_x, dst_x):
+    """Page dst_x[i] <- page src_x[i] in every layer (copy-on-write; 0 -> 0 is a no-op)."""
+    return tuple(a.at[:, dst_x].set(a[:, src_x]) for a in pool)
 
 
-def gather_pages(a_pckh, page_table_bp):
-    """Each row's pages as one dense sequence [B, P * page_size, K, H]."""
+def gather_pages(a_lpckh, layer, page_table_bp):
+    """`layer`'s pages of each row as one dense sequence [B, P * page_size, K, H]."""
     b, p = page_table_bp.shape
-    _, c, k, h = a_pckh.shape
-    x = a_pckh.at[page_table_bp].get(mode="promise_in_bounds")  # [B, P, C, K, H]
+    c, k, h = a_lpckh.shape[2:]
+    x = a_lpckh.at[layer, page_table_bp].get(mode="promise_in_bounds")  # [B, P, C, K, H]
     return x.reshape(b, p * c, k, h)
 
 
-def paged_attention_reference(q_bnh, pool_l, page_table_bp, kv_len_b):
+def paged_attention_reference(q_bnh, pool, layer, page_table_bp, kv_len_b):
     """Decode attention of one query per row over that row's first kv_len_b tokens.
 
-    q_bnh [B, N, H]; pool_l = (k, v) pages; page_table_bp [B, P]: the row's pages (P = the
-    caller's pages bucket, at least ceil(max kv_len / page_size); unused entries may be any page);
-    kv_len_b [B] >= 1. Returns [B, N, H].
+    q_bnh [B, N, H]; pool = (k, v) pages of all layers; page_table_bp [B, P]: the row's pages
+    (P = the caller's pages bucket, at least ceil(max kv_len / page_size); unused entries may be
+    any page); kv_len_b [B] >= 1. Returns [B, N, H].
     """
-    k_bskh, v_bskh = (gather_pages(a, page_table_bp).astype(q_bnh.dtype) for a in pool_l)
+    k_bskh, v_bskh = (gather_pages(a, layer, page_table_bp).astype(q_bnh.dtype) for a in pool)
     mask_b1s = (jnp.arange(k_bskh.shape[1])[None, :] < kv_len_b[:, None])[:, None, :]
     return attend_one_query(q_bnh[:, None], k_bskh, v_bskh, mask_b1s)[:, 0]  # [B, N, H]
 
 
-def paged_attention_with_recent(q_bnh, pool_l, page_table_bp, kv_len_b, recent_l, recent_r):
+def paged_attention_with_recent(q_bnh, pool, layer, page_table_bp, kv_len_b, recent_l, recent_r):
     """Decode attention over a row's first kv_len_b pooled tokens followed by R recent tokens
     not in the pool yet (recent_l = (k, v) each [B, R, K, H]; positions with recent_r [R] True
     are real). Returns [B, N, H]."""
-    k_bskh, v_bskh = (gather_pages(a, page_table_bp) for a in pool_l)
+    k_bskh, v_bskh = (gather_pages(a, layer, page_table_bp) for a in pool)
     b, s = k_bskh.shape[:2]
     k_bskh = jnp.concatenate([k_bskh, recent_l[0]], axis=1).astype(q_bnh.dtype)  # [B, S + R, K, H]
     v_bskh = jnp.concatenate([v_bskh, recent_l[1]], axis=1).astype(q_bnh.dtype)
@@ -119,11 +120,11 @@ def paged_attention_with_recent(q_bnh, pool_l, page_table_bp, kv_len_b, recent_l
     return attend_one_query(q_bnh[:, None], k_bskh, v_bskh, mask_b1s)[:, 0]  # [B, N, H]
 
 
-def paged_attention_tpu(q_bnh, pool_l, page_table_bp, kv_len_b):
+def paged_attention_tpu(q_bnh, pool, layer, page_table_bp, kv_len_b):
     """`paged_attention_reference` with jax's ragged paged attention kernel (TPU layout)."""
     from jax.experimental.pallas.ops.tpu.ragged_paged_attention import ragged_paged_attention
 
-    (kv,) = pool_l
+    kv = jax.lax.dynamic_index_in_dim(pool[0], layer, 0, keepdims=False)  # [P, C, 2K, H]
     b, _, h = q_bnh.shape
     cu_q_lens = jnp.arange(b + 1, dtype=jnp.int32)  # one query per row
     return ragged_paged_attention(
