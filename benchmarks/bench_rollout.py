@@ -1,15 +1,28 @@
-"""Rollout throughput: `htpo_jax.rollout.generate` against transformers `generate`, same model.
+"""Rollout throughput: the paged engine, the static sampler and transformers `generate`, same model.
 
-    python benchmarks/bench_rollout.py                 # CPU shape (default without a GPU)
-    python benchmarks/bench_rollout.py --shape 0.6b    # Qwen3-0.6B shape, 128 x 256 -> 512, bf16
+    python benchmarks/bench_rollout.py                  # CPU: uniform case, then skewed case
+    python benchmarks/bench_rollout.py --case skewed    # one case only
+    python benchmarks/bench_rollout.py --gpu --out r.json   # Qwen3-0.6B shape, skewed, on a GPU
+    python benchmarks/bench_rollout.py --gpu --tiny     # the --gpu code path at toy shapes (CPU)
 
 One random Qwen3-shaped model is built in JAX, written with `save_pretrained` and loaded into
-transformers, so both samplers run the same weights in the same process. No EOS: every row
-generates exactly max_new_tokens, so new tokens/s = prompts * max_new_tokens / seconds (prefill
-included). Times are medians of interleaved rounds after one warm-up call each (which compiles
-ours); `vs HF` divides by the faster transformers setting of the same mode. Also reports the KV
-cache of our sampler: 2 (k, v) * layers * batch * (prompt + new) * kv_heads * head_dim * bytes.
-Prints a table and writes JSON to benchmarks/results/bench_rollout_<backend>_<shape>.json.
+transformers, so all samplers run the same weights in the same process.
+
+Cases:
+- uniform: 32 prompts x 32 tokens -> 64 new, no EOS (every row generates 64), greedy and T=1;
+- skewed: 64 prompts x 4 samples, up to 512 new, T=1. The random model's next-token distribution
+  is close to uniform, so a set of E token ids counted as EOS (E = V / mean) makes each step end a
+  row with probability ~1 / mean: response lengths are ~geometric with mean ~64 (the measured
+  mean is printed), the long tail reaching the cap;
+- --gpu: Qwen3-0.6B shape (28 layers, D 1024, 16 / 8 heads of 128, F 3072, vocab 151,936, bf16),
+  128 prompts x 256 tokens -> up to 512 new, geometric lengths (mean 64), T=1, torch on cuda.
+
+Useful tokens/s = sum of response lengths (up to and including EOS) / wall seconds, prefill
+included. Times are medians of interleaved rounds after one warm-up call each (which compiles
+ours). Peak KV-cache bytes: engine = pages in use at the peak (+ the trash page; the pool it
+allocates is also printed), static = its dense [rows bucket, P bucket + N] cache, transformers =
+its dynamic cache at the longest generated length. Writes JSON (--out, default
+benchmarks/results/bench_rollout_<backend>_<case>.json).
 """
 
 from __future__ import annotations
@@ -33,26 +46,51 @@ from htpo_jax.models.hf_io import save_pretrained
 from htpo_jax.models.model_config import ModelConfig
 from htpo_jax.rollout import bucket, generate, prompt_bucket
 
-SHAPES = {
-    # Qwen3-0.6B: 28 layers, D 1024, F 3072, 16 q / 8 kv heads of 128, vocab 151936, tied.
-    "0.6b": dict(
-        model=dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_layers=28,
-                   num_heads=16, num_kv_heads=8, head_dim=128, tie_word_embeddings=True),
-        prompts=128, prompt_len=256, new=512, dtype="bfloat16",
-    ),
-    # Same proportions, small enough for 2 CPU cores.
-    "cpu": dict(
-        model=dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_layers=4,
-                   num_heads=4, num_kv_heads=2, head_dim=64, tie_word_embeddings=True),
-        prompts=32, prompt_len=32, new=64, dtype="float32",
-    ),
+CPU_MODEL = dict(
+    vocab_size=4096,
+    hidden_size=256,
+    intermediate_size=768,
+    num_layers=4,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=64,
+    tie_word_embeddings=True,
+)
+QWEN3_06B = dict(
+    vocab_size=151936,
+    hidden_size=1024,
+    intermediate_size=3072,
+    num_layers=28,
+    num_heads=16,
+    num_kv_heads=8,
+    head_dim=128,
+    tie_word_embeddings=True,
+)
+TINY_MODEL = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    tie_word_embeddings=True,
+)
+CASES = {
+    "uniform": dict(model=CPU_MODEL, prompts=32, n=1, prompt_len=32, new=64, mean=None,
+                    dtype="float32", modes=("greedy", "sample")),
+    "skewed": dict(model=CPU_MODEL, prompts=64, n=4, prompt_len=32, new=512, mean=64,
+                   dtype="float32", modes=("sample",)),
+    "gpu": dict(model=QWEN3_06B, prompts=128, n=1, prompt_len=256, new=512, mean=64,
+                dtype="bfloat16", modes=("sample",)),
+    "gpu-tiny": dict(model=TINY_MODEL, prompts=8, n=1, prompt_len=16, new=32, mean=8,
+                     dtype="float32", modes=("sample",)),
 }  # fmt: skip
 
 
 def timed_interleaved(fns: dict, iters: int) -> dict:
-    """{name: (median wall s, median process CPU s, last result)}: one warm-up call each (it
-    compiles ours), then `iters` rounds that call every sampler once, so load from other
-    processes on a shared machine falls on all of them alike."""
+    """{name: (median wall s, median process CPU s, last result)}: one warm-up call each, then
+    `iters` rounds calling every sampler once (load from other processes falls on all alike)."""
     out = {name: fn() for name, fn in fns.items()}
     walls = {name: [] for name in fns}
     cpus = {name: [] for name in fns}
@@ -66,38 +104,48 @@ def timed_interleaved(fns: dict, iters: int) -> dict:
     return {name: (med(walls[name]), med(cpus[name]), out[name]) for name in fns}
 
 
-def kv_cache_bytes(cfg: ModelConfig, batch: int, slots: int, dtype) -> int:
-    return 2 * cfg.num_layers * batch * slots * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
+def kv_bytes(cfg: ModelConfig, batch: int, slots: int, itemsize: int) -> int:
+    return 2 * cfg.num_layers * batch * slots * cfg.num_kv_heads * cfg.head_dim * itemsize
 
 
-def main():
-    on_gpu = jax.default_backend() == "gpu"
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="0.6b" if on_gpu else "cpu")
-    ap.add_argument("--iters", type=int, default=3)
-    ap.add_argument("--no-hf", action="store_true", help="skip transformers (ours only)")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
-    shape = SHAPES[args.shape]
-    b, p, n = shape["prompts"], shape["prompt_len"], shape["new"]
-    dtype = jnp.dtype(shape["dtype"])
-    cfg = ModelConfig(model_type="qwen3", qk_norm=True, **shape["model"])
+def eos_set(vocab: int, mean: int | None, seed: int = 0) -> list[int] | None:
+    """V / mean random token ids: with a near-uniform next-token distribution a row ends with
+    probability ~1 / mean per step (geometric lengths)."""
+    if mean is None:
+        return None
+    rng = np.random.RandomState(seed)
+    return sorted(
+        rng.choice(np.arange(1, vocab), size=max(1, vocab // mean), replace=False).tolist()
+    )
+
+
+def run_case(name: str, case: dict, iters: int, use_hf: bool, hf_threads: str) -> dict:
+    b, n_samples, p, n = case["prompts"], case["n"], case["prompt_len"], case["new"]
+    dtype = jnp.dtype(case["dtype"])
+    cfg = ModelConfig(model_type="qwen3", qk_norm=True, **case["model"])
     model = nnx.jit(lambda: Decoder(cfg, dtype=dtype, rngs=nnx.Rngs(0)))()
     rng = np.random.RandomState(0)
-    ids = rng.randint(0, cfg.vocab_size, (b, p)).astype(np.int32)
+    ids = rng.randint(1, cfg.vocab_size, (b, p)).astype(np.int32)
     mask = np.ones((b, p), np.int32)
-    new_tokens = b * n
+    eos = eos_set(cfg.vocab_size, case["mean"])
+    rows = b * n_samples
+    engine_stats = {}
 
-    def ours(greedy):
+    def ours(kind, greedy):
         def fn():
-            r = generate(model, ids, mask, max_new_tokens=n, rng=jax.random.key(1), greedy=greedy)
+            kw = dict(engine="static") if kind == "static" else dict(stats=engine_stats)
+            r = generate(model, ids, mask, max_new_tokens=n, n=n_samples, rng=jax.random.key(1),
+                         greedy=greedy, eos_token_id=eos, **kw)  # fmt: skip
             return jax.block_until_ready(r)
 
         return fn
 
-    fns = {"htpo_jax greedy": ours(True), "htpo_jax sample": ours(False)}
-    hf_info = None
-    if not args.no_hf:
+    fns = {}
+    for mode in case["modes"]:
+        fns[f"engine {mode}"] = ours("engine", mode == "greedy")
+        fns[f"static {mode}"] = ours("static", mode == "greedy")
+    hf_info, on_gpu = None, jax.default_backend() == "gpu"
+    if use_hf:
         import torch
         import transformers
         from transformers import AutoModelForCausalLM
@@ -107,8 +155,9 @@ def main():
             save_pretrained(model, tmp)
             hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=getattr(torch, dtype.name))
         hf = hf.to(device).eval()
-        t_ids = torch.from_numpy(ids.astype(np.int64)).to(device)
-        t_mask = torch.from_numpy(mask.astype(np.int64)).to(device)
+        rep_ids, rep_mask = np.repeat(ids, n_samples, 0), np.repeat(mask, n_samples, 0)
+        t_ids = torch.from_numpy(rep_ids.astype(np.int64)).to(device)
+        t_mask = torch.from_numpy(rep_mask.astype(np.int64)).to(device)
         default_threads = torch.get_num_threads()
         hf_info = dict(transformers=transformers.__version__, torch=torch.__version__,
                        device=device, default_threads=default_threads)  # fmt: skip
@@ -119,76 +168,98 @@ def main():
                 with torch.inference_mode():
                     out = hf.generate(
                         input_ids=t_ids, attention_mask=t_mask, max_new_tokens=n,
-                        min_new_tokens=n, do_sample=sample, top_k=None, top_p=None,
-                        temperature=None, eos_token_id=None, pad_token_id=0,
+                        min_new_tokens=None if eos else n, do_sample=sample, top_k=None,
+                        top_p=None, temperature=None, eos_token_id=eos, pad_token_id=0,
                     )  # fmt: skip
                 if device == "cuda":
                     torch.cuda.synchronize()
                 torch.set_num_threads(default_threads)
-                return out
+                return out[:, p:].cpu().numpy()
 
             return fn
 
-        # On a CPU shared with other work torch's thread pool can stall badly, so both its
-        # default thread count and one thread are timed; the faster is the baseline.
-        threads = sorted({default_threads, 1}) if device == "cpu" else [default_threads]
-        for th in threads:
-            fns[f"transformers greedy t{th}"] = hf_fn(False, th)
-            fns[f"transformers sample t{th}"] = hf_fn(True, th)
+        # On a shared CPU torch's thread pool can stall, so one thread is timed too ("both").
+        th = {"default": [default_threads], "1": [1], "both": sorted({default_threads, 1})}
+        threads = th[hf_threads] if device == "cpu" else [default_threads]
+        for t in threads:
+            for mode in case["modes"]:
+                fns[f"transformers {mode} t{t}"] = hf_fn(mode == "sample", t)
 
     load_before = os.getloadavg()[0]
-    timings = timed_interleaved(fns, args.iters)
+    timings = timed_interleaved(fns, iters)
     load_after = os.getloadavg()[0]
-    rows = []
-    for name, (sec, cpu, out) in timings.items():
-        if name.startswith("htpo_jax"):
-            assert int(out.lengths.min()) == n  # no EOS: every row ran to the end
+    static_kv = kv_bytes(cfg, bucket(rows), prompt_bucket(p) + n, dtype.itemsize)
+    results = []
+    for sampler, (sec, cpu, out) in timings.items():
+        if sampler.startswith("transformers"):
+            eos_hit = np.isin(out, eos) if eos else np.zeros(out.shape, bool)
+            lengths = np.where(eos_hit.any(-1), eos_hit.argmax(-1) + 1, out.shape[1])
+            peak = kv_bytes(cfg, rows, p + out.shape[1], dtype.itemsize)
         else:
-            assert tuple(out.shape) == (b, p + n), out.shape
-        rows.append(dict(sampler=name, seconds=sec, cpu_seconds=cpu,
-                         new_tokens_per_s=new_tokens / sec))  # fmt: skip
-    if hf_info is not None:
-        ref = np.asarray(timings["htpo_jax greedy"][2].tokens)
-        hf_greedy = timings[f"transformers greedy t{threads[0]}"][2][:, p:].cpu().numpy()
-        hf_info["greedy_token_agreement"] = float((hf_greedy == ref).mean())
-        for mode in ("greedy", "sample"):
-            best = min((r for r in rows if r["sampler"].startswith(f"transformers {mode}")),
-                       key=lambda r: r["seconds"])  # fmt: skip
-            best["baseline"] = True
-            for r in rows:
-                if r["sampler"] == f"htpo_jax {mode}":
-                    r["speedup_vs_transformers"] = best["seconds"] / r["seconds"]
-
-    b_c, p_c = bucket(b), prompt_bucket(p)
-    kv = kv_cache_bytes(cfg, b_c, p_c + n, dtype)
+            lengths = np.asarray(out.lengths)
+            peak = engine_stats["peak_kv_bytes"] if sampler.startswith("engine") else static_kv
+        useful = int(lengths.sum())
+        results.append(dict(sampler=sampler, seconds=sec, cpu_seconds=cpu, useful_tokens=useful,
+                            mean_length=float(lengths.mean()), max_length=int(lengths.max()),
+                            useful_tokens_per_s=useful / sec, peak_kv_bytes=peak))  # fmt: skip
+    for mode in case["modes"]:
+        by = {r["sampler"]: r for r in results}
+        hf_rows = [r for r in results if r["sampler"].startswith(f"transformers {mode}")]
+        hf_best = min(hf_rows, key=lambda r: r["seconds"]) if hf_rows else None
+        for kind in ("engine", "static"):
+            r = by[f"{kind} {mode}"]
+            if hf_best:
+                r["vs_transformers"] = r["useful_tokens_per_s"] / hf_best["useful_tokens_per_s"]
+            if kind == "engine":
+                r["vs_static"] = (
+                    r["useful_tokens_per_s"] / by[f"static {mode}"]["useful_tokens_per_s"]
+                )
     dev = jax.devices()[0]
-    print(
-        f"device: {dev.device_kind} ({jax.default_backend()}) x{jax.device_count()}, "
-        f"jax {jax.__version__}; shape {args.shape}: {cfg.num_params() / 1e6:.1f}M params, "
-        f"{b} prompts x {p} -> {n} new tokens, {dtype.name}; KV cache {kv / 2**20:.1f} MiB "
-        f"(batch {b_c} x {p_c + n} slots); 1-min load average {load_before:.1f} -> "
-        f"{load_after:.1f} on {os.cpu_count()} CPUs"
-    )
-    print(f"{'sampler':>26} {'seconds':>8} {'CPU s':>7} {'new tok/s':>10} {'vs HF':>7}")
-    for r in rows:
-        ratio = r.get("speedup_vs_transformers")
-        ratio = f"{ratio:6.2f}x" if ratio else ("  (ref)" if r.get("baseline") else "      -")
-        print(f"{r['sampler']:>26} {r['seconds']:8.3f} {r['cpu_seconds']:7.3f} "
-              f"{r['new_tokens_per_s']:10.0f} {ratio}")  # fmt: skip
-    if hf_info:
-        print(f"greedy tokens equal to transformers': {hf_info['greedy_token_agreement']:.1%}")
-    out = Path(
-        args.out or f"benchmarks/results/bench_rollout_{jax.default_backend()}_{args.shape}.json"
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(device=dev.device_kind, backend=jax.default_backend(),
-                devices=jax.device_count(), jax=jax.__version__, host=platform.node(),
-                shape=args.shape, prompts=b, prompt_len=p, new_tokens=n, dtype=dtype.name,
-                model=shape["model"], n_params=cfg.num_params(), iters=args.iters,
-                kv_cache_bytes=kv, kv_cache_batch=b_c, kv_cache_slots=p_c + n,
-                cpu_count=os.cpu_count(), loadavg_1min=[load_before, load_after],
+    meta = dict(case=name, device=dev.device_kind, backend=jax.default_backend(),
+                jax=jax.__version__, host=platform.node(), prompts=b, samples_per_prompt=n_samples,
+                prompt_len=p, max_new_tokens=n, eos_ids=len(eos or ()), dtype=dtype.name,
+                n_params=cfg.num_params(), iters=iters, cpu_count=os.cpu_count(),
+                loadavg_1min=[load_before, load_after], engine=dict(engine_stats),
                 hf=hf_info)  # fmt: skip
-    out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
+    print(f"\n== {name}: {cfg.num_params() / 1e6:.1f}M params, {b} prompts x {n_samples} samples, "
+          f"{p} -> up to {n} new, {dtype.name}, {len(eos or ())} EOS ids; {dev.device_kind}; "
+          f"1-min load {load_before:.1f} -> {load_after:.1f} on {os.cpu_count()} CPUs")  # fmt: skip
+    pool_mib = engine_stats.get("pool_bytes", 0) / 2**20
+    print(f"engine: max_num_seqs {engine_stats.get('max_num_seqs')}, pool {pool_mib:.1f} MiB, "
+          f"rounds {engine_stats.get('rounds')}, "
+          f"preemptions {engine_stats.get('preemptions')}")  # fmt: skip
+    print(f"{'sampler':>24} {'seconds':>8} {'CPU s':>7} {'mean len':>8} {'useful tok/s':>12} "
+          f"{'peak KV MiB':>11} {'vs HF':>6} {'vs static':>9}")  # fmt: skip
+    for r in results:
+        vs_hf = f"{r['vs_transformers']:5.2f}x" if "vs_transformers" in r else "     -"
+        vs_st = f"{r['vs_static']:8.2f}x" if "vs_static" in r else "        -"
+        print(f"{r['sampler']:>24} {r['seconds']:8.3f} {r['cpu_seconds']:7.3f} "
+              f"{r['mean_length']:8.1f} {r['useful_tokens_per_s']:12.0f} "
+              f"{r['peak_kv_bytes'] / 2**20:11.1f} {vs_hf} {vs_st}")  # fmt: skip
+    return dict(meta=meta, rows=results)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--case", choices=["uniform", "skewed", "all"], default="all")
+    ap.add_argument("--gpu", action="store_true", help="Qwen3-0.6B shape, skewed, on the GPU")
+    ap.add_argument("--tiny", action="store_true", help="with --gpu: toy shapes (tests the path)")
+    ap.add_argument("--iters", type=int, default=None, help="timed rounds (default 3; --gpu 1)")
+    ap.add_argument("--no-hf", action="store_true", help="skip transformers")
+    ap.add_argument("--hf-threads", choices=["default", "1", "both"], default="both")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if args.gpu:
+        names = ["gpu-tiny" if args.tiny else "gpu"]
+    else:
+        names = ["uniform", "skewed"] if args.case == "all" else [args.case]
+    iters = args.iters or (1 if args.gpu else 3)
+    report = {name: run_case(name, CASES[name], iters, not args.no_hf, args.hf_threads)
+              for name in names}  # fmt: skip
+    tag = "-".join(names)
+    out = Path(args.out or f"benchmarks/results/bench_rollout_{jax.default_backend()}_{tag}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
     print(f"wrote {out}")
 
 

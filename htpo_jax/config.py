@@ -102,8 +102,24 @@ class DataConfig:
 class RolloutConfig:
     n: int = _f(16, "Responses sampled per prompt (the GRPO group size G).", POS)
     max_num_seqs: int = _f(
-        0, "Most responses decoded by one sampler call (bounds the KV cache; 0 = all).", NONNEG
+        0,
+        "Most responses decoding at once (engine slots; static: per sampler call); "
+        "0 = min(responses, 512) for the engine, all for static.",
+        NONNEG,
     )
+    engine: Literal["paged", "static"] = _f(
+        "paged", "Sampler: continuous batching over a paged KV cache, or the dense reference."
+    )
+    page_size: int = _f(16, "KV-cache page size in tokens (engine).", POS)
+    num_pages: int = _f(
+        0, "KV-cache pages in the pool (engine; 0 = from kv_memory_fraction).", NONNEG
+    )
+    kv_memory_fraction: float = _f(
+        0.5,
+        "Share of free device memory (host RAM on CPU) for the page pool when num_pages = 0.",
+        OPEN_UNIT,
+    )
+    steps_per_call: int = _f(16, "Decode steps per host round-trip of the engine.", POS)
     max_response_length: int = _f(20480, "Maximum new tokens per response.", POS)
     temperature: float = _f(1.0, "Sampling temperature for training rollouts.", POS)
     top_p: float = _f(1.0, "Nucleus sampling for training rollouts (1.0 = off).", TOP_P)

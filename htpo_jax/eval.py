@@ -8,7 +8,7 @@ import jax
 import numpy as np
 
 from htpo_jax.distributed import score_lockstep
-from htpo_jax.rollout import generate
+from htpo_jax.rollout import EngineConfig, generate
 from htpo_jax.sharding import to_host
 
 
@@ -46,16 +46,28 @@ def pad_id(tokenizer) -> int:
     )
 
 
+def engine_config(r) -> EngineConfig | str:
+    """The `generate(engine=...)` argument for a `RolloutConfig`."""
+    if r.engine == "static":
+        return "static"
+    return EngineConfig(max_num_seqs=r.max_num_seqs, page_size=r.page_size,
+                        num_pages=r.num_pages, kv_memory_fraction=r.kv_memory_fraction,
+                        steps_per_call=r.steps_per_call)  # fmt: skip
+
+
 def sample_and_score(
     model, tokenizer, batch, cfg, *, rng, n, temperature, top_p, top_k, pool=None
 ) -> Scored:
     """Generate n responses per prompt of `batch` (a data.PromptBatch), decode and score them.
 
-    At most `rollout.max_num_seqs` responses are decoded per sampler call (bounds the KV cache).
+    The engine (rollout.engine = paged) decodes at most `rollout.max_num_seqs` responses at
+    once; the static sampler is called on that many responses at a time.
     """
     r = cfg.rollout
     n_prompts = batch.input_ids.shape[0]
     per_call = max(r.max_num_seqs // n, 1) if r.max_num_seqs else n_prompts
+    if r.engine == "paged":  # the engine bounds the live rows itself: one call
+        per_call = n_prompts
     parts = []
     for i, start in enumerate(range(0, n_prompts, per_call)):
         sl = slice(start, start + per_call)
@@ -72,6 +84,7 @@ def sample_and_score(
             greedy=temperature <= 0,
             eos_token_id=stop_tokens(tokenizer),
             pad_token_id=pad_id(tokenizer),
+            engine=engine_config(r),
         )
         parts.append(to_host(ro))
     ro = jax.tree.map(lambda *xs: np.concatenate(xs), *parts)

@@ -1,4 +1,5 @@
-"""The KV-cache sampler: the log-prob contract with the trainer, EOS / mask / padding handling,
+"""The samplers (the paged engine by default; the static one where named): the log-prob
+contract with the trainer, EOS / mask / padding handling,
 determinism and per-row randomness, one compile per shape bucket, sampling distributions against
 the exact ones, greedy parity with transformers, and (subprocess, 8 fake devices) sharding."""
 
@@ -122,8 +123,9 @@ def test_rows_do_not_depend_on_batch_bucket_or_padding(model, prompts):
 
 
 def test_compiles_once_per_bucket(model):
+    """The static sampler: one program per bucket (the engine's: test_rollout_engine.py)."""
     ids, mask = left_padded_batch(1, b=5, t=13)
-    kw = dict(max_new_tokens=5, rng=jax.random.key(0), top_k=7)  # a configuration of its own
+    kw = dict(max_new_tokens=5, rng=jax.random.key(0), top_k=7, engine="static")
     before = trace_count()
     generate(model, ids, mask, temperature=1.0, **kw)
     assert trace_count() == before + 1

@@ -1,0 +1,119 @@
+"""Rollouts: n sampled responses per prompt, by continuous batching over a paged KV cache.
+
+    rollout = generate(model, prompt_ids, prompt_mask, max_new_tokens=..., rng=key, n=16,
+                       temperature=1.0, top_p=1.0, top_k=-1, eos_token_id=[...], pad_token_id=0)
+
+Prompts are left padded ([B, P], mask 1 on real tokens; every row needs at least one). With
+`n > 1` each prompt is sampled n times (rows `i*n .. i*n+n-1` belong to prompt i; the prompt is
+prefilled once). The result, a `Rollout`, holds per response row: `tokens [B, N]` (pad_token_id
+after the end), `response_mask [B, N]` (1 up to and including the first EOS), `log_probs [B, N]`,
+`lengths [B]` and `finished [B]` (ended with EOS, i.e. not truncated at N = max_new_tokens).
+
+Modules:
+  sampling.py         the Rollout type, buckets, the sampling math and the per-row key rule
+  engine.py           the default sampler: continuous batching over a paged KV cache
+  scheduler.py        the engine's host side: page allocator, admission, preemption, packing
+  paged_attention.py  page pool layout, k/v writes, decode attention over pages (TPU kernel)
+  static.py           the simple reference: one dense [B, P + N] cache, all rows to the end
+docs/ROLLOUT.md has the design, the config keys and the memory arithmetic.
+
+The log-prob contract
+---------------------
+`log_probs[b, i] = log softmax(z / tau)[tokens[b, i]]`, z the float32 logits and tau the
+temperature: the log-prob of the sampled token under the temperature-scaled FULL distribution,
+NOT the top-p / top-k truncated one that the token was actually drawn from. That is exactly what
+`models.logprobs.logprobs_and_entropy(model, ids, mask, temperature=tau)` computes for the same
+sequence (prompt + response), so the trainer's old log-probs and these agree (float32: to ~1e-6;
+a bf16 model differs by bf16 rounding between the cached and the full forward). Greedy decoding
+(`greedy=True` or `temperature <= 0`) reports log-probs at tau = temperature, or at tau = 1 when
+temperature <= 0. Zeros after the end.
+
+Sampling order (as transformers and vLLM): temperature, then top-k, then top-p on the top-k
+renormalized distribution. Each row draws from its own key, `fold_in(fold_in(rng, row), step)`:
+a row's output does not depend on the batch, the slot it decodes in, when it was admitted, or
+which sampler ran it (engine and static sampler give the same tokens for the same rng).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from htpo_jax.rollout import sampling, static
+from htpo_jax.rollout.engine import EngineConfig, generate_paged
+from htpo_jax.rollout.sampling import (
+    Rollout,
+    argmax_last,
+    bucket,
+    full_sequences,
+    prompt_bucket,
+    repeat_prompts,
+    sample_logits,
+    trace_count,
+)
+
+__all__ = [
+    "EngineConfig",
+    "Rollout",
+    "argmax_last",
+    "bucket",
+    "full_sequences",
+    "generate",
+    "prompt_bucket",
+    "repeat_prompts",
+    "sample_logits",
+    "trace_count",
+]
+
+
+def generate(
+    model,
+    prompt_ids,
+    prompt_mask,
+    *,
+    max_new_tokens: int,
+    rng=None,
+    n: int = 1,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = -1,
+    greedy: bool = False,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int = 0,
+    cache_dtype=None,
+    batch_bucket=bucket,
+    length_bucket=prompt_bucket,
+    engine: EngineConfig | str | None = None,
+    stats: dict | None = None,
+) -> Rollout:
+    """Samples `n` responses per left-padded prompt; see the package docstring.
+
+    prompt_ids, prompt_mask: [B, P] (numpy or jax); rng: a PRNG key (ignored when greedy).
+    `cache_dtype` defaults to the model's compute dtype. `engine`: an `EngineConfig` (None: the
+    defaults, sized from free memory; the static sampler under a mesh whose data x fsdp axes
+    split the batch) or "static" for the dense reference sampler, whose shapes
+    `batch_bucket` / `length_bucket` round (the engine ignores them). `stats` (a dict, engine
+    only) receives the run's counters (rounds, preemptions, peak KV bytes). Returns a `Rollout`
+    of B * n rows.
+    """
+    kw = dict(max_new_tokens=max_new_tokens, rng=rng, n=n, temperature=temperature,
+              top_p=top_p, top_k=top_k, greedy=greedy, eos_token_id=eos_token_id,
+              pad_token_id=pad_token_id, cache_dtype=cache_dtype)  # fmt: skip
+    # The engine keeps one page pool on one device; a mesh that splits the batch (data x fsdp)
+    # is served by the static sampler, whose rows and cache shard over it.
+    if engine == "static" or (engine is None and static._batch_shards() > 1):
+        return static.generate(
+            model, prompt_ids, prompt_mask, batch_bucket=batch_bucket, length_bucket=length_bucket,
+            **kw,
+        )  # fmt: skip
+    if isinstance(engine, str):
+        raise ValueError(f"generate: engine must be an EngineConfig or 'static', got {engine!r}")
+    greedy, rng, eos = sampling.check_args(
+        prompt_mask, max_new_tokens=max_new_tokens, rng=rng, n=n, temperature=temperature,
+        top_p=top_p, greedy=greedy, eos_token_id=eos_token_id,
+    )  # fmt: skip
+    return generate_paged(
+        model, prompt_ids, prompt_mask, max_new_tokens=int(max_new_tokens), rng=rng, n=int(n),
+        temperature=float(temperature), top_p=float(top_p), top_k=int(top_k), greedy=greedy,
+        eos=eos, pad_token_id=int(pad_token_id), cache_dtype=cache_dtype,
+        config=engine or EngineConfig(), stats=stats,
+    )  # fmt: skip

@@ -1,0 +1,308 @@
+"""The rollout engine: continuous batching over a paged KV cache (the default behind `generate`).
+
+Two compiled programs, driven by the host loop in `generate_paged`:
+
+- prefill(pool, prompts [Bp, Tp]): runs the newly admitted prompts (all tokens but the last,
+  right padded) through the model once and writes their keys / values into their pages;
+- decode(pool, packed rows [S]): copies the copy-on-write pages, then a `lax.while_loop` of up to
+  `steps_per_call` (K) decode steps: feed each row's token, write its k/v into its page, attend
+  over the row's pages only (`paged_attention`), sample, stop rows at EOS / max_new_tokens. It
+  returns the sampled tokens and log-probs [S, K]; the loop ends early when every row is done.
+
+Between calls the host (`scheduler.Scheduler`) takes the tokens, ends finished rows (their pages
+return to the pool), admits waiting rows into the free slots (prefill), grows the live rows' pages
+for the next K steps and packs the live rows into the smallest batch bucket S that holds them
+(compaction: a long tail of a few rows runs at the cost of a few rows). Programs are compiled per
+bucket: S (powers of two from `min_slots` up to max_num_seqs), the pages read per row Pb (powers of
+two: attention reads the longest live row's pages, not max_new_tokens'), and for prefill the
+prompt count and length buckets; never per step.
+
+The pool (one [num_pages, page_size, 2K, H] array per layer, see paged_attention.py) is donated
+into every program and returned, so it is updated in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import weakref
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from htpo_jax.models.attention import attend_in_query_chunks
+from htpo_jax.rollout import paged_attention as pa
+from htpo_jax.rollout import sampling
+from htpo_jax.rollout.sampling import Rollout
+from htpo_jax.rollout.scheduler import Scheduler
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """The engine's sizes; 0 means "from the memory budget" (see `resolve_sizes`)."""
+
+    max_num_seqs: int = 0  # rows decoding at once (0: min(rows, 512))
+    page_size: int = 16  # tokens per page
+    num_pages: int = 0  # pages in the pool (0: kv_memory_fraction of free memory, capped)
+    kv_memory_fraction: float = 0.5  # of the device's free memory (host RAM on CPU)
+    steps_per_call: int = 16  # decode steps per host round-trip (K)
+    min_slots: int = 8  # smallest compiled batch
+    attention: str = "auto"  # "auto" (TPU kernel on TPU), "reference", "tpu"
+
+
+# ---------------------------------------------------------------------- compiled programs
+# Both programs run the model through `Decoder.forward_kv` with their own kv_fn(layer, q, k, v,
+# kv_state); the pools are stacked over layers ([L, pages, ...]) like every decoder kv_state.
+def _prefill_fn(graphdef, page_size: int, chunk_size: int):
+    def run(state, pools, ids_bt, len_b, table_bp):
+        sampling.note_trace()
+        model = nnx.merge(graphdef, state)
+        b, t = ids_bt.shape
+        pos_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        valid_bt = pos_bt < len_b[:, None]
+        mask_bts = jnp.tril(jnp.ones((t, t), jnp.bool_))[None] & valid_bt[:, None, :]
+        page_bt = jnp.take_along_axis(table_bp, pos_bt // page_size, axis=1)
+        page_x = jnp.where(valid_bt, page_bt, 0).reshape(b * t)  # padding -> trash page
+        off_x = (pos_bt % page_size).reshape(b * t)
+
+        def kv_fn(layer, q, k, v, pools):
+            kh = k.shape[2:]  # [B, T, K, H] -> [B * T, K, H] tokens
+            pools = pa.write_kv(
+                pools, layer, k.reshape(b * t, *kh), v.reshape(b * t, *kh), page_x, off_x
+            )
+            return attend_in_query_chunks(q, k, v, mask_bts, chunk_size), pools
+
+        _, pools = model.forward_kv(ids_bt, pos_bt, pools, kv_fn)
+        return pools
+
+    return jax.jit(run, donate_argnums=1)
+
+
+def _decode_fn(graphdef, page_size, k_steps, n_new, greedy, top_k, use_top_p, eos, pad, impl):
+    impl = pa.resolve_impl(impl)
+
+    def run(state, pools, table_sp, kv_len_s, tok_s, step_s, row_s, active_s, src_s, dst_s,
+            rng, temperature, top_p):  # fmt: skip
+        sampling.note_trace()
+        model = nnx.merge(graphdef, state)
+        s = tok_s.shape[0]
+        n_layers = model.cfg.num_layers
+        # Copy-on-write: newly admitted rows get their prompt's partial last page.
+        pools = pa.copy_pages(pools, src_s, dst_s)
+        keys_s = sampling.row_keys(rng, row_s)
+        out_tok = jnp.full((s, k_steps), pad, jnp.int32)
+        out_lp = jnp.zeros((s, k_steps), jnp.float32)
+        kv0_s = kv_len_s  # cache length at the start of the call
+        # Reference path: the pool is read-only inside the loop (closed over; a pool updated in
+        # the loop carry was copied every step on XLA:CPU); this call's new keys / values go to
+        # small [L, S, K_steps, K, H] k and v buffers, written into the pages after the loop.
+        # TPU path: the kernel reads only the pool, so each step writes its token there.
+        kh = (model.cfg.num_kv_heads, model.cfg.head_dim)
+        recents = tuple(jnp.zeros((n_layers, s, k_steps, *kh), a.dtype) for a in pools[:2])
+        recent_pos = jnp.arange(k_steps)
+
+        def cond(c):
+            return (c[0] < k_steps) & jnp.any(c[5])
+
+        def body(c):
+            i, pools, kv_len, tok, step, active, out_tok, out_lp, recents = c
+            if impl == "tpu":
+                col = jnp.take_along_axis(table_sp, (kv_len // page_size)[:, None], axis=1)[:, 0]
+                page_s = jnp.where(active, col, 0)  # done rows write to the trash page
+                off_s = kv_len % page_size
+
+                def kv_fn(layer, q, k, v, pools):  # q [S, 1, N, H], k / v [S, 1, K, H]
+                    pools = pa.write_kv(pools, layer, k[:, 0], v[:, 0], page_s, off_s)
+                    out = pa.paged_attention_tpu(q[:, 0], pools, layer, table_sp, kv_len + 1)
+                    return out[:, None], pools  # [S, 1, N, H]
+
+                hidden, pools = model.forward_kv(tok[:, None], kv_len[:, None], pools, kv_fn)
+            else:
+                read_only = pools
+
+                def kv_fn(layer, q, k, v, recents):
+                    start = (layer, 0, i, 0, 0)  # [L, S, K_steps, K, H] <- [1, S, 1, K, H]
+                    recents = tuple(
+                        jax.lax.dynamic_update_slice(buf, x[None].astype(buf.dtype), start)
+                        for buf, x in zip(recents, (k, v), strict=True)
+                    )
+                    mine = tuple(jax.lax.dynamic_index_in_dim(r, layer, 0, False) for r in recents)
+                    out = pa.paged_attention_with_recent(
+                        q[:, 0], read_only, layer, table_sp, kv0_s, mine, recent_pos <= i
+                    )
+                    return out[:, None], recents
+
+                hidden, recents = model.forward_kv(tok[:, None], kv_len[:, None], recents, kv_fn)
+            new, lp = sampling.sample_step(
+                model.unembed(hidden[:, 0]), keys_s, step, temperature, top_p,
+                greedy=greedy, top_k=top_k, use_top_p=use_top_p,
+            )  # fmt: skip
+            new = jnp.where(active, new, pad)
+            lp = jnp.where(active, lp, 0.0)
+            out_tok = jax.lax.dynamic_update_slice_in_dim(out_tok, new[:, None], i, 1)  # [S, K]
+            out_lp = jax.lax.dynamic_update_slice_in_dim(out_lp, lp[:, None], i, 1)
+            done = sampling.is_eos(new, eos) | (step + 1 >= n_new)
+            a = active.astype(jnp.int32)
+            return (i + 1, pools, kv_len + a, jnp.where(active, new, tok), step + a,
+                    active & ~done, out_tok, out_lp, recents)  # fmt: skip
+
+        c = (jnp.int32(0), pools, kv_len_s, tok_s, step_s, active_s, out_tok, out_lp, recents)
+        c = jax.lax.while_loop(cond, body, c)
+        pools, kv_len_end = c[1], c[2]
+        if impl != "tpu":  # the call's tokens into their pages: row s fed kv_len_end - kv0
+            pos_sk = kv0_s[:, None] + recent_pos[None, :]  # [S, K_steps]
+            fed_sk = pos_sk < kv_len_end[:, None]
+            col_sk = jnp.minimum(pos_sk // page_size, table_sp.shape[1] - 1)
+            page_sk = jnp.where(fed_sk, jnp.take_along_axis(table_sp, col_sk, axis=1), 0)
+            page_x, off_x = page_sk.reshape(-1), (pos_sk % page_size).reshape(-1)
+            layer_lx = jnp.arange(n_layers)[:, None]
+            rk, rv = (r.reshape(n_layers, s * k_steps, *kh) for r in c[8])  # [L, S*K_steps, K, H]
+            pools = pa.write_kv(pools, layer_lx, rk, rv, page_x[None], off_x[None])
+        return pools, c[6], c[7]
+
+    return jax.jit(run, donate_argnums=1)
+
+
+# model -> (graphdef, {static key: jitted fn}); weak, as static.py's cache.
+_JITTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _programs(model):
+    """(graphdef, {key: jitted fn}, state) of `model` (state read once per generate call)."""
+    entry = _JITTED.get(model)
+    if entry is None:
+        graphdef, state = nnx.split(model)
+        entry = _JITTED[model] = (graphdef, {})
+    else:
+        state = nnx.state(model)
+    return entry[0], entry[1], state
+
+
+def _program(graphdef, fns, key: tuple, make):
+    if key not in fns:
+        fns[key] = make(graphdef, *key[1:])
+    return fns[key]
+
+
+# ---------------------------------------------------------------------- sizes
+def free_memory_bytes() -> int:
+    """Free memory of device 0: bytes_limit - bytes_in_use where the backend reports them, else
+    the host's available RAM (CPU)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def resolve_sizes(cfg: EngineConfig, model, prompt_lens, n, max_new_tokens, cache_dtype):
+    """(max_num_seqs, num_pages incl. the trash page) for one call.
+
+    num_pages = 0: the pages that fit `kv_memory_fraction` of free memory, but never more than
+    the call can use (max_num_seqs rows at full length, plus every prompt) rounded up to a power
+    of two. max_num_seqs = 0:
+    min(rows, 512).
+    """
+    ps = cfg.page_size
+    c = model.cfg
+    per_page = pa.page_bytes(c.num_layers, ps, c.num_kv_heads, c.head_dim, cache_dtype.itemsize)
+    rows = len(prompt_lens) * n
+    seqs = cfg.max_num_seqs or min(rows, 512)
+    longest = max(prompt_lens) - 1 + max_new_tokens
+    if cfg.num_pages:
+        return seqs, cfg.num_pages + 1
+    # At most max_num_seqs rows hold pages at once (prompt pages are shared by n rows).
+    row_pages = -(-longest // ps) + 1
+    usable = (1 << (seqs - 1).bit_length()) * row_pages + sum(
+        -(-(ln - 1) // ps) for ln in prompt_lens
+    )
+    budget = int(cfg.kv_memory_fraction * free_memory_bytes()) // per_page
+    # The pool's size is part of every program's input shape: a power of two (when the budget
+    # allows) so that calls with other row counts or lengths reuse the compiled programs.
+    wanted = 1 << (usable - 1).bit_length()
+    pages = max(min(wanted, budget), -(-longest // ps) + 1)  # at least one full row
+    return seqs, pages
+
+
+# ---------------------------------------------------------------------- the host loop
+def generate_paged(model, prompt_ids, prompt_mask, *, max_new_tokens, rng, n, temperature,
+                   top_p, top_k, greedy, eos, pad_token_id, cache_dtype, config: EngineConfig,
+                   stats: dict | None = None) -> Rollout:  # fmt: skip
+    """`generate` on the engine (arguments already checked by `sampling.check_args`).
+
+    `stats`, when given, receives the run's counters: rounds, preemptions, peak pages used,
+    pool pages, page bytes, peak KV bytes.
+    """
+    ids, mask = np.asarray(prompt_ids), np.asarray(prompt_mask).astype(bool)
+    prompts = [ids[i][mask[i]] for i in range(ids.shape[0])]
+    cache_dtype = jnp.dtype(model.dtype if cache_dtype is None else cache_dtype)
+    seqs, num_pages = resolve_sizes(
+        config, model, [len(p) for p in prompts], n, max_new_tokens, cache_dtype
+    )
+    ps, k_steps = config.page_size, config.steps_per_call
+    sched = Scheduler(prompts, n, max_new_tokens, page_size=ps, num_pages=num_pages,
+                      max_num_seqs=seqs, steps_per_call=k_steps,
+                      min_slots=min(config.min_slots, seqs))  # fmt: skip
+    c = model.cfg
+    impl = pa.resolve_impl(config.attention)
+    pools = _init_pool(c.num_layers, num_pages, ps, c.num_kv_heads, c.head_dim, cache_dtype, impl)
+    rows = len(prompts) * n
+    out_tokens = np.full((rows, max_new_tokens), pad_token_id, np.int32)
+    out_logp = np.zeros((rows, max_new_tokens), np.float32)
+    chunk = getattr(model, "attention_chunk_size", None) or 1024
+    decode_key = (k_steps, max_new_tokens, greedy, int(top_k), top_p < 1.0, eos,
+                  int(pad_token_id), config.attention)  # fmt: skip
+    temperature, top_p = jnp.float32(temperature), jnp.float32(top_p)
+    graphdef, fns, state = _programs(model)
+    prefill_fn = _program(graphdef, fns, ("prefill", ps, chunk), _prefill_fn)
+    decode_fn = _program(graphdef, fns, ("decode", ps) + decode_key, _decode_fn)
+    while not sched.done:
+        prefill, plan = sched.plan()
+        if prefill is not None:
+            pools = prefill_fn(state, pools, prefill.ids_bt, prefill.len_b, prefill.page_table_bp)
+        pools, tok_sk, lp_sk = decode_fn(
+            state, pools, plan.page_table_sp, plan.kv_len_s, plan.tok_s, plan.step_s,
+            plan.row_s, plan.active_s, plan.copy_src_s, plan.copy_dst_s, rng, temperature, top_p,
+        )  # fmt: skip
+        tok_sk, lp_sk = jax.device_get((tok_sk, lp_sk))
+        sched.commit(plan, tok_sk, eos, out_tokens, out_logp, lp_sk)
+        sched.end_round()
+    del pools
+    if stats is not None:
+        per_page = pa.page_bytes(c.num_layers, ps, c.num_kv_heads, c.head_dim, cache_dtype.itemsize)
+        stats.update(rounds=sched.round, preemptions=sched.preemptions, pool_pages=num_pages,
+                     peak_pages=sched.alloc.peak_used, page_bytes=per_page,
+                     pool_bytes=num_pages * per_page, max_num_seqs=seqs,
+                     peak_kv_bytes=(sched.alloc.peak_used + 1) * per_page)  # fmt: skip
+    return _finish(out_tokens, out_logp, eos)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))
+def _init_pool(num_layers, num_pages, page_size, kv_heads, head_dim, dtype, impl):
+    return pa.init_pool(num_layers, num_pages, page_size, kv_heads, head_dim, dtype, impl)
+
+
+def _finish(tokens_bn: np.ndarray, logp_bn: np.ndarray, eos) -> Rollout:
+    n_new = tokens_bn.shape[1]
+    eos_bn = (
+        np.isin(tokens_bn, np.asarray(eos, np.int32)) if eos else np.zeros_like(tokens_bn, bool)
+    )
+    finished = eos_bn.any(-1)
+    lengths = np.where(finished, eos_bn.argmax(-1) + 1, n_new).astype(np.int32)
+    response_mask = (np.arange(n_new)[None, :] < lengths[:, None]).astype(np.int32)
+    return Rollout(
+        tokens=jnp.asarray(tokens_bn),
+        response_mask=jnp.asarray(response_mask),
+        log_probs=jnp.asarray(logp_bn * response_mask),
+        lengths=jnp.asarray(lengths),
+        finished=jnp.asarray(finished),
+    )

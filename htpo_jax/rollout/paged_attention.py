@@ -1,0 +1,138 @@
+"""The paged KV cache's device side: the page pool layout, writing new keys / values into pages,
+and decode attention that reads only each row's pages.
+
+Pool, one entry per layer, in one of two layouts:
+
+    reference (CPU / GPU): (k_pckh, v_pckh), each [num_pages, page_size, K, H]
+    tpu:                   (kv_pckh,) [num_pages, page_size, 2K, H], keys at even and values at
+                           odd "heads": the layout of jax's TPU kernel
+                           `jax.experimental.pallas.ops.tpu.ragged_paged_attention`
+
+(On XLA:CPU, attention over gathered pages of the interleaved layout ran ~5x slower than over
+separate k and v pages: the strided k / v slices defeat its fusions.)
+
+Page 0 is the trash page: never handed out by the allocator, it absorbs the writes of empty
+slots and padding tokens, so every program writes unconditionally (no masked scatters).
+
+A row's tokens sit at consecutive positions 0, 1, ..., len - 1 (prompt without padding, then the
+response): token t is at page `page_table[row, t // page_size]`, offset `t % page_size`.
+
+Decode attention (one query per row):
+- `paged_attention_reference`: gathers the row's first `pages_bucket` pages (the caller picks
+  the bucket from the longest live row, so the work grows with the rows' real lengths, not with
+  max_new_tokens) and masks positions >= kv_len; `paged_attention_with_recent` also attends to
+  a few recent tokens not yet written to the pool (the engine's current call);
+- `paged_attention_tpu`: the ragged paged attention Pallas kernel that jax ships, which reads
+  only the pages below each row's kv_len.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from htpo_jax.models.attention import attend_one_query
+
+
+def resolve_impl(impl: str) -> str:
+    """ "auto" -> "tpu" on a TPU backend, else "reference"."""
+    if impl == "auto":
+        return "tpu" if jax.default_backend() == "tpu" else "reference"
+    if impl not in ("tpu", "reference"):
+        raise ValueError(f"paged attention: impl must be auto, tpu or reference, got {impl!r}")
+    return impl
+
+
+def init_pool(num_layers, num_pages, page_size, kv_heads, head_dim, dtype, impl="reference"):
+    """Zeroed pools (page 0 = trash) in `impl`'s layout, every layer stacked: a tuple of arrays
+    [L, num_pages, page_size, ...] (the decoder's kv_state convention: leading layer axis)."""
+    if impl == "tpu":
+        return (jnp.zeros((num_layers, num_pages, page_size, 2 * kv_heads, head_dim), dtype),)
+    shape = (num_layers, num_pages, page_size, kv_heads, head_dim)
+    return (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+def page_bytes(num_layers: int, page_size: int, kv_heads: int, head_dim: int, itemsize: int):
+    """Bytes of one page over all layers (k and v)."""
+    return num_layers * page_size * 2 * kv_heads * head_dim * itemsize
+
+
+def interleave_kv(k_xkh, v_xkh):
+    """[..., K, H] keys and values -> [..., 2K, H], k at even and v at odd heads."""
+    kv = jnp.stack([k_xkh, v_xkh], axis=-2)  # [..., K, 2, H]
+    return kv.reshape(*k_xkh.shape[:-2], 2 * k_xkh.shape[-2], k_xkh.shape[-1])  # [..., 2K, H]
+
+
+def write_kv(pool, layer, k_xkh, v_xkh, page_x, offset_x):
+    """Writes X tokens' keys and values ([X, K, H] each) of `layer` at (page_x, offset_x).
+
+    `layer` is an int (may be traced) or an int array broadcasting against page_x. Tokens aimed
+    at page 0 (trash) may collide; real pages never do (one writer per slot).
+    """
+    idx = (layer, page_x, offset_x)
+    if len(pool) == 1:
+        (kv,) = pool
+        new = interleave_kv(k_xkh, v_xkh).astype(kv.dtype)  # [X, 2K, H]
+        return (kv.at[idx].set(new, mode="promise_in_bounds"),)
+    k, v = pool
+    return (
+        k.at[idx].set(k_xkh.astype(k.dtype), mode="promise_in_bounds"),
+        v.at[idx].set(v_xkh.astype(v.dtype), mode="promise_in_bounds"),
+    )
+
+
+def copy_pages(pool, src_x, dst_x):
+    """Page dst_x[i] <- page src_x[i] in every layer (copy-on-write; 0 -> 0 is a no-op)."""
+    return tuple(a.at[:, dst_x].set(a[:, src_x]) for a in pool)
+
+
+def gather_pages(a_lpckh, layer, page_table_bp):
+    """`layer`'s pages of each row as one dense sequence [B, P * page_size, K, H]."""
+    b, p = page_table_bp.shape
+    c, k, h = a_lpckh.shape[2:]
+    x = a_lpckh.at[layer, page_table_bp].get(mode="promise_in_bounds")  # [B, P, C, K, H]
+    return x.reshape(b, p * c, k, h)
+
+
+def paged_attention_reference(q_bnh, pool, layer, page_table_bp, kv_len_b):
+    """Decode attention of one query per row over that row's first kv_len_b tokens.
+
+    q_bnh [B, N, H]; pool = (k, v) pages of all layers; page_table_bp [B, P]: the row's pages
+    (P = the caller's pages bucket, at least ceil(max kv_len / page_size); unused entries may be
+    any page); kv_len_b [B] >= 1. Returns [B, N, H].
+    """
+    k_bskh, v_bskh = (gather_pages(a, layer, page_table_bp).astype(q_bnh.dtype) for a in pool)
+    mask_b1s = (jnp.arange(k_bskh.shape[1])[None, :] < kv_len_b[:, None])[:, None, :]
+    return attend_one_query(q_bnh[:, None], k_bskh, v_bskh, mask_b1s)[:, 0]  # [B, N, H]
+
+
+def paged_attention_with_recent(q_bnh, pool, layer, page_table_bp, kv_len_b, recent_l, recent_r):
+    """Decode attention over a row's first kv_len_b pooled tokens followed by R recent tokens
+    not in the pool yet (recent_l = (k, v) each [B, R, K, H]; positions with recent_r [R] True
+    are real). Returns [B, N, H]."""
+    k_bskh, v_bskh = (gather_pages(a, layer, page_table_bp) for a in pool)
+    b, s = k_bskh.shape[:2]
+    k_bskh = jnp.concatenate([k_bskh, recent_l[0]], axis=1).astype(q_bnh.dtype)  # [B, S + R, K, H]
+    v_bskh = jnp.concatenate([v_bskh, recent_l[1]], axis=1).astype(q_bnh.dtype)
+    pooled = jnp.arange(s)[None, :] < kv_len_b[:, None]  # [B, S]
+    recent = jnp.broadcast_to(recent_r[None, :], (b, recent_r.shape[0]))  # [B, R]
+    mask_b1s = jnp.concatenate([pooled, recent], axis=1)[:, None, :]  # [B, 1, S + R]
+    return attend_one_query(q_bnh[:, None], k_bskh, v_bskh, mask_b1s)[:, 0]  # [B, N, H]
+
+
+def paged_attention_tpu(q_bnh, pool, layer, page_table_bp, kv_len_b):
+    """`paged_attention_reference` with jax's ragged paged attention kernel (TPU layout)."""
+    from jax.experimental.pallas.ops.tpu.ragged_paged_attention import ragged_paged_attention
+
+    kv = jax.lax.dynamic_index_in_dim(pool[0], layer, 0, keepdims=False)  # [P, C, 2K, H]
+    b, _, h = q_bnh.shape
+    cu_q_lens = jnp.arange(b + 1, dtype=jnp.int32)  # one query per row
+    return ragged_paged_attention(
+        q_bnh.astype(kv.dtype),
+        kv,
+        kv_len_b.astype(jnp.int32),
+        page_table_bp.astype(jnp.int32),
+        cu_q_lens,
+        jnp.array([b], jnp.int32),
+        sm_scale=h**-0.5,
+    ).astype(q_bnh.dtype)

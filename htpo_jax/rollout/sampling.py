@@ -1,0 +1,173 @@
+"""Sampling math and the rollout data types shared by both samplers (static and paged engine).
+
+Owns: the `Rollout` output, shape buckets, `sample_logits` (temperature, top-k, top-p, Gumbel-max
+draw, log-probs under the full tempered distribution), the per-row key rule and the greedy rule
+(`sample_step`), and the prompt helpers `repeat_prompts` / `full_sequences`. See the package
+docstring (`htpo_jax/rollout/__init__.py`) for the contract.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Rollout:
+    """B sampled responses of N = max_new_tokens slots each (B = prompts * n)."""
+
+    tokens: jax.Array  # [B, N] int32, pad_token_id after the end
+    response_mask: jax.Array  # [B, N] int32, 1 up to and including the first EOS
+    log_probs: jax.Array  # [B, N] float32, log p_tau(token) (full distribution; 0 after the end)
+    lengths: jax.Array  # [B] int32 = response_mask.sum(-1)
+    finished: jax.Array  # [B] bool, the response ended with EOS (False: truncated at N)
+
+
+def bucket(n: int, minimum: int = 8, linear_from: int = 512) -> int:
+    """Shape bucket: powers of two from `minimum` up to `linear_from`, then its multiples."""
+    if n <= linear_from:
+        return max(minimum, 1 << max(0, n - 1).bit_length())
+    return math.ceil(n / linear_from) * linear_from
+
+
+def prompt_bucket(n: int) -> int:
+    """The default prompt-length bucket: `bucket(n, minimum=16)`."""
+    return bucket(n, minimum=16)
+
+
+def repeat_prompts(prompt_ids, prompt_mask, n: int):
+    """Each prompt n times in a row: rows i*n .. i*n+n-1 are prompt i ([B, P] -> [B*n, P])."""
+    return np.repeat(np.asarray(prompt_ids), n, axis=0), np.repeat(np.asarray(prompt_mask), n, 0)
+
+
+def full_sequences(prompt_ids, prompt_mask, rollout: Rollout):
+    """(input_ids [B, P+N], attention_mask [B, P+N]) of prompt + response, for the trainer.
+
+    `logprobs_and_entropy(model, ids, mask)[0][:, P-1:]` lines up with `rollout.log_probs`.
+    Prompts must have the rollout's rows (use `repeat_prompts` when n > 1).
+    """
+    ids = jnp.concatenate([jnp.asarray(prompt_ids), rollout.tokens.astype(jnp.int32)], axis=1)
+    mask = jnp.concatenate(
+        [jnp.asarray(prompt_mask).astype(jnp.int32), rollout.response_mask.astype(jnp.int32)], 1
+    )
+    return ids, mask
+
+
+def argmax_last(x):
+    """`jnp.argmax(x, -1)` (first maximum) as two plain reductions.
+
+    XLA:CPU runs argmax's variadic (value, index) reduce an order of magnitude slower than a max
+    and a min; with a [B, V] row per decode step that was ~10% of the step.
+    """
+    iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    hit = x == jnp.max(x, axis=-1, keepdims=True)
+    return jnp.min(jnp.where(hit, iota, x.shape[-1] - 1), axis=-1)
+
+
+def _gumbel_argmax(keys_b, z_bv):
+    """One draw per row from softmax(z) (Gumbel-max), row b from its own key."""
+    g_bv = jax.vmap(lambda k: jax.random.gumbel(k, z_bv.shape[-1:], jnp.float32))(keys_b)
+    return argmax_last(z_bv + g_bv)
+
+
+def sample_logits(logits_bv, keys_b, temperature, top_p, *, top_k: int, use_top_p: bool):
+    """One token per row from float32 logits [B, V]: (tokens [B] int32, log_probs [B] float32).
+
+    log_probs are under softmax(logits / temperature) over the full vocabulary (see the package
+    docstring); the draw itself is from the top-k / top-p truncation of it.
+    """
+    z_bv = logits_bv.astype(jnp.float32) / temperature
+    logp_bv = jax.nn.log_softmax(z_bv, axis=-1)
+    v = z_bv.shape[-1]
+    if top_k > 0 or use_top_p:
+        k = top_k if 0 < top_k < v else v
+        vals_bk, idx_bk = jax.lax.top_k(z_bv, k)  # descending
+        if use_top_p:
+            p_bk = jax.nn.softmax(vals_bk, axis=-1)
+            mass_before_bk = jnp.cumsum(p_bk, axis=-1) - p_bk
+            vals_bk = jnp.where(mass_before_bk < top_p, vals_bk, -jnp.inf)  # rank 0 always kept
+        j_b = _gumbel_argmax(keys_b, vals_bk)
+        tokens_b = jnp.take_along_axis(idx_bk, j_b[:, None], axis=-1)[:, 0]
+    else:
+        tokens_b = _gumbel_argmax(keys_b, z_bv)
+    log_probs_b = jnp.take_along_axis(logp_bv, tokens_b[:, None], axis=-1)[:, 0]
+    return tokens_b.astype(jnp.int32), log_probs_b
+
+
+def row_keys(rng, rows_b):
+    """Each response row's own key, `fold_in(rng, row)` ([B] keys from global row ids [B])."""
+    return jax.vmap(jax.random.fold_in, (None, 0))(rng, rows_b)
+
+
+def sample_step(logits_bv, keys_b, steps_b, temperature, top_p, *, greedy, top_k, use_top_p):
+    """The token each row emits at response index `steps_b` ([B], or a scalar) and its log-prob.
+
+    Row b draws with `fold_in(keys_b[b], steps_b[b])` (keys_b from `row_keys`), so its output
+    depends only on (rng, its row id, its step): not on the batch, the slot or when it was
+    admitted. Greedy takes the argmax and reports the log-prob at tau = temperature (1 if <= 0).
+    """
+    if greedy:
+        tau = jnp.where(temperature > 0, temperature, 1.0)
+        logp_bv = jax.nn.log_softmax(logits_bv / tau, axis=-1)
+        tok_b = argmax_last(logits_bv)
+        return tok_b, jnp.take_along_axis(logp_bv, tok_b[:, None], axis=-1)[:, 0]
+    steps_b = jnp.broadcast_to(steps_b, keys_b.shape)
+    keys_b = jax.vmap(jax.random.fold_in)(keys_b, steps_b)
+    return sample_logits(logits_bv, keys_b, temperature, top_p, top_k=top_k, use_top_p=use_top_p)
+
+
+def is_eos(tok, eos_ids: tuple[int, ...]):
+    """Elementwise: tok is one of the (static) EOS ids."""
+    if len(eos_ids) > 8:  # one compare per id would unroll into a long chain
+        return jnp.isin(tok, jnp.asarray(eos_ids, jnp.int32))
+    hit = jnp.zeros(tok.shape, jnp.bool_)
+    for e in eos_ids:
+        hit = hit | (tok == e)
+    return hit
+
+
+def normalize_eos(eos_token_id) -> tuple[int, ...]:
+    """None / int / list of ids -> a sorted tuple (a static, hashable configuration)."""
+    if eos_token_id is None:
+        return ()
+    if isinstance(eos_token_id, int | np.integer):
+        return (int(eos_token_id),)
+    return tuple(sorted({int(e) for e in eos_token_id}))
+
+
+_TRACES = [0]
+
+
+def note_trace() -> None:
+    """Called from inside the functions that `jax.jit` compiles (a Python side effect: runs only
+    while tracing), so `trace_count` counts compiles of the samplers' programs."""
+    _TRACES[0] += 1
+
+
+def trace_count() -> int:
+    """How many sampler programs (static generate, engine prefill / decode) have been traced."""
+    return _TRACES[0]
+
+
+def check_args(prompt_mask, *, max_new_tokens, rng, n, temperature, top_p, greedy, eos_token_id):
+    """Validates `generate`'s arguments (ValueError naming the argument); returns
+    (greedy, rng, eos ids): greedy also when temperature <= 0, a fixed key when greedy."""
+    greedy = bool(greedy or temperature <= 0)
+    if rng is None:
+        if not greedy:
+            raise ValueError("generate: sampling needs rng=jax.random.key(...)")
+        rng = jax.random.key(0)
+    if max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"generate: top_p must be in (0, 1], got {top_p}")
+    if n < 1:
+        raise ValueError(f"generate: n must be >= 1, got {n}")
+    if not np.asarray(prompt_mask).astype(bool).any(-1).all():
+        raise ValueError("generate: every prompt row needs at least one token (mask all zero)")
+    return greedy, rng, normalize_eos(eos_token_id)

@@ -1,0 +1,274 @@
+"""The engine's host side: the page allocator, admission, page growth, preemption and packing of
+the live rows into a compiled batch. Pure numpy / Python; the device programs are in engine.py.
+
+Every piece of per-row state lives here (page list, cache length, next token, step), so the slot
+a row occupies is only its position in the packed arrays of one decode call: packing the live
+rows into the smallest bucket that holds them IS the compaction, and it costs nothing.
+
+Row r of a call is sample r % n of prompt r // n. Its cache holds the prompt's tokens but the last
+(positions 0 .. L-2, written once per prompt by the prefill) and then its own tokens: the first
+decode step feeds the prompt's last token and samples response token 0, so every sampled token,
+the first included, comes from the same decode program.
+
+Prompt pages: the prompt owns its prefilled pages until all its n rows are admitted. Its full
+pages are shared by the rows (reference counts); the partial last page (when L-1 is not a multiple
+of page_size) is copied into a private page of each row (copy-on-write: the rows write their own
+tokens after the prompt's). Pages are returned to the pool only after the programs that read them
+were dispatched (`end_round`), so a page freed in a round cannot be overwritten before its last
+read (programs run in dispatch order: each takes the pool the previous one returned).
+
+Preemption: when the live rows cannot all grow by one chunk, the most recently admitted rows give
+their pages back and return to the front of the queue; they restart from scratch later. Their
+outputs are the same (a row's randomness depends only on its id and step), only work is lost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+
+import numpy as np
+
+
+def pow2_at_least(x: int, minimum: int = 1) -> int:
+    """The smallest power of two >= max(x, minimum)."""
+    return 1 << max(0, max(x, minimum) - 1).bit_length()
+
+
+class PageAllocator:
+    """Reference-counted pages 1 .. num_pages - 1 (page 0 is the trash page, never handed out)."""
+
+    def __init__(self, num_pages: int):
+        self.refs = [0] * num_pages  # plain lists: this runs per row, numpy indexing is slower
+        self.free = list(range(num_pages - 1, 0, -1))  # pop() hands out low pages first
+        self.peak_used = 0
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    def alloc(self, k: int) -> list[int]:
+        if k == 0:
+            return []
+        if k > len(self.free):
+            raise RuntimeError(f"page pool exhausted: {k} pages wanted, {len(self.free)} free")
+        pages = self.free[-k:][::-1]
+        del self.free[-k:]
+        for p in pages:
+            self.refs[p] = 1
+        self.peak_used = max(self.peak_used, len(self.refs) - 1 - len(self.free))
+        return pages
+
+    def incref(self, pages) -> None:
+        for p in pages:
+            self.refs[p] += 1
+
+    def release(self, pages) -> None:
+        for p in pages:
+            self.refs[p] -= 1
+            if self.refs[p] == 0:
+                self.free.append(p)
+
+
+@dataclasses.dataclass
+class _Prompt:
+    ids: np.ndarray  # [L] the real tokens
+    pages: list[int] | None = None  # prefilled pages of tokens 0 .. L-2 (None: not prefilled)
+    unadmitted: int = 0  # rows of this prompt not yet admitted
+
+
+@dataclasses.dataclass
+class _Row:
+    row: int  # global row id (its key)
+    prompt: int
+    pages: list[int]
+    kv_len: int  # tokens in the cache
+    next_tok: int  # the token the next step feeds
+    step: int = 0  # response index of the next sampled token
+    admitted_at: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodePlan:
+    """One decode call's packed inputs (S slots, Pb pages per row) and the rows in those slots."""
+
+    rows: list  # the live _Row objects, slot order
+    page_table_sp: np.ndarray  # [S, Pb] int32
+    kv_len_s: np.ndarray  # [S] int32
+    tok_s: np.ndarray  # [S] int32
+    step_s: np.ndarray  # [S] int32
+    row_s: np.ndarray  # [S] int32
+    active_s: np.ndarray  # [S] bool
+    copy_src_s: np.ndarray  # [S] int32 copy-on-write: page copies done before decoding
+    copy_dst_s: np.ndarray  # [S] int32
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillPlan:
+    ids_bt: np.ndarray  # [Bp, Tp] int32, right padded: tokens 0 .. L-2 of each prompt
+    len_b: np.ndarray  # [Bp] int32, L - 1 (0 for padding prompts)
+    page_table_bp: np.ndarray  # [Bp, Tp / page_size] int32 (0 = trash for padding)
+
+
+class Scheduler:
+    """Admission, growth and packing for one `generate` call (see the module docstring)."""
+
+    def __init__(self, prompts: list[np.ndarray], n: int, max_new_tokens: int, *, page_size: int,
+                 num_pages: int, max_num_seqs: int, steps_per_call: int, min_slots: int = 8,
+                 prefill_len_bucket=None):  # fmt: skip
+        self.n, self.max_new, self.ps = n, max_new_tokens, page_size
+        self.k, self.max_num_seqs, self.min_slots = steps_per_call, max_num_seqs, min_slots
+        self.prefill_len_bucket = prefill_len_bucket or (lambda t: pow2_at_least(t, 16))
+        self.prompts = [_Prompt(ids=np.asarray(p, np.int32), unadmitted=n) for p in prompts]
+        self.alloc = PageAllocator(num_pages)
+        self.waiting: deque[int] = deque(range(len(prompts) * n))
+        self.live: list[_Row] = []
+        self.round = 0
+        self.preemptions = 0
+        self._to_release: list[list[int]] = []
+        self._copies: list[tuple[int, int]] = []
+        self._prefill: list[int] = []
+        self.finished_rows: list[_Row] = []
+        worst = self._pages(len(max(prompts, key=len)) - 1 + self.max_new) + 1
+        if worst > num_pages - 1:
+            raise ValueError(
+                f"rollout.num_pages: {num_pages - 1} pages of {page_size} tokens cannot hold one "
+                f"row (prompt + {max_new_tokens} tokens needs {worst}); raise num_pages"
+            )
+
+    def _pages(self, tokens: int) -> int:
+        return -(-tokens // self.ps)
+
+    def _feeds(self, r: _Row) -> int:
+        """Tokens row r feeds in the next call (at most; fewer if it samples EOS)."""
+        return min(self.k, self.max_new - r.step)
+
+    def _growth(self, r: _Row) -> int:
+        return max(0, self._pages(r.kv_len + self._feeds(r)) - len(r.pages))
+
+    @property
+    def done(self) -> bool:
+        return not self.waiting and not self.live
+
+    # ------------------------------------------------------------------ admission
+    def _admission_cost(self, row: int) -> int:
+        p = self.prompts[row // self.n]
+        prefix = len(p.ids) - 1
+        cost = self._pages(prefix) if p.pages is None else 0
+        own_from = prefix // self.ps  # the first page the row writes into is its own
+        return cost + self._pages(prefix + min(self.k, self.max_new)) - own_from
+
+    def _admit(self, row: int) -> None:
+        i = row // self.n
+        p = self.prompts[i]
+        prefix = len(p.ids) - 1
+        if p.pages is None:
+            p.pages = self.alloc.alloc(self._pages(prefix))
+            if prefix:
+                self._prefill.append((p.ids, p.pages))
+        n_full = prefix // self.ps
+        shared = p.pages[:n_full]
+        self.alloc.incref(shared)
+        r = _Row(row=row, prompt=i, pages=list(shared), kv_len=prefix, next_tok=int(p.ids[-1]))
+        r.admitted_at = self.round
+        if prefix % self.ps:
+            (own,) = self.alloc.alloc(1)
+            self._copies.append((p.pages[n_full], own))
+            r.pages.append(own)
+        r.pages += self.alloc.alloc(self._growth(r))
+        p.unadmitted -= 1
+        if p.unadmitted == 0:  # every row has its references: the prompt lets go of its own
+            self._to_release.append(p.pages)
+            p.pages = None
+        self.live.append(r)
+
+    def _preempt(self, r: _Row) -> None:
+        self.live.remove(r)
+        self.alloc.release(r.pages)  # only programs already dispatched read them
+        p = self.prompts[r.prompt]
+        p.unadmitted += 1
+        self.waiting.appendleft(r.row)
+        self.preemptions += 1
+
+    # ------------------------------------------------------------------ one round
+    def plan(self) -> tuple[PrefillPlan | None, DecodePlan]:
+        """Grows the live rows' pages by one call (preempting if the pool runs short), admits
+        waiting rows while slots and pages allow, and packs everything for the device."""
+        self.round += 1
+        need = sum(self._growth(r) for r in self.live)
+        while need > self.alloc.num_free and len(self.live) > 1:
+            youngest = max(self.live, key=lambda r: (r.admitted_at, r.row))
+            need -= self._growth(youngest)
+            self._preempt(youngest)
+        for r in self.live:
+            r.pages += self.alloc.alloc(self._growth(r))
+        while self.waiting and len(self.live) < self.max_num_seqs:
+            if self._admission_cost(self.waiting[0]) > self.alloc.num_free:
+                break
+            self._admit(self.waiting.popleft())
+        if not self.live:
+            raise RuntimeError("engine: no row could be admitted (page pool too small)")
+        return self._pack_prefill(), self._pack_decode()
+
+    def _pack_prefill(self) -> PrefillPlan | None:
+        if not self._prefill:
+            return None
+        prompts, self._prefill = self._prefill, []
+        tp = self.prefill_len_bucket(max(len(ids) - 1 for ids, _ in prompts))
+        tp = -(-tp // self.ps) * self.ps
+        bp = pow2_at_least(len(prompts))
+        ids = np.zeros((bp, tp), np.int32)
+        lens = np.zeros(bp, np.int32)
+        table = np.zeros((bp, tp // self.ps), np.int32)
+        for b, (prompt_ids, pages) in enumerate(prompts):
+            ids[b, : len(prompt_ids) - 1] = prompt_ids[:-1]
+            lens[b] = len(prompt_ids) - 1
+            table[b, : len(pages)] = pages
+        return PrefillPlan(ids_bt=ids, len_b=lens, page_table_bp=table)
+
+    def _pack_decode(self) -> DecodePlan:
+        rows = self.live
+        s = max(self.min_slots, pow2_at_least(len(rows)))
+        pb = pow2_at_least(max(len(r.pages) for r in rows))
+        table = np.zeros((s, pb), np.int32)
+        kv_len, tok, step, row = (np.zeros(s, np.int32) for _ in range(4))
+        active = np.zeros(s, bool)
+        for j, r in enumerate(rows):
+            table[j, : len(r.pages)] = r.pages
+            kv_len[j], tok[j], step[j], row[j], active[j] = r.kv_len, r.next_tok, r.step, r.row, 1
+        src, dst = np.zeros(s, np.int32), np.zeros(s, np.int32)
+        for j, (a, b) in enumerate(self._copies):
+            src[j], dst[j] = a, b
+        self._copies = []
+        return DecodePlan(list(rows), table, kv_len, tok, step, row, active, src, dst)
+
+    def commit(self, plan: DecodePlan, tokens_sk: np.ndarray, eos_ids, out_tokens, out_logp,
+               logp_sk: np.ndarray) -> None:  # fmt: skip
+        """Takes one call's sampled tokens [S, K] (and log-probs) into the output arrays, ends
+        the rows that sampled EOS or reached max_new_tokens, and returns pages to the pool."""
+        k = tokens_sk.shape[1]
+        eos_sk = np.isin(tokens_sk, np.asarray(eos_ids, np.int32)) if eos_ids else None
+        still = []
+        for j, r in enumerate(plan.rows):
+            e = min(k, self.max_new - r.step)
+            hit = False
+            if eos_sk is not None and eos_sk[j, :e].any():
+                e = int(np.argmax(eos_sk[j, :e])) + 1
+                hit = True
+            out_tokens[r.row, r.step : r.step + e] = tokens_sk[j, :e]
+            out_logp[r.row, r.step : r.step + e] = logp_sk[j, :e]
+            r.kv_len += e
+            r.step += e
+            r.next_tok = int(tokens_sk[j, e - 1])
+            if hit or r.step >= self.max_new:
+                self._to_release.append(r.pages)
+                self.finished_rows.append(r)
+            else:
+                still.append(r)
+        self.live = still
+
+    def end_round(self) -> None:
+        """Returns this round's freed pages to the pool (after its programs were dispatched)."""
+        for pages in self._to_release:
+            self.alloc.release(pages)
+        self._to_release = []
