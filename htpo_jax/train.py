@@ -21,6 +21,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from htpo_jax import advantages as adv_lib
+from htpo_jax import balance
 from htpo_jax.checkpoint import Checkpointer
 from htpo_jax.config import Config, cli_config, dump_yaml
 from htpo_jax.data import DataState, train_stream, val_dataset
@@ -28,6 +29,7 @@ from htpo_jax.eval import Scored, sample_and_score, validate
 from htpo_jax.metrics import MetricsLogger, plain
 from htpo_jax.models.hf_io import from_pretrained, load_tokenizer
 from htpo_jax.rewards import RewardPool
+from htpo_jax.rewards.routing import UnknownDataSource, check_sources
 from htpo_jax.sharding import is_main_process, logical_sharding, make_mesh, to_host
 from htpo_jax.train_step import (
     StepConfig,
@@ -170,6 +172,16 @@ def build_batch(run: Run, kept: dict) -> UpdateBatch:
     )
 
 
+def balance_rows(run: Run, batch: UpdateBatch) -> tuple[UpdateBatch, dict]:
+    """data.balance_batch: rows reordered so each batch shard gets a balanced token count."""
+    shards = run.mesh.shape["data"] * run.mesh.shape["fsdp"]
+    seqlen = batch.attention_mask.sum(-1)  # [N] prompt + response tokens, as verl counts them
+    mini_rows = run.cfg.optim.mini_batch_size * run.cfg.rollout.n
+    order = balance.mesh_order(seqlen, shards, mini_rows, run.cfg.optim.micro_batch_size)
+    stats = balance.balance_stats(seqlen, order, shards, run.cfg.optim.micro_batch_size)
+    return jax.tree.map(lambda x: x[order], batch), stats
+
+
 # ---------------------------------------------------------------- 6 OLD LOG-PROBS
 def old_logprobs(run: Run, batch: UpdateBatch) -> tuple[UpdateBatch, float]:
     """Old (and reference) log-probs in micro-batch chunks; returns the batch and mean entropy."""
@@ -217,6 +229,8 @@ def update_all(run: Run, batch: UpdateBatch) -> dict:
             run.state, metrics = run.update_fn(run.state, mini)
             per_update.append(metrics)
     metrics = jax.tree.map(lambda *xs: np.mean([np.asarray(x) for x in xs]), *per_update)
+    # a count, not a mean: updates of this step skipped for a non-finite loss or gradient norm
+    metrics["nonfinite_skipped"] = sum(int(m["nonfinite_skipped"]) for m in per_update)
     metrics = {(k if k.startswith("group_frac") else f"train/{k}"): v for k, v in metrics.items()}
     return metrics
 
@@ -228,7 +242,11 @@ def rl_step(run: Run, step: int) -> dict:
     kept, stats = collect(run, key)
     times["time/rollout_reward_filter"] = time.perf_counter() - t0
     t1 = time.perf_counter()
-    batch, mean_ent = old_logprobs(run, build_batch(run, kept))
+    batch = build_batch(run, kept)
+    if run.cfg.data.balance_batch:
+        batch, balance_metrics = balance_rows(run, batch)
+        stats.update(balance_metrics)
+    batch, mean_ent = old_logprobs(run, batch)
     times["time/old_log_prob"] = time.perf_counter() - t1
     t2 = time.perf_counter()
     metrics = update_all(run, batch)
@@ -256,7 +274,7 @@ def setup(cfg: Config, mesh: jax.sharding.Mesh) -> Run:
     updates_per_step = cfg.optim.ppo_epochs * (
         cfg.data.train_batch_size // cfg.optim.mini_batch_size
     )
-    tx = make_optimizer(cfg.optim, cfg.trainer.total_steps * updates_per_step)
+    tx = make_optimizer(cfg.optim, cfg.trainer.total_steps, updates_per_step)
     state = TrainState(
         params=params,
         opt_state=tx.init(params),
@@ -271,6 +289,10 @@ def setup(cfg: Config, mesh: jax.sharding.Mesh) -> Run:
         state, extra = restored
         start, data_state = int(extra["step"]), DataState.from_json(extra["data"])
         log.info("resumed from %s at step %d", cfg.checkpoint_dir, start)
+    stream, val_set = train_stream(cfg, tokenizer, data_state), val_dataset(cfg, tokenizer)
+    check_sources([r.data_source for r in stream.dataset.rows], cfg, "data.train_files")
+    if val_set is not None:
+        check_sources([r.data_source for r in val_set.rows], cfg, "data.val_files")
     pool = None
     if cfg.algorithm.reward_num_workers:
         pool = RewardPool(
@@ -288,8 +310,8 @@ def setup(cfg: Config, mesh: jax.sharding.Mesh) -> Run:
         ref_params=ref_params,
         update_fn=jit_update(graphdef, tx, step_cfg),
         step_cfg=step_cfg,
-        stream=train_stream(cfg, tokenizer, data_state),
-        val_set=val_dataset(cfg, tokenizer),
+        stream=stream,
+        val_set=val_set,
         ckpt=ckpt,
         pool=pool,
         start_step=start,
@@ -318,7 +340,11 @@ def train(cfg: Config) -> dict:
         run = setup(cfg, mesh)
         t, total = cfg.trainer, cfg.trainer.total_steps
         first_val = last_val = None
-        if run.start_step == 0 and t.val_before_train:
+        if t.val_only:  # eval.sh's mode: validate the current (restored) policy, then stop
+            last_val = run_validation(run)
+            run.logger.log(run.start_step, last_val)
+            total = run.start_step
+        elif run.start_step == 0 and t.val_before_train:
             first_val = run_validation(run)
             run.logger.log(0, first_val)
         bar = tqdm(
@@ -382,7 +408,11 @@ def main(argv=None) -> dict:
         argv = ["--config", str(DEFAULT_CONFIG), *argv]
     cfg = cli_config(argv, description=__doc__.splitlines()[0])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    summary = train(cfg)
+    try:
+        summary = train(cfg)
+    except UnknownDataSource as e:  # bad input: one line, exit 2 (as a bad config key)
+        print(f"htpo_jax.train: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     print_summary(summary)
     return summary
 
