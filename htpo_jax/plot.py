@@ -51,17 +51,23 @@ def labelled(items: list[str]) -> dict[str, list[Path]]:
     return out
 
 
+def fail(msg: str):
+    """Bad input: one line on stderr, exit status 2."""
+    print(f"htpo_jax.plot: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def load_summary(path: Path) -> dict:
-    f = path / "summary.json" if path.is_dir() else path
+    f = path if path.suffix == ".json" else path / "summary.json"
     if not f.is_file():
-        raise SystemExit(f"htpo_jax.plot: {f} not found (an htpo_jax.evaluate output directory?)")
+        fail(f"{f} not found (an htpo_jax.evaluate output directory?)")
     return json.loads(f.read_text())
 
 
 def load_metrics(run: Path) -> list[dict]:
-    f = run / "metrics.jsonl" if run.is_dir() else run
+    f = run if run.suffix == ".jsonl" else run / "metrics.jsonl"
     if not f.is_file():
-        raise SystemExit(f"htpo_jax.plot: {f} not found (a run's trainer.output_dir?)")
+        fail(f"{f} not found (a run's trainer.output_dir?)")
     return [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
 
 
@@ -188,10 +194,7 @@ def main(argv=None) -> Path:
     if args.what == "passk":
         data = {k: [load_summary(d) for d in v] for k, v in groups.items()}
         if args.source and not any(args.source in s for ss in data.values() for s in ss):
-            print(
-                f"htpo_jax.plot: no data source '{args.source}' in these summaries", file=sys.stderr
-            )
-            raise SystemExit(2)
+            fail(f"no data source '{args.source}' in these summaries")
         out = passk_figure(data, args.out, args.source)
     else:
         out = curves_figure({k: [load_metrics(d) for d in v] for k, v in groups.items()}, args.out)

@@ -68,6 +68,9 @@ def test_labels_group_directories():
     }
 
 
-def test_missing_summary_is_one_line(tmp_path):
-    with pytest.raises(SystemExit, match="summary.json not found"):
-        main(["passk", str(tmp_path / "nothing")])
+def test_missing_input_is_one_line_and_exit_2(tmp_path, capsys):
+    for argv in (["passk", str(tmp_path / "nothing")], ["curves", str(tmp_path / "nothing")]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and "not found" in err[0], err
