@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import heapq
 
+import jax
 import numpy as np
 
 
@@ -82,3 +83,12 @@ def balance_stats(seqlen, order, n_shards: int, micro_rows: int) -> dict[str, fl
         "global_seqlen/balanced_max": float(after.max()),
         "global_seqlen/mean": float(before.mean()),
     }
+
+
+def balance_batch(batch, n_shards: int, cfg):
+    """A step's `UpdateBatch` with its rows in `mesh_order`, and the `global_seqlen/*` metrics."""
+    seqlen = np.asarray(batch.attention_mask).sum(-1)  # [N] prompt + response, as verl counts
+    mini_rows, micro_rows = cfg.optim.mini_batch_size * cfg.rollout.n, cfg.optim.micro_batch_size
+    order = mesh_order(seqlen, n_shards, mini_rows, micro_rows)
+    stats = balance_stats(seqlen, order, n_shards, micro_rows)
+    return jax.tree.map(lambda x: x[order], batch), stats

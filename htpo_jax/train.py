@@ -172,16 +172,6 @@ def build_batch(run: Run, kept: dict) -> UpdateBatch:
     )
 
 
-def balance_rows(run: Run, batch: UpdateBatch) -> tuple[UpdateBatch, dict]:
-    """data.balance_batch: rows reordered so each batch shard gets a balanced token count."""
-    shards = run.mesh.shape["data"] * run.mesh.shape["fsdp"]
-    seqlen = batch.attention_mask.sum(-1)  # [N] prompt + response tokens, as verl counts them
-    mini_rows = run.cfg.optim.mini_batch_size * run.cfg.rollout.n
-    order = balance.mesh_order(seqlen, shards, mini_rows, run.cfg.optim.micro_batch_size)
-    stats = balance.balance_stats(seqlen, order, shards, run.cfg.optim.micro_batch_size)
-    return jax.tree.map(lambda x: x[order], batch), stats
-
-
 # ---------------------------------------------------------------- 6 OLD LOG-PROBS
 def old_logprobs(run: Run, batch: UpdateBatch) -> tuple[UpdateBatch, float]:
     """Old (and reference) log-probs in micro-batch chunks; returns the batch and mean entropy."""
@@ -243,8 +233,9 @@ def rl_step(run: Run, step: int) -> dict:
     times["time/rollout_reward_filter"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     batch = build_batch(run, kept)
-    if run.cfg.data.balance_batch:
-        batch, balance_metrics = balance_rows(run, batch)
+    if run.cfg.data.balance_batch:  # shards: the batch axis is split over data x fsdp
+        shards = run.mesh.shape["data"] * run.mesh.shape["fsdp"]
+        batch, balance_metrics = balance.balance_batch(batch, shards, run.cfg)
         stats.update(balance_metrics)
     batch, mean_ent = old_logprobs(run, batch)
     times["time/old_log_prob"] = time.perf_counter() - t1

@@ -204,3 +204,27 @@ def test_validation_reports_each_data_source(monkeypatch):
     assert out["val/aime24/pass@2"] == pytest.approx(0.5)
     assert out["val/math_dapo/mean@2"] == pytest.approx(0.5)
     assert out["val/math_dapo/pass@2"] == pytest.approx(1.0)
+
+
+def test_balance_batch_moves_whole_rows_together():
+    cfg = load_config(
+        None,
+        [
+            "rollout.n=2",
+            "data.train_batch_size=4",
+            "optim.mini_batch_size=2",
+            "optim.micro_batch_size=4",
+        ],
+    )
+    batch = random_batch()
+    new, stats = balance.balance_batch(batch, 2, cfg)
+    order = balance.mesh_order(batch.attention_mask.sum(-1), 2, 4, 4)
+    for field in ("input_ids", "attention_mask", "advantages", "old_log_prob", "hard", "correct"):
+        np.testing.assert_array_equal(np.asarray(getattr(new, field)), getattr(batch, field)[order])
+    assert new.prompt_len == batch.prompt_len
+    assert (
+        stats["global_seqlen/balanced_max"] - stats["global_seqlen/balanced_min"]
+        <= (stats["global_seqlen/minmax_diff"])
+    )
+    same, _ = balance.balance_batch(batch, 1, cfg)  # one shard: nothing moves, as in verl
+    np.testing.assert_array_equal(np.asarray(same.input_ids), batch.input_ids)
