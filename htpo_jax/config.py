@@ -59,8 +59,21 @@ class ModelConfig:
     remat: bool = _f(True, "Rematerialize decoder layers in the backward pass (less memory).")
     attention_chunk_size: int = _f(
         0,
-        "Query chunk of the training attention (0 = full T x T; set it for long responses).",
+        "Query block of the chunked attention (0 = 2,048; attention_impl=auto picks chunked on "
+        "CPU only above that length).",
         NONNEG,
+    )
+    attention_impl: Literal["auto", "xla", "chunked", "splash", "cudnn"] = _f(
+        "auto",
+        "Training/scoring attention: xla (full T x T scores), chunked (attention_chunk_size "
+        "queries at a time), splash (Pallas TPU flash kernel), cudnn (GPU flash, bf16/fp16); "
+        "auto = splash on TPU, cudnn on GPU, else chunked above 2,048 positions, else xla.",
+    )
+    scan_layers: bool = _f(
+        True,
+        "Stack the layers' parameters [L, ...] and apply them with lax.scan: compile time and "
+        "program size do not grow with depth (false: a Python loop; same results, but "
+        "checkpoints of one layout do not restore into the other).",
     )
 
 

@@ -30,6 +30,7 @@ def export(run_dir: str | Path, out: str | Path, step: int | None = None) -> int
         cfg.model.path,
         dtype=jnp.dtype(cfg.model.param_dtype),
         param_dtype=jnp.dtype(cfg.model.param_dtype),
+        scan_layers=cfg.model.scan_layers,  # the checkpoint's parameter layout
     )
     _, params = nnx.split(model)
     tx = make_optimizer(cfg.optim, 1)  # only the optimizer state's structure is needed

@@ -54,7 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from htpo_jax.models.decoder import CACHE_LOGICAL_AXES, LayerCache, positions_from_mask
+from htpo_jax.models.decoder import CACHE_LOGICAL_AXES, KVCache, positions_from_mask
 from htpo_jax.sharding import constrain
 
 _TRACES = 0
@@ -86,7 +86,7 @@ class _LoopState:
     tokens: jax.Array  # [B, N] int32
     log_probs: jax.Array  # [B, N] float32
     done: jax.Array  # [B] bool: EOS already sampled
-    cache: tuple[LayerCache, ...]  # per layer k, v [B, S = P + N, K, H]
+    cache: KVCache  # k, v [L, B, S = P + N, K, H]
 
 
 def bucket(n: int, minimum: int = 8, linear_from: int = 512) -> int:
@@ -160,10 +160,9 @@ def sample_logits(logits_bv, keys_b, temperature, top_p, *, top_k: int, use_top_
     return tokens_b.astype(jnp.int32), log_probs_b
 
 
-def _constrain_cache(cache):
-    return tuple(
-        LayerCache(k=constrain(c.k, CACHE_LOGICAL_AXES), v=constrain(c.v, CACHE_LOGICAL_AXES))
-        for c in cache
+def _constrain_cache(cache: KVCache) -> KVCache:
+    return KVCache(
+        k=constrain(cache.k, CACHE_LOGICAL_AXES), v=constrain(cache.v, CACHE_LOGICAL_AXES)
     )
 
 
@@ -206,12 +205,12 @@ def _compiled(graphdef, n, max_new_tokens, greedy, top_k, use_top_p, eos_ids, pa
             prompt_ids_bp, positions_from_mask(prompt_mask_bp), prompt_cache, 0, prompt_mask_bp
         )
 
-        def expand(x_pkh):  # [B/n, P, K, H] -> [B, S = P + N, K, H]
-            x_pkh = jnp.repeat(x_pkh, n, axis=0) if n > 1 else x_pkh
-            empty = jnp.zeros((b, n_new) + x_pkh.shape[2:], cache_dtype)
-            return constrain(jnp.concatenate([x_pkh, empty], axis=1), CACHE_LOGICAL_AXES)
+        def expand(x_lpkh):  # [L, B/n, P, K, H] -> [L, B, S = P + N, K, H]
+            x_lpkh = jnp.repeat(x_lpkh, n, axis=1) if n > 1 else x_lpkh
+            empty = jnp.zeros(x_lpkh.shape[:1] + (b, n_new) + x_lpkh.shape[3:], cache_dtype)
+            return constrain(jnp.concatenate([x_lpkh, empty], axis=2), CACHE_LOGICAL_AXES)
 
-        cache = tuple(LayerCache(k=expand(c.k), v=expand(c.v)) for c in prompt_cache)
+        cache = KVCache(k=expand(prompt_cache.k), v=expand(prompt_cache.v))
         hidden_bd = jnp.repeat(hidden_bpd[:, -1], n, axis=0)  # [B, D]
         prompt_mask_bp = constrain(jnp.repeat(prompt_mask_bp, n, axis=0), ("act_batch", None))
         prompt_len_b = prompt_mask_bp.sum(-1, dtype=jnp.int32)

@@ -36,6 +36,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("head_dim", None),
     ("mlp", "tensor"),
     ("norm", None),
+    ("layers", None),  # the stacked layers' leading axis (scan_layers): never sharded
     # activations
     ("act_batch", ("data", "fsdp")),
     ("act_seq", None),
@@ -44,7 +45,8 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("act_kv_heads", "tensor"),
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
-    # KV cache [B, S, K, H]
+    # KV cache [L, B, S, K, H]
+    ("cache_layers", None),
     ("cache_batch", ("data", "fsdp")),
     ("cache_seq", None),
     ("cache_kv_heads", "tensor"),
@@ -147,7 +149,7 @@ def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
 
 
 def describe_shardings(model: nnx.Module, mesh: Mesh) -> dict[str, str]:
-    """'layers.0.self_attn.q_proj.kernel' -> 'P(fsdp, tensor, None)': for logs and tests."""
+    """'layers.self_attn.q_proj.kernel' -> 'P(None, fsdp, tensor, None)': for logs and tests."""
     out = {}
     for path, var in nnx.to_flat_state(nnx.state(model)):
         out[".".join(map(str, path))] = str(variable_sharding(var, mesh).spec)

@@ -27,7 +27,7 @@ from htpo_jax.config import Config, cli_config, dump_yaml
 from htpo_jax.data import DataState, train_stream, val_dataset
 from htpo_jax.eval import Scored, sample_and_score, validate
 from htpo_jax.metrics import MetricsLogger, plain
-from htpo_jax.models.hf_io import from_pretrained, load_tokenizer
+from htpo_jax.models.hf_io import decoder_options, from_pretrained, load_tokenizer
 from htpo_jax.rewards import RewardPool
 from htpo_jax.rewards.routing import UnknownDataSource, check_sources
 from htpo_jax.sharding import is_main_process, logical_sharding, make_mesh, to_host
@@ -258,7 +258,7 @@ def setup(cfg: Config, mesh: jax.sharding.Mesh) -> Run:
         dtype=jnp.dtype(cfg.model.dtype),
         param_dtype=jnp.dtype(cfg.model.param_dtype),
         mesh=mesh,
-        remat=cfg.model.remat,
+        **decoder_options(cfg.model),
     )
     graphdef, params = nnx.split(model)
     ref_params = jax.tree.map(jnp.copy, params) if cfg.algorithm.use_kl_loss else None

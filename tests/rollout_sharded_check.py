@@ -36,8 +36,8 @@ def main():
 
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
     model = shard_model(random_decoder("qwen3", False), mesh)
-    q = model.layers[0].self_attn.q_proj.kernel[...]
-    assert q.sharding.spec == jax.P("fsdp", "tensor", None), q.sharding
+    q = model.layers.self_attn.q_proj.kernel[...]  # [L, D, N, H]
+    assert q.sharding.spec == jax.P(None, "fsdp", "tensor", None), q.sharding
     with jax.set_mesh(mesh):
         greedy = generate(model, ids, mask, greedy=True, **kw)
         sample = generate(model, ids, mask, rng=jax.random.key(2), top_p=0.95, **kw)

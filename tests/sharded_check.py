@@ -41,11 +41,11 @@ def main():
     moved = shard_model(random_decoder("qwen3", False), mesh)
 
     for m in (loaded, moved):
-        q = m.layers[0].self_attn.q_proj.kernel[...]  # [D=64, N=4, H=16]
-        assert q.sharding.spec == jax.P("fsdp", "tensor", None), q.sharding
-        assert q.addressable_shards[0].data.shape == (32, 2, 16)
-        up = m.layers[1].mlp.up_proj.kernel[...]  # [D, F]
-        assert up.sharding.spec == jax.P("fsdp", "tensor"), up.sharding
+        q = m.layers.self_attn.q_proj.kernel[...]  # [L=2, D=64, N=4, H=16]
+        assert q.sharding.spec == jax.P(None, "fsdp", "tensor", None), q.sharding
+        assert q.addressable_shards[0].data.shape == (2, 32, 2, 16)
+        up = m.layers.mlp.up_proj.kernel[...]  # [L, D, F]
+        assert up.sharding.spec == jax.P(None, "fsdp", "tensor"), up.sharding
         emb = m.embed_tokens[...]
         assert emb.sharding.spec == jax.P("tensor", "fsdp"), emb.sharding
         assert m.norm.scale[...].sharding.is_fully_replicated

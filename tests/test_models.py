@@ -17,7 +17,7 @@ from tiny_models import (
     to_4x_style,
 )
 
-from htpo_jax.models.decoder import positions_from_mask, rope_inv_freq
+from htpo_jax.models.decoder import Decoder, positions_from_mask, rope_inv_freq
 from htpo_jax.models.hf_io import from_pretrained, save_pretrained
 from htpo_jax.models.model_config import ModelConfig, RopeScaling
 
@@ -58,10 +58,13 @@ def hf_logits(model, ids, mask):
 
 
 @pytest.mark.parity
-@pytest.mark.parametrize("family,tied", FAMILIES)
-def test_logits_match_transformers(tmp_path, family, tied):
+@pytest.mark.parametrize(
+    "family,tied,scan_layers", [(f, t, True) for f, t in FAMILIES] + [("qwen3", False, False)]
+)
+def test_logits_match_transformers(tmp_path, family, tied, scan_layers):
     path, hf = hf_model_dir(tmp_path, family, tied)
-    model = from_pretrained(path, dtype=jnp.float32)
+    model = from_pretrained(path, dtype=jnp.float32, scan_layers=scan_layers)
+    assert model.scan_layers == scan_layers
     cfg = model.cfg
     assert cfg.tie_word_embeddings == tied and (model.lm_head is None) == tied
     assert cfg.qk_norm == (family == "qwen3") and cfg.qkv_bias == (family == "qwen2")
@@ -110,12 +113,15 @@ def test_sharded_hf_checkpoint_loads(tmp_path):
 
 
 @pytest.mark.parity
-@pytest.mark.parametrize("family,tied", [("qwen3", False), ("qwen2", True), ("llama", False)])
-def test_save_pretrained_loads_in_transformers(tmp_path, family, tied):
+@pytest.mark.parametrize(
+    "family,tied,scan_layers",
+    [("qwen3", False, True), ("qwen2", True, True), ("llama", False, True), ("qwen3", True, False)],
+)
+def test_save_pretrained_loads_in_transformers(tmp_path, family, tied, scan_layers):
     torch = pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM
 
-    model = random_decoder(family, tied)
+    model = random_decoder(family, tied, scan_layers=scan_layers)
     save_pretrained(model, tmp_path / "out")
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
     ids, mask = left_padded_batch(3)
@@ -123,13 +129,16 @@ def test_save_pretrained_loads_in_transformers(tmp_path, family, tied):
     assert np.abs(ours - hf_logits(hf, ids, mask))[mask].max() < 2e-4
 
 
-def test_save_load_round_trip_multi_file(tmp_path):
-    model = random_decoder("qwen2", False)
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_save_load_round_trip_multi_file(tmp_path, scan_layers):
+    model = random_decoder("qwen2", False, scan_layers=scan_layers)
     save_pretrained(model, tmp_path, max_shard_bytes=30_000)
     assert (tmp_path / "model.safetensors.index.json").exists()
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["architectures"] == ["Qwen2ForCausalLM"]
-    loaded = from_pretrained(tmp_path, dtype=jnp.float32)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert "model.layers.1.mlp.down_proj.weight" in index["weight_map"]  # one tensor per layer
+    loaded = from_pretrained(tmp_path, dtype=jnp.float32, scan_layers=scan_layers)
     assert loaded.cfg == model.cfg
     for (p1, v1), (p2, v2) in zip(
         nnx.to_flat_state(nnx.state(model)), nnx.to_flat_state(nnx.state(loaded)), strict=True
@@ -143,7 +152,7 @@ def test_bf16_checkpoint_and_dtypes(tmp_path):
     save_pretrained(model, tmp_path, dtype=jnp.bfloat16)
     assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
     mixed = from_pretrained(tmp_path, dtype=jnp.bfloat16, param_dtype=jnp.float32)
-    assert mixed.layers[0].mlp.up_proj.kernel[...].dtype == jnp.float32
+    assert mixed.layers.mlp.up_proj.kernel[...].dtype == jnp.float32
     ids, mask = left_padded_batch(4)
     logits = mixed(ids, mask)
     assert logits.dtype == jnp.float32
@@ -188,10 +197,110 @@ def test_remat_and_attention_chunks_give_same_values_and_gradients():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(a).max()))
 
 
-@pytest.mark.parametrize("family", ["qwen3", "qwen2", "llama"])
-def test_prefill_then_decode_matches_full_forward(family):
+def _by_layer(grads_state, num_layers):
+    """{unstacked flat path: array}: a scanned model's [L, ...] leaves split per layer."""
+    out = {}
+    for path, v in nnx.to_flat_state(grads_state):
+        if path[0] == "layers" and not isinstance(path[1], int):
+            for i in range(num_layers):
+                out[("layers", i) + path[1:]] = np.asarray(v[...][i])
+        else:
+            out[path] = np.asarray(v[...])
+    return out
+
+
+def test_scanned_and_looped_layers_give_same_values_and_gradients(tmp_path):
+    ids, mask = left_padded_batch(7, t=11)
+    looped = random_decoder("qwen3", False, scan_layers=False)
+    save_pretrained(looped, tmp_path)
+    scanned = from_pretrained(tmp_path, dtype=jnp.float32, remat=True)
+    assert scanned.scan_layers and scanned.layers.self_attn.q_proj.kernel.shape[0] == 2
+
+    def loss(m):
+        logits = m(ids, mask)
+        return (logits * mask[..., None]).sum(), logits
+
+    grad = nnx.jit(nnx.grad(loss, has_aux=True))
+    g_loop, l_loop = grad(looped)
+    g_scan, l_scan = grad(scanned)
+    np.testing.assert_allclose(l_scan, l_loop, rtol=1e-6, atol=1e-6)
+    g_loop, g_scan = _by_layer(g_loop, 2), _by_layer(g_scan, 2)
+    assert g_loop.keys() == g_scan.keys()
+    for path, a in g_loop.items():
+        np.testing.assert_allclose(g_scan[path], a, rtol=1e-5, atol=1e-6 * np.abs(a).max())
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_program_size_does_not_grow_with_depth_when_scanned(scan_layers):
+    """Lowered fwd+bwd of a 2- and an 8-layer model: the scanned program is the same size."""
+
+    def program_chars(num_layers):
+        cfg = ModelConfig.from_hf_dict(
+            dict(hf_config_dict("qwen3", False), num_hidden_layers=num_layers)
+        )
+        model = nnx.eval_shape(lambda: Decoder(cfg, scan_layers=scan_layers, rngs=nnx.Rngs(0)))
+        graphdef, state = nnx.split(model)
+        ids = jax.ShapeDtypeStruct((2, 16), jnp.int32)
+        loss = lambda st, i: nnx.merge(graphdef, st)(i).sum()
+        return len(jax.jit(jax.grad(loss)).lower(state, ids).as_text())
+
+    two, eight = program_chars(2), program_chars(8)
+    if scan_layers:
+        assert eight < 1.05 * two, (two, eight)
+    else:
+        assert eight > 2 * two, (two, eight)
+
+
+def test_attention_mask_keyword():
+    model = random_decoder("qwen3", False)
+    ids, mask = left_padded_batch(8, b=2, t=9)
+    ref = np.asarray(model(ids, mask))
+    np.testing.assert_array_equal(np.asarray(model(ids, attention_mask=mask)), ref)
+    np.testing.assert_array_equal(np.asarray(model(ids, attention_mask_bt=mask)), ref)
+    assert np.abs(ref - np.asarray(model(ids))).max() > 1e-3  # the mask matters here
+    with pytest.raises(TypeError, match="not both"):
+        model(ids, attention_mask=mask, attention_mask_bt=mask)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_forward_kv_with_a_per_layer_kv_fn_equals_forward_cached(scan_layers):
+    """A kv_fn written against one layer's slice (`per_layer`) gives the dense cache's result."""
+    from htpo_jax.models.attention import attend
+    from htpo_jax.models.decoder import KVCache, per_layer
+
+    model = random_decoder("qwen3", False, scan_layers=scan_layers)
+    b, p, s = 3, 7, 10
+    ids, full_mask = left_padded_batch(9, b=b, t=p)
+    kv_mask = jnp.zeros((b, s), bool).at[:, :p].set(full_mask)
+    positions = positions_from_mask(full_mask)
+    mask_bts = (jnp.arange(s)[None, :] <= jnp.arange(p)[:, None])[None] & kv_mask[:, None, :]
+
+    def one_layer(q_btnh, k_btkh, v_btkh, cache_l):
+        # [B, S, K, H] <- [B, T, K, H] at slots [0, T)
+        k_bskh = jax.lax.dynamic_update_slice(cache_l.k, k_btkh, (0, 0, 0, 0))
+        v_bskh = jax.lax.dynamic_update_slice(cache_l.v, v_btkh, (0, 0, 0, 0))
+        return attend(q_btnh, k_bskh, v_bskh, mask_bts), KVCache(k=k_bskh, v=v_bskh)
+
+    @nnx.jit
+    def both(model, ids):
+        cache = model.init_cache(b, s, jnp.float32)
+        ref = model.forward_cached(ids, positions, cache, 0, kv_mask)
+        ours = model.forward_kv(ids, positions, cache, per_layer(one_layer))
+        return ref, ours
+
+    (h_ref, c_ref), (h, c) = both(model, ids)
+    np.testing.assert_allclose(np.asarray(h), np.asarray(h_ref), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(c.k), np.asarray(c_ref.k), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(c.v), np.asarray(c_ref.v), atol=1e-6)
+    assert np.abs(np.asarray(c.v)[1, :, :p]).min() > 0  # layer 1 was written
+
+
+@pytest.mark.parametrize(
+    "family,scan_layers", [("qwen3", True), ("qwen2", True), ("llama", True), ("qwen3", False)]
+)
+def test_prefill_then_decode_matches_full_forward(family, scan_layers):
     """Prefill a left-padded prompt, decode token by token in lax.fori_loop: same logits."""
-    model = random_decoder(family, family == "qwen2")
+    model = random_decoder(family, family == "qwen2", scan_layers=scan_layers)
     b, p, n = 3, 7, 6
     s = p + n + 3  # a cache longer than needed: trailing slots stay masked
     ids, full_mask = left_padded_batch(6, b=b, t=p + n)
@@ -227,9 +336,9 @@ def test_prefill_then_decode_matches_full_forward(family):
 def test_init_cache_shapes():
     model = random_decoder("qwen3")
     cache = model.init_cache(2, 10)
-    assert len(cache) == model.cfg.num_layers
-    assert cache[0].k.shape == (2, 10, model.cfg.num_kv_heads, model.cfg.head_dim)
-    assert cache[0].v.dtype == model.dtype
+    cfg = model.cfg
+    assert cache.k.shape == (cfg.num_layers, 2, 10, cfg.num_kv_heads, cfg.head_dim)
+    assert cache.v.dtype == model.dtype
 
 
 def test_tokenizer_loads_offline(tmp_path):

@@ -5,23 +5,42 @@ All: grouped-query attention, SwiGLU MLP, RMSNorm, tied or untied embeddings. Co
 `dtype`, parameters are stored in `param_dtype` (e.g. bf16 compute over float32 parameters);
 RMSNorm statistics, rope, softmax and the unembedding accumulate in float32.
 
-Shape letters: B batch, T query positions, S key positions / cache slots, D hidden, N query heads,
-K kv heads, G = N // K query heads per kv head, H head dim, F MLP width, V vocabulary.
+Shape letters: L layers, B batch, T query positions, S key positions / cache slots, D hidden,
+N query heads, K kv heads, G = N // K query heads per kv head, H head dim, F MLP width,
+V vocabulary.
+
+Layers: with `scan_layers=True` (the default) `model.layers` is ONE `DecoderLayer` whose
+parameters are stacked with a leading layer axis [L, ...] (logical axis `layers`, never sharded),
+applied with `lax.scan`, so the compiled program and compile time do not grow with depth; with
+`scan_layers=False` it is an `nnx.List` of L layers applied by a Python loop. Both give the same
+results; `hf_io` reads and writes either from the same HF checkpoint.
 
 Full-sequence API (training, scoring)
 -------------------------------------
-    logits_btv = model(input_ids_bt, attention_mask_bt=None)           # float32 [B, T, V]
+    logits_btv = model(input_ids_bt, attention_mask=None)               # float32 [B, T, V]
     hidden_btd = model.hidden_states(input_ids_bt, attention_mask_bt)  # final-normed [B, T, D]
     logits     = model.unembed(hidden_...d)                            # float32 [..., V]
 Prompts are left padded; positions are `cumsum(attention_mask) - 1` clipped at 0, and padding
 keys are masked out. Rows at padding positions are finite but meaningless.
 
-KV-cache API (sampling; all of it works inside jit and lax.while_loop)
----------------------------------------------------------------------
+Pluggable KV state (sampling; all of it works inside jit and lax.while_loop)
+---------------------------------------------------------------------------
+    hidden_btd, kv_state = model.forward_kv(input_ids_bt, positions_bt, kv_state, kv_fn)
+        kv_state: any pytree whose leaves have a leading layer axis [L, ...] (a dense cache, a
+            paged cache, ...). It is carried through the layers (scan carry or loop variable),
+            never split into per-layer copies, so its buffers can be updated in place.
+        kv_fn(layer, q_btnh, k_btkh, v_btkh, kv_state) -> (out_btnh, kv_state): for layer
+            `layer` (an int32 scalar, traced when the layers are scanned) write this step's
+            keys/values [B, T, K, H] (rope applied) into kv_state and attend the queries
+            [B, T, N, H] (rope applied) to what is stored; returns the attention output
+            [B, T, N, H] before the output projection. `per_layer(fn)` adapts a function of one
+            layer's slice, fn(q, k, v, kv_state_l) -> (out, new_kv_state_l).
+        returns the final-normed hidden states [B, T, D] and the updated kv_state.
+
+The dense cache is one such kv_fn (`dense_kv_fn`):
     cache = model.init_cache(batch, max_len, dtype=None)
-        -> tuple of `LayerCache(k, v)`, one per layer, each k and v zeros [B, S=max_len, K, H]
-           (dtype defaults to the model's compute dtype). Logical axes for sharding:
-           `CACHE_LOGICAL_AXES`.
+        -> `KVCache(k, v)`, each zeros [L, B, S=max_len, K, H] (dtype defaults to the model's
+           compute dtype). Logical axes for sharding: `CACHE_LOGICAL_AXES`.
     hidden_btd, cache = model.forward_cached(input_ids_bt, positions_bt, cache, cache_index,
                                              kv_mask_bs)
         input_ids_bt  int [B, T]: the new tokens (T = prompt length for prefill, 1 for decode)
@@ -48,20 +67,23 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from htpo_jax.models.attention import attend_in_query_chunks, resolve_impl, self_attention
 from htpo_jax.models.model_config import ModelConfig
 from htpo_jax.sharding import constrain
 
-CACHE_LOGICAL_AXES = ("cache_batch", "cache_seq", "cache_kv_heads", "head_dim")
-_NEG_INF = float(np.finfo(np.float32).min)  # finite: fully masked rows give no NaN
+CACHE_LOGICAL_AXES = ("cache_layers", "cache_batch", "cache_seq", "cache_kv_heads", "head_dim")
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class LayerCache:
-    """One layer's keys and values, each [B, S, K, H] (S = max_len cache slots)."""
+class KVCache:
+    """The dense cache: keys and values of every layer, each [L, B, S, K, H] (S cache slots)."""
 
     k: jax.Array
     v: jax.Array
+
+
+LayerCache = KVCache  # the name before the layers were stacked
 
 
 def _init(rngs: nnx.Rngs, shape, dtype, std=0.02):
@@ -133,63 +155,10 @@ def apply_rope(x_btnh, positions_bt, inv_freq):
     return out.astype(x_btnh.dtype)
 
 
-def attend(q_btnh, k_bskh, v_bskh, mask_bts):
-    """Grouped-query softmax attention; float32 scores and softmax."""
-    b, t, n, h = q_btnh.shape
-    k = k_bskh.shape[2]
-    if t == 1:
-        return attend_one_query(q_btnh, k_bskh, v_bskh, mask_bts)
-    q = q_btnh.reshape(b, t, k, n // k, h)  # [B, T, K, G, H]: query head n = kv head k * G + g
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k_bskh, preferred_element_type=jnp.float32)
-    scores = jnp.where(mask_bts[:, None, None], scores * (h**-0.5), _NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_bskh.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v_bskh)
-    return out.reshape(b, t, n, h)  # [B, T, N, H]
-
-
-def attend_one_query(q_b1nh, k_bskh, v_bskh, mask_b1s):
-    """`attend` for a single query position (a decode step), as multiply-and-reduce.
-
-    The einsums of `attend` batch over (b, k), which the [B, S, K, H] cache holds apart, so XLA
-    (at least on CPU) copies the whole cache to [B, K, S, H] for every call: a full-cache copy
-    per layer per decode step. Products reduced over H (scores) and over S (values) read the
-    cache in place instead (rollout decode step on CPU: ~14% less time).
-    """
-    b, _, n, h = q_b1nh.shape
-    k = k_bskh.shape[2]
-    q_bkgh = q_b1nh.reshape(b, k, n // k, h).astype(jnp.float32)  # query head n = k * G + g
-    k_bskgh = k_bskh[:, :, :, None, :].astype(jnp.float32)
-    scores_bskg = jnp.sum(q_bkgh[:, None] * k_bskgh, axis=-1) * (h**-0.5)
-    scores_bskg = jnp.where(mask_b1s[:, 0, :, None, None], scores_bskg, _NEG_INF)
-    probs_bskg = jax.nn.softmax(scores_bskg, axis=1)
-    v_bskgh = v_bskh[:, :, :, None, :].astype(jnp.float32)
-    out_bkgh = jnp.sum(probs_bskg[..., None] * v_bskgh, axis=1)
-    return out_bkgh.astype(v_bskh.dtype).reshape(b, 1, n, h)  # [B, T=1, N, H]
-
-
-def attend_in_query_chunks(q_btnh, k_bskh, v_bskh, mask_bts, chunk_size):
-    """`attend`, one block of `chunk_size` queries at a time (lax.map + checkpoint).
-
-    Peak memory holds [B, N, chunk_size, S] scores instead of [B, N, T, S], in the forward and
-    (each block's scores are recomputed) in the backward pass.
-    """
-    b, t, n, h = q_btnh.shape
-    s = k_bskh.shape[1]
-    if chunk_size is None or t <= chunk_size:
-        return attend(q_btnh, k_bskh, v_bskh, mask_bts)
-    nc = -(-t // chunk_size)
-    pad = nc * chunk_size - t
-    q = jnp.pad(q_btnh, ((0, 0), (0, pad), (0, 0), (0, 0)))
-    q = q.reshape(b, nc, chunk_size, n, h).swapaxes(0, 1)  # [nc, B, C, N, H]
-    m = jnp.pad(mask_bts, ((0, 0), (0, pad), (0, 0)))
-    m = m.reshape(b, nc, chunk_size, s).swapaxes(0, 1)  # [nc, B, C, S]
-    block = jax.checkpoint(lambda qm: attend(qm[0], k_bskh, v_bskh, qm[1]))
-    out = jax.lax.map(block, (q, m))  # [nc, B, C, N, H]
-    return out.swapaxes(0, 1).reshape(b, nc * chunk_size, n, h)[:, :t]  # [B, T, N, H]
-
-
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs, chunk_size=None):
+    """q/k/v projections, qk-norm and rope; the attention itself is the caller's `kv_fn`."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.q_proj = DenseGeneral(
@@ -217,9 +186,9 @@ class Attention(nnx.Module):
         norm = lambda: RMSNorm(h, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.q_norm = norm() if cfg.qk_norm else None
         self.k_norm = norm() if cfg.qk_norm else None
-        self.cfg, self.chunk_size = cfg, chunk_size
+        self.cfg = cfg
 
-    def __call__(self, x_btd, positions_bt, mask_bts, cache=None, cache_index=None):
+    def __call__(self, x_btd, positions_bt, kv_fn, kv_state):
         q = constrain(self.q_proj(x_btd), ("act_batch", "act_seq", "act_heads", None))
         k = constrain(self.k_proj(x_btd), ("act_batch", "act_seq", "act_kv_heads", None))
         v = constrain(self.v_proj(x_btd), ("act_batch", "act_seq", "act_kv_heads", None))
@@ -228,15 +197,8 @@ class Attention(nnx.Module):
         inv_freq = rope_inv_freq(self.cfg)  # a trace-time constant, not a parameter
         q = apply_rope(q, positions_bt, inv_freq)
         k = apply_rope(k, positions_bt, inv_freq)
-        if cache is not None:
-            # [B, S, K, H] <- [B, T, K, H] written at slots [cache_index, cache_index + T).
-            start = (0, cache_index, 0, 0)
-            k_all = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start)
-            v_all = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start)
-            cache = LayerCache(k=k_all, v=v_all)
-            k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
-        out = attend_in_query_chunks(q, k, v, mask_bts, self.chunk_size)  # [B, T, N, H]
-        return self.o_proj(out), cache
+        out, kv_state = kv_fn(q, k, v, kv_state)  # [B, T, N, H]
+        return self.o_proj(out), kv_state
 
 
 class MLP(nnx.Module):
@@ -253,29 +215,73 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs, attention_chunk_size=None):
+    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
-        self.self_attn = Attention(cfg, chunk_size=attention_chunk_size, **kw)
+        self.self_attn = Attention(cfg, **kw)
         self.post_attention_layernorm = RMSNorm(
             cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype
         )
         self.mlp = MLP(cfg, **kw)
 
-    def __call__(self, x_btd, positions_bt, mask_bts, cache=None, cache_index=None):
-        attn, cache = self.self_attn(
-            self.input_layernorm(x_btd), positions_bt, mask_bts, cache, cache_index
-        )
+    def __call__(self, x_btd, positions_bt, kv_fn, kv_state):
+        """kv_fn(q, k, v, kv_state) -> (out, kv_state) for this layer; returns (x, kv_state)."""
+        attn, kv_state = self.self_attn(self.input_layernorm(x_btd), positions_bt, kv_fn, kv_state)
         x_btd = x_btd + attn
         x_btd = x_btd + self.mlp(self.post_attention_layernorm(x_btd))
-        return constrain(x_btd, ("act_batch", "act_seq", "act_embed")), cache
+        return constrain(x_btd, ("act_batch", "act_seq", "act_embed")), kv_state
 
 
-def _layer_forward(layer, x_btd, positions_bt, mask_bts):
-    return layer(x_btd, positions_bt, mask_bts)[0]
+def stacked_layers(make_layer, num_layers: int, rngs: nnx.Rngs) -> nnx.Module:
+    """`make_layer(rngs)` vmapped over `num_layers` keys: one module, parameters [L, ...].
+
+    The `layers` logical axis is prepended to each parameter's `logical_axes`.
+    """
+
+    @nnx.split_rngs(splits=num_layers)
+    @nnx.vmap(in_axes=0, out_axes=0)
+    def build(rngs):
+        return make_layer(rngs)
+
+    layers = build(rngs)
+    for _, node in nnx.iter_graph(layers):
+        if isinstance(node, nnx.Variable) and "logical_axes" in node.get_metadata():
+            node.set_metadata(logical_axes=("layers",) + tuple(node.get_metadata()["logical_axes"]))
+    return layers
 
 
-_remat_layer_forward = nnx.remat(_layer_forward)
+def per_layer(fn):
+    """A `kv_fn` from a function of one layer's slice of the KV state.
+
+    fn(q_btnh, k_btkh, v_btkh, kv_state_l) -> (out_btnh, new_kv_state_l), where kv_state_l is
+    kv_state with the layer axis indexed away. Simple, but the slice is copied out and back in
+    each layer; a kv_fn that writes into the stacked state directly avoids that.
+    """
+
+    def kv_fn(layer, q_btnh, k_btkh, v_btkh, kv_state):
+        take = lambda a: jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False)
+        out, new_l = fn(q_btnh, k_btkh, v_btkh, jax.tree.map(take, kv_state))
+        put = lambda a, a_l: jax.lax.dynamic_update_index_in_dim(a, a_l.astype(a.dtype), layer, 0)
+        return out, jax.tree.map(put, kv_state, new_l)
+
+    return kv_fn
+
+
+def dense_kv_fn(cache_index, mask_bts):
+    """The dense cache's kv_fn: write at slots [cache_index, cache_index + T), attend under
+    `mask_bts` [B, T, S] (True = may attend)."""
+
+    def kv_fn(layer, q_btnh, k_btkh, v_btkh, cache: KVCache):
+        # [L, B, S, K, H] <- [1, B, T, K, H] at layer `layer`, slots [cache_index, +T).
+        start = (layer, 0, cache_index, 0, 0)
+        k_all = jax.lax.dynamic_update_slice(cache.k, k_btkh[None].astype(cache.k.dtype), start)
+        v_all = jax.lax.dynamic_update_slice(cache.v, v_btkh[None].astype(cache.v.dtype), start)
+        k_bskh = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False).astype(q_btnh.dtype)
+        v_bskh = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False).astype(q_btnh.dtype)
+        out = attend_in_query_chunks(q_btnh, k_bskh, v_bskh, mask_bts, None)
+        return out, KVCache(k=k_all, v=v_all)
+
+    return kv_fn
 
 
 def positions_from_mask(attention_mask_bt):
@@ -286,8 +292,10 @@ def positions_from_mask(attention_mask_bt):
 class Decoder(nnx.Module):
     """Decoder-only LM.
 
-    `remat=True` recomputes each layer in the backward pass. `attention_chunk_size` (None: all
-    queries at once) bounds the attention scores held at a time to that many query positions.
+    `remat=True` recomputes each layer in the backward pass. `attention_impl` (auto, xla,
+    chunked, splash, cudnn; see `models/attention.py`) picks the training attention;
+    `attention_chunk_size` (None: 2,048 for `chunked`) is the chunked path's query block.
+    `scan_layers` stacks the layers' parameters and scans over them (see the module docstring).
     """
 
     def __init__(
@@ -298,17 +306,29 @@ class Decoder(nnx.Module):
         param_dtype=None,
         remat: bool = False,
         attention_chunk_size: int | None = None,
+        attention_impl: str = "auto",
+        scan_layers: bool = True,
         rngs: nnx.Rngs,
     ):
         param_dtype = dtype if param_dtype is None else param_dtype
         self.cfg, self.dtype, self.param_dtype, self.remat = cfg, dtype, param_dtype, remat
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.attention_chunk_size = attention_chunk_size or None
+        resolve_impl(attention_impl, 1, dtype, None, "cpu")  # fails early on an unknown name
+        self.attention_impl = attention_impl
+        self.scan_layers = scan_layers
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.embed_tokens = nnx.Param(
             _init(rngs, (cfg.vocab_size, cfg.hidden_size), param_dtype),
             logical_axes=("vocab", "embed"),
         )
-        layer_kw = dict(kw, attention_chunk_size=attention_chunk_size)
-        self.layers = nnx.List([DecoderLayer(cfg, **layer_kw) for _ in range(cfg.num_layers)])
+        if scan_layers:
+            self.layers = stacked_layers(
+                lambda r: DecoderLayer(cfg, rngs=r, **kw), cfg.num_layers, rngs
+            )
+        else:
+            self.layers = nnx.List(
+                [DecoderLayer(cfg, rngs=rngs, **kw) for _ in range(cfg.num_layers)]
+            )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.lm_head = (
             None
@@ -339,45 +359,82 @@ class Decoder(nnx.Module):
             "...d,dv->...v", hidden_xd.astype(self.dtype), w_dv, preferred_element_type=jnp.float32
         )
 
+    def _run_layers(self, x_btd, positions_bt, kv_fn, kv_state, remat: bool):
+        """Every layer in order; kv_fn(layer, q, k, v, kv_state) -> (out, kv_state)."""
+
+        def apply(graphdef, layer_state, layer, x_btd, kv_state):
+            module = nnx.merge(graphdef, layer_state)
+            bound = lambda q, k, v, kv: kv_fn(layer, q, k, v, kv)
+            return module(x_btd, positions_bt, bound, kv_state)
+
+        if not self.scan_layers:
+            for i, module in enumerate(self.layers):
+                graphdef, layer_state = nnx.split(module)
+                fn = functools.partial(apply, graphdef)
+                if remat:
+                    fn = jax.checkpoint(fn)
+                x_btd, kv_state = fn(layer_state, jnp.int32(i), x_btd, kv_state)
+            return x_btd, kv_state
+
+        graphdef, stacked_state = nnx.split(self.layers)  # leaves [L, ...]
+
+        def body(carry, xs):
+            layer_state, layer = xs
+            return apply(graphdef, layer_state, layer, *carry), None
+
+        if remat:  # per layer: the scan saves only each layer's input for the backward pass
+            body = jax.checkpoint(body, prevent_cse=False)
+        layer_ids = jnp.arange(self.cfg.num_layers, dtype=jnp.int32)
+        (x_btd, kv_state), _ = jax.lax.scan(body, (x_btd, kv_state), (stacked_state, layer_ids))
+        return x_btd, kv_state
+
     def hidden_states(self, input_ids_bt, attention_mask_bt=None, positions_bt=None):
         """Final-normed hidden states [B, T, D] of a (left-padded) batch."""
-        _, t = input_ids_bt.shape
         if attention_mask_bt is None:
             attention_mask_bt = jnp.ones(input_ids_bt.shape, jnp.bool_)
         attention_mask_bt = attention_mask_bt.astype(jnp.bool_)
         if positions_bt is None:
             positions_bt = positions_from_mask(attention_mask_bt)
-        causal_tt = jnp.tril(jnp.ones((t, t), jnp.bool_))
-        mask_bts = causal_tt[None] & attention_mask_bt[:, None, :]  # [B, T, S=T]
-        x = self._embed(input_ids_bt)
-        for layer in self.layers:
-            fwd = _remat_layer_forward if self.remat else _layer_forward
-            x = fwd(layer, x, positions_bt, mask_bts)
-        return self.norm(x)
-
-    def __call__(self, input_ids_bt, attention_mask_bt=None):
-        logits = self.unembed(self.hidden_states(input_ids_bt, attention_mask_bt))
-        return constrain(logits, ("act_batch", "act_seq", "act_vocab"))  # [B, T, V] float32
-
-    # ------------------------------------------------------------------ KV cache
-    def init_cache(self, batch: int, max_len: int, dtype=None) -> tuple[LayerCache, ...]:
-        dtype = self.dtype if dtype is None else dtype
-        shape = (batch, max_len, self.cfg.num_kv_heads, self.cfg.head_dim)  # [B, S, K, H]
-        return tuple(
-            LayerCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
-            for _ in range(self.cfg.num_layers)
+        attention = functools.partial(
+            self_attention, impl=self.attention_impl, chunk_size=self.attention_chunk_size
         )
 
-    def forward_cached(self, input_ids_bt, positions_bt, cache, cache_index, kv_mask_bs):
+        def kv_fn(layer, q_btnh, k_btkh, v_btkh, kv_state):
+            return attention(q_btnh, k_btkh, v_btkh, attention_mask_bt), kv_state
+
+        x = self._embed(input_ids_bt)
+        x, _ = self._run_layers(x, positions_bt, kv_fn, None, self.remat)
+        return self.norm(x)
+
+    def __call__(self, input_ids_bt, attention_mask=None, *, attention_mask_bt=None):
+        """float32 logits [B, T, V]; `attention_mask_bt` is the older name of `attention_mask`."""
+        if attention_mask is None:
+            attention_mask = attention_mask_bt
+        elif attention_mask_bt is not None:
+            raise TypeError("pass attention_mask or attention_mask_bt, not both")
+        logits = self.unembed(self.hidden_states(input_ids_bt, attention_mask))
+        return constrain(logits, ("act_batch", "act_seq", "act_vocab"))  # [B, T, V] float32
+
+    # ------------------------------------------------------------------ KV state
+    def forward_kv(self, input_ids_bt, positions_bt, kv_state, kv_fn):
+        """New tokens through every layer with a pluggable KV state; see the module docstring."""
+        x = self._embed(input_ids_bt)
+        x, kv_state = self._run_layers(x, positions_bt, kv_fn, kv_state, remat=False)
+        return self.norm(x), kv_state
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
+        dtype = self.dtype if dtype is None else dtype
+        cfg = self.cfg
+        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)  # [L, B, S, K, H]
+        return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+    def forward_cached(self, input_ids_bt, positions_bt, cache: KVCache, cache_index, kv_mask_bs):
         """Prefill (T = prompt length) or decode (T = 1) step; see the module docstring."""
         t = input_ids_bt.shape[1]
-        s = cache[0].k.shape[1]
+        s = cache.k.shape[2]
         slot_t = cache_index + jnp.arange(t)  # cache slot of each new token
         causal_ts = jnp.arange(s)[None, :] <= slot_t[:, None]  # [T, S]
         mask_bts = causal_ts[None] & kv_mask_bs.astype(jnp.bool_)[:, None, :]  # [B, T, S]
-        x = self._embed(input_ids_bt)
-        new_cache = []
-        for layer, layer_cache in zip(self.layers, cache, strict=True):
-            x, layer_cache = layer(x, positions_bt, mask_bts, layer_cache, cache_index)
-            new_cache.append(layer_cache)
-        return self.norm(x), tuple(new_cache)
+        return self.forward_kv(
+            input_ids_bt, positions_bt, cache, dense_kv_fn(cache_index, mask_bts)
+        )

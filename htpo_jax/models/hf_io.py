@@ -6,6 +6,10 @@ Parameter names map one to one: our module path `layers.3.self_attn.q_proj.kerne
 linear weight as [out, in]; a `DenseGeneral` kernel is [*in_shape, *out_shape] (e.g. q_proj
 [D, N, H] from HF [N*H, D]). The conversion is a reshape and a transpose of a memory-mapped view,
 so with a mesh each device's shard is copied straight from the file.
+
+Scanned layers (`scan_layers=True`): our `layers.self_attn.q_proj.kernel` [L, D, N, H] stacks
+the L tensors `model.layers.{i}.self_attn.q_proj.weight`; loading stacks the per-layer views
+(each device still reads only its slice of each), saving writes one tensor per layer.
 """
 
 from __future__ import annotations
@@ -38,6 +42,13 @@ def hf_name(path: tuple) -> str:
         return "model.embed_tokens.weight"
     last = {"kernel": "weight", "scale": "weight", "bias": "bias"}[path[-1]]
     return "model." + ".".join(map(str, path[:-1])) + "." + last
+
+
+def _per_layer_paths(model: nnx.Module, path: tuple) -> list[tuple] | None:
+    """For a stacked (scanned) layer parameter, the unstacked path of each layer; else None."""
+    if not getattr(model, "scan_layers", False) or path[0] != "layers":
+        return None
+    return [("layers", i) + tuple(path[1:]) for i in range(model.cfg.num_layers)]
 
 
 def _submodule(model: nnx.Module, path: tuple):
@@ -88,6 +99,16 @@ def hf_shape(model: nnx.Module, path: tuple, shape) -> tuple[int, ...]:
     return tuple(shape)
 
 
+def decoder_options(model_cfg) -> dict:
+    """`from_pretrained` keyword arguments from the run config's `model:` section."""
+    return dict(
+        remat=model_cfg.remat,
+        attention_chunk_size=model_cfg.attention_chunk_size or None,
+        attention_impl=model_cfg.attention_impl,
+        scan_layers=model_cfg.scan_layers,
+    )
+
+
 def load_config(path: str | os.PathLike) -> ModelConfig:
     return ModelConfig.from_pretrained(path)
 
@@ -100,13 +121,15 @@ def from_pretrained(
     mesh: jax.sharding.Mesh | None = None,
     remat: bool = False,
     attention_chunk_size: int | None = None,
+    attention_impl: str = "auto",
+    scan_layers: bool = True,
 ) -> Decoder:
     """Loads a HF checkpoint directory (config.json + one or many safetensors files).
 
-    `dtype` is the compute dtype, `param_dtype` the stored one (default: `dtype`); `remat` and
-    `attention_chunk_size` are passed to `Decoder`. With `mesh`, every parameter is created
-    already sharded by its logical axes (`htpo_jax.sharding`), each device reading only its own
-    slice from the memory-mapped file.
+    `dtype` is the compute dtype, `param_dtype` the stored one (default: `dtype`); `remat`,
+    `attention_chunk_size`, `attention_impl` and `scan_layers` are passed to `Decoder`. With
+    `mesh`, every parameter is created already sharded by its logical axes
+    (`htpo_jax.sharding`), each device reading only its own slice from the memory-mapped file.
     """
     cfg = ModelConfig.from_pretrained(path)
     param_dtype = dtype if param_dtype is None else param_dtype
@@ -118,6 +141,8 @@ def from_pretrained(
             param_dtype=param_dtype,
             remat=remat,
             attention_chunk_size=attention_chunk_size,
+            attention_impl=attention_impl,
+            scan_layers=scan_layers,
             rngs=nnx.Rngs(0),
         )
     )
@@ -126,26 +151,43 @@ def from_pretrained(
     names = set(ckpt.keys())
     flat = []
     missing = []
+
+    def find(name):  # the checkpoint's key for our HF name, or None
+        if name not in ckpt and name.startswith("model."):
+            name = name[len("model.") :]  # a bare base-model checkpoint (no `model.` prefix)
+        return name if name in ckpt else None
+
     for var_path, var in nnx.to_flat_state(abstract_state):
-        name = hf_name(var_path)
-        key = name
-        if key not in ckpt and key.startswith("model."):
-            key = key[len("model.") :]  # a bare base-model checkpoint (no `model.` prefix)
-        if key not in ckpt:
-            missing.append(name)
+        layer_paths = _per_layer_paths(abstract, var_path)
+        hf_paths = [var_path] if layer_paths is None else layer_paths
+        shape = var.shape if layer_paths is None else var.shape[1:]
+        views = []
+        for p in hf_paths:
+            key = find(hf_name(p))
+            if key is None:
+                missing.append(hf_name(p))
+                continue
+            names.discard(key)
+            view = hf_to_ours(abstract, var_path, ckpt[key], shape)
+            if view.shape != tuple(shape):
+                raise ValueError(f"{key}: checkpoint gives {view.shape}, model expects {shape}")
+            views.append(view)
+        if len(views) != len(hf_paths):
             continue
-        names.discard(key)
-        view = hf_to_ours(abstract, var_path, ckpt[key], var.shape)
-        if view.shape != var.shape:
-            raise ValueError(f"{key}: checkpoint gives {view.shape}, model expects {var.shape}")
+        if layer_paths is None:
+            read = lambda idx, view=views[0]: np.ascontiguousarray(view[idx]).astype(np_dtype)
+        else:  # [L, ...]: stack the layers this slice covers, each read through its own view
+
+            def read(idx, views=views):
+                layers = range(len(views))[idx[0]]
+                parts = [np.ascontiguousarray(views[i][idx[1:]]).astype(np_dtype) for i in layers]
+                return np.stack(parts)
+
+        full = tuple(slice(None) for _ in var.shape)
         if mesh is None:
-            value = jax.device_put(np.ascontiguousarray(view).astype(np_dtype))
+            value = jax.device_put(read(full))
         else:
-            value = jax.make_array_from_callback(
-                var.shape,
-                variable_sharding(var, mesh),
-                lambda idx, view=view: np.ascontiguousarray(view[idx]).astype(np_dtype),
-            )
+            value = jax.make_array_from_callback(var.shape, variable_sharding(var, mesh), read)
         flat.append((var_path, var.replace(value)))
     if missing:
         raise KeyError(f"checkpoint {path} lacks {len(missing)} tensors, e.g. {missing[:5]}")
@@ -174,11 +216,18 @@ def save_pretrained(
     os.makedirs(path, exist_ok=True)
     flat = list(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     out_dtype = np.dtype(model.param_dtype if dtype is None else dtype)
-    by_name = {hf_name(p): (p, v) for p, v in flat}
+    by_name = {}  # HF name -> (our path, variable, layer index of a stacked one or None)
+    for var_path, var in flat:
+        layer_paths = _per_layer_paths(model, var_path)
+        if layer_paths is None:
+            by_name[hf_name(var_path)] = (var_path, var, None)
+        else:
+            for i, p in enumerate(layer_paths):
+                by_name[hf_name(p)] = (var_path, var, i)
 
     def fetch(name):
-        var_path, var = by_name[name]
-        arr = var[...]
+        var_path, var, layer = by_name[name]
+        arr = var[...] if layer is None else var[...][layer]
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
@@ -186,8 +235,9 @@ def save_pretrained(
         return ours_to_hf(model, var_path, np.asarray(jax.device_get(arr)))
 
     specs = []
-    for name, (var_path, var) in by_name.items():
-        specs.append((name, hf_shape(model, var_path, var.shape), out_dtype))
+    for name, (var_path, var, layer) in by_name.items():
+        shape = var.shape if layer is None else var.shape[1:]
+        specs.append((name, hf_shape(model, var_path, shape), out_dtype))
     if jax.process_index() != 0:
         for name, _, _ in specs:  # keep the collectives in step with process 0
             fetch(name)
