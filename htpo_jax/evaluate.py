@@ -42,7 +42,7 @@ from htpo_jax.checkpoint import Checkpointer
 from htpo_jax.config import Config, ConfigError, load_config
 from htpo_jax.data import DataError, val_dataset
 from htpo_jax.eval import sample_and_score
-from htpo_jax.models.hf_io import from_pretrained, load_tokenizer
+from htpo_jax.models.hf_io import decoder_options, from_pretrained, load_tokenizer
 from htpo_jax.rewards.routing import UnknownDataSource, check_sources
 from htpo_jax.train_step import TrainState, make_optimizer
 
@@ -159,6 +159,7 @@ def _build(cfg: Config):
         cfg.model.path,
         dtype=jnp.dtype(cfg.model.dtype),
         param_dtype=jnp.dtype(cfg.model.param_dtype),
+        **decoder_options(cfg.model),  # the run's parameter layout (scan_layers) and attention
     )
 
 
