@@ -9,12 +9,20 @@ on the next start), never a half checkpoint. The newest `max_to_keep` checkpoint
 Typed PRNG keys (`jax.random.key`) are stored as their raw `key_data` and re-wrapped on restore
 with the implementation of the template's key, since array serializers take plain dtypes only.
 Saves are asynchronous: training continues while the arrays are written; `wait()` / `close()`
-block until the last save is committed.
+block until the last save is committed. A failed save (full disk, lost mount) raises
+`CheckpointSaveError`, one line with the path and errno, at the next `check()` (the trainer calls it
+every step), `save()`, `wait()` or `close()`.
+
+Resume (`restore_latest`) walks the steps newest first and restores the first that loads and that
+`verify` accepts, warning about each skipped one (a truncated or missing file in the newest step
+falls back to the one before it). Every save records the parameter shapes in the JSON item so
+that a different model is reported in one line before any array is read.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +33,56 @@ import orbax.checkpoint as ocp
 log = logging.getLogger(__name__)
 
 _STATE, _EXTRA = "state", "extra"
+
+
+class CheckpointSaveError(RuntimeError):
+    """A background save failed; the message is one line naming the path and the OS error."""
+
+
+class CheckpointMismatch(ValueError):
+    """The checkpoint was written for a model of other shapes (one line: the first difference)."""
+
+
+def _os_error(exc: BaseException) -> BaseException:
+    """The OSError somewhere in an exception's cause/context chain (or the exception itself)."""
+    seen, e = set(), exc
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return exc
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+def param_shapes(state: Any) -> dict[str, list[int]]:
+    """'params/path/to/leaf' -> shape, for the shape check on restore."""
+    params = getattr(state, "params", state)
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    return {
+        jax.tree_util.keystr(path): list(getattr(x, "shape", ()))
+        for path, x in flat
+        if x is not None
+    }
+
+
+def check_shapes(saved: dict | None, template_state: Any, step: int) -> None:
+    """One line naming the first parameter whose shape differs (or that exists on one side)."""
+    if not saved:
+        return  # a checkpoint from before shapes were recorded
+    now = param_shapes(template_state)
+    for name in sorted(saved.keys() | now.keys()):
+        a, b = saved.get(name), now.get(name)
+        if a != b:
+            raise CheckpointMismatch(
+                f"checkpoint {step} was written for another model: parameter {name} has shape "
+                f"{a} there and {b} in model.path (resume with the same model, or use a new "
+                "trainer.output_dir)"
+            )
 
 
 def _is_typed_key(x) -> bool:
@@ -98,13 +156,39 @@ class Checkpointer:
         """True every `save_every` steps (0: never) and at the last step."""
         return last or (self.save_every > 0 and step % self.save_every == 0)
 
+    def _raise_save_error(self, exc: BaseException, step: int | str = "") -> None:
+        err = _os_error(exc)
+        where = getattr(err, "filename", None) or self.directory
+        errno = f"errno {err.errno} " if getattr(err, "errno", None) else ""
+        raise CheckpointSaveError(
+            f"checkpoint save{f' of step {step}' if step != '' else ''} to {where} failed: "
+            f"{errno}{_one_line(err)}"
+        ) from exc
+
+    def check(self) -> None:
+        """Raise CheckpointSaveError now if a background save has failed (cheap; no waiting)."""
+        try:
+            self._manager.check_for_errors()
+        except Exception as e:
+            self._raise_save_error(e)
+
     def save(self, step: int, state: Any, extra: dict[str, Any] | None = None) -> None:
         """Start writing checkpoint `step` (asynchronously); an existing step is left as is."""
+        self.check()
         if step in self.all_steps():
             log.info("checkpoint %d already exists; not overwritten", step)
             return
         extra = dict(extra or {})
         extra.setdefault("step", int(step))
+        extra.setdefault("param_shapes", param_shapes(state))
+        try:
+            self._save(step, state, extra)
+        except CheckpointSaveError:
+            raise
+        except OSError as e:
+            self._raise_save_error(e, step)
+
+    def _save(self, step: int, state: Any, extra: dict[str, Any]) -> None:
         self._manager.save(
             step,
             args=ocp.args.Composite(
@@ -128,13 +212,75 @@ class Checkpointer:
         )
         return _rewrap_keys(template_state, out[_STATE]), dict(out[_EXTRA])
 
-    def restore_latest(self, template_state: Any) -> tuple[Any, dict[str, Any]] | None:
-        """(state, extra) of the newest complete checkpoint, or None when there is none."""
-        step = self.latest_step()
-        if step is None:
-            return None
-        log.info("restoring checkpoint %d from %s", step, self.directory)
-        return self.restore(step, template_state)
+    def restore_extra(self, step: int) -> dict[str, Any]:
+        """Only the JSON item of checkpoint `step` (no arrays are read)."""
+        self.wait()
+        out = self._manager.restore(
+            step, args=ocp.args.Composite(**{_EXTRA: ocp.args.JsonRestore()})
+        )
+        return dict(out[_EXTRA])
+
+    def restore_latest(
+        self,
+        template_state: Any,
+        check_extra: Callable[[int, dict], None] | None = None,
+        verify: Callable[[Any], str | None] | None = None,
+    ) -> tuple[Any, dict[str, Any]] | None:
+        """(state, extra) of the newest checkpoint that loads and verifies, or None if none.
+
+        Newest first: a checkpoint whose files do not load, or for which `verify(state)` returns
+        a reason, is skipped with a warning naming its step. `check_extra(step, extra)` sees the
+        JSON item first; what it raises (e.g. a config or model mismatch, which no older
+        checkpoint would fix) propagates. A shape mismatch raises CheckpointMismatch.
+        """
+        steps = sorted(self.all_steps(), reverse=True)
+        skipped: list[int] = []
+        for step in steps:
+            try:
+                extra = self.restore_extra(step)
+            except Exception as e:
+                log.warning(
+                    "checkpoint %d in %s does not load (%s); skipping it",
+                    step,
+                    self.directory,
+                    _one_line(e),
+                )
+                skipped.append(step)
+                continue
+            check_shapes(extra.get("param_shapes"), template_state, step)
+            if check_extra is not None:
+                check_extra(step, extra)
+            log.info("restoring checkpoint %d from %s", step, self.directory)
+            try:
+                state, extra = self.restore(step, template_state)
+            except Exception as e:
+                log.warning(
+                    "checkpoint %d in %s does not load (%s); skipping it",
+                    step,
+                    self.directory,
+                    _one_line(e),
+                )
+                skipped.append(step)
+                continue
+            reason = verify(state) if verify is not None else None
+            if reason:
+                log.warning("checkpoint %d in %s %s; skipping it", step, self.directory, reason)
+                skipped.append(step)
+                continue
+            if skipped:
+                log.warning(
+                    "resuming from checkpoint %d instead of the newest, %d (skipped: %s)",
+                    step,
+                    steps[0],
+                    skipped,
+                )
+            return state, extra
+        if skipped:
+            raise CheckpointMismatch(
+                f"no checkpoint in {self.directory} loads (tried steps {skipped}); move them away "
+                "or set checkpoint.resume=false with a new trainer.output_dir"
+            )
+        return None
 
     def latest_step(self) -> int | None:
         self.wait()  # a save of this process still in flight counts once committed
@@ -146,11 +292,16 @@ class Checkpointer:
         return sorted(self._manager.all_steps())
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            self._raise_save_error(e)
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
 
     def __enter__(self) -> Checkpointer:
         return self

@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
+import os
 import sys
 import types
 import typing
@@ -187,6 +189,12 @@ class TrainerConfig:
     log_every: int = _f(1, "Write metrics every k steps.", POS)
     logger: tuple[Literal["jsonl", "tensorboard"], ...] = _f(("jsonl",), "Metric sinks.")
     progress_bar: bool = _f(True, "Show a tqdm progress bar.")
+    max_nonfinite_steps: int = _f(
+        3, "Stop after this many RL steps in a row with a non-finite update (0 = never).", NONNEG
+    )
+    collapse_window: int = _f(
+        10, "Warn when train/accuracy is 0 this many steps in a row (0 = off).", NONNEG
+    )
 
 
 @dataclass(frozen=True)
@@ -195,6 +203,9 @@ class CheckpointConfig:
     max_to_keep: int = _f(3, "Checkpoints kept (oldest deleted).", POS)
     dir: str = _f("", "Checkpoint directory; empty = <trainer.output_dir>/checkpoints.")
     resume: bool = _f(True, "Resume from the latest checkpoint in dir if there is one.")
+    allow_config_change: bool = _f(
+        False, "Resume even when keys that change results differ from the checkpoint's config."
+    )
 
 
 @dataclass(frozen=True)
@@ -320,6 +331,8 @@ def _coerce(key: str, value: Any, tp) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # .inf / .nan pass every range check below
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if value is None:
@@ -395,6 +408,8 @@ def _cross_checks(c: Config) -> None:
     mesh = dataclasses.asdict(c.mesh)
     if sum(v == -1 for v in mesh.values()) > 1:
         bad("mesh", f"at most one axis may be -1, got {mesh}")
+    if not c.trainer.output_dir.strip():
+        bad("trainer.output_dir", "must not be empty")
     if len(set(c.trainer.logger)) != len(c.trainer.logger):
         bad("trainer.logger", f"duplicate entries in {list(c.trainer.logger)}")
 
@@ -445,9 +460,47 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
             raise ConfigError(f"{p}: expected a mapping of sections at the top level")
         tree = {k: (dict(v) if isinstance(v, dict) else v) for k, v in tree.items()}
         config_from_dict(tree)  # report file problems before override problems
+        _resolve_paths(tree, p.resolve().parent)
     for text in overrides:
         _apply(tree, *parse_override(text))
+    _resolve_paths(tree, Path.cwd())  # paths from --set: relative to where the user is
+    if not isinstance(tree.get("trainer"), dict) or "output_dir" not in tree["trainer"]:
+        default = TrainerConfig.output_dir  # the one path with a default: where the user is too
+        tree["trainer"] = {**(tree.get("trainer") or {}), "output_dir": str(Path.cwd() / default)}
     return config_from_dict(tree)
+
+
+# Keys that name files or directories. Relative values resolve against the config file's
+# directory (or the working directory for --set), so a run and its saved config.yaml work from
+# anywhere. URLs (gs://, s3://, ...) and empty values are left as they are.
+PATH_KEYS = (
+    "model.path",
+    "model.tokenizer_path",
+    "data.train_files",
+    "data.val_files",
+    "trainer.output_dir",
+    "checkpoint.dir",
+)
+
+
+def _abs_path(value, base: Path):
+    if not isinstance(value, str) or not value or "://" in value:
+        return value
+    p = Path(os.path.expanduser(value))
+    return str(p if p.is_absolute() else base / p)
+
+
+def _resolve_paths(tree: dict, base: Path) -> None:
+    for key in PATH_KEYS:
+        section, leaf = key.split(".")
+        body = tree.get(section)
+        if not isinstance(body, dict) or leaf not in body:
+            continue
+        v = body[leaf]
+        if isinstance(v, list | tuple):
+            body[leaf] = [_abs_path(x, base) for x in v]
+        else:
+            body[leaf] = _abs_path(v, base)
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:

@@ -2,22 +2,29 @@
 Hugging Face format (config.json + safetensors + tokenizer), loadable by transformers and vLLM.
 
 RUN_DIR is a run's `trainer.output_dir` (it holds the resolved `config.yaml` and, by default, the
-`checkpoints/` folder); the latest checkpoint is exported unless `--step` names one.
+`checkpoints/` folder); the latest checkpoint is exported unless `--step` names one. A checkpoint
+with non-finite (NaN/inf) parameters is refused: nothing is written. Errors are one line, exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from htpo_jax.checkpoint import Checkpointer
-from htpo_jax.config import load_config
+from htpo_jax import guards
+from htpo_jax.checkpoint import Checkpointer, CheckpointMismatch
+from htpo_jax.config import ConfigError, load_config
 from htpo_jax.models.hf_io import from_pretrained, load_tokenizer, save_pretrained
 from htpo_jax.train_step import TrainState, make_optimizer
+
+
+class NonFiniteWeights(ValueError):
+    """The checkpoint's parameters hold NaN or inf."""
 
 
 def export(run_dir: str | Path, out: str | Path, step: int | None = None) -> int:
@@ -26,6 +33,7 @@ def export(run_dir: str | Path, out: str | Path, step: int | None = None) -> int
     if not config_path.exists():
         raise FileNotFoundError(f"{config_path} not found: --run must be a run's output_dir")
     cfg = load_config(config_path)
+    guards.check_model_dir(cfg.model.path, f"model.path in {config_path}")
     model = from_pretrained(
         cfg.model.path,
         dtype=jnp.dtype(cfg.model.param_dtype),
@@ -47,6 +55,11 @@ def export(run_dir: str | Path, out: str | Path, step: int | None = None) -> int
         state, _ = ckpt.restore(step, template)
     finally:
         ckpt.close()
+    if not guards.all_finite(state.params):
+        raise NonFiniteWeights(
+            f"checkpoint {step} in {ckpt_dir} holds non-finite (NaN/inf) parameters; "
+            f"not exported (steps available: {steps})"
+        )
     nnx.update(model, state.params)
     tokenizer = load_tokenizer(cfg.model.tokenizer_path or cfg.model.path)
     save_pretrained(model, out, tokenizer=tokenizer)
@@ -61,8 +74,15 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     try:
         step = export(args.run, args.out, args.step)
-    except FileNotFoundError as e:
-        raise SystemExit(f"export: {e}") from None
+    except (
+        FileNotFoundError,
+        ConfigError,
+        CheckpointMismatch,
+        NonFiniteWeights,
+        guards.LaunchError,
+    ) as e:
+        print(f"export: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(f"exported step {step} of {args.run} to {args.out}")
 
 

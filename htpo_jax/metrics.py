@@ -47,8 +47,8 @@ class MetricsLogger:
         elif self.path.exists():
             kept = [
                 line
-                for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step
+                for line in _valid_lines(self.path)
+                if json.loads(line).get("step", 0) <= resume_step
             ]
             self.path.write_text("".join(line + "\n" for line in kept))
         if tensorboard:
@@ -79,5 +79,25 @@ class MetricsLogger:
             self.tb.close()
 
 
+def _valid_lines(path: Path) -> list[str]:
+    """Non-empty lines that parse as JSON objects. A crash (or a full disk) mid-write leaves a
+    truncated last line: it is dropped with a warning naming the file. A bad line elsewhere means
+    the file is not ours to fix: one line naming the file and line number."""
+    lines = [(i, line) for i, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    out = []
+    for n, (i, line) in enumerate(lines):
+        try:
+            ok = isinstance(json.loads(line), dict)
+        except json.JSONDecodeError:
+            ok = False
+        if ok:
+            out.append(line)
+        elif n == len(lines) - 1:
+            log.warning("%s: dropping the truncated last line %d (%r)", path, i, line[:60])
+        else:
+            raise ValueError(f"{path}: line {i} is not a JSON object: {line[:60]!r}")
+    return out
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in _valid_lines(Path(path))]

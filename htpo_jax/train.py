@@ -21,10 +21,14 @@ from flax import nnx
 from tqdm import tqdm
 
 from htpo_jax import advantages as adv_lib
-from htpo_jax import balance
-from htpo_jax.checkpoint import Checkpointer
+from htpo_jax import balance, guards
+from htpo_jax.checkpoint import (
+    Checkpointer,
+    CheckpointMismatch,
+    CheckpointSaveError,
+)
 from htpo_jax.config import Config, cli_config, dump_yaml
-from htpo_jax.data import DataState, train_stream, val_dataset
+from htpo_jax.data import DataError, DataState, PromptStream, train_stream, val_dataset
 from htpo_jax.eval import Scored, sample_and_score, validate
 from htpo_jax.metrics import MetricsLogger, plain
 from htpo_jax.models.hf_io import decoder_options, from_pretrained, load_tokenizer
@@ -67,6 +71,8 @@ class Run:
     logger: MetricsLogger
     pool: RewardPool | None
     start_step: int
+    run_id: str = ""  # written into every checkpoint (guards.py)
+    watch: guards.StepWatch | None = None
 
 
 # ---------------------------------------------------------------- 1 DATA / 2 ROLLOUT / 3 REWARD
@@ -248,11 +254,14 @@ def rl_step(run: Run, step: int) -> dict:
 
 # ---------------------------------------------------------------- setup, 8 LOG / EVAL / SAVE
 def setup(cfg: Config, mesh: jax.sharding.Mesh) -> Run:
+    # Nothing is written to the output dir until the launch has validated (guards.py).
     out = Path(cfg.trainer.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if is_main_process():
-        (out / "config.yaml").write_text(dump_yaml(cfg))
+    guards.prelaunch(cfg)
     tokenizer = load_tokenizer(cfg.model.tokenizer_path or cfg.model.path)
+    stream, val_set = train_stream(cfg, tokenizer), val_dataset(cfg, tokenizer)  # before the model
+    check_sources([r.data_source for r in stream.dataset.rows], cfg, "data.train_files")
+    if val_set is not None:
+        check_sources([r.data_source for r in val_set.rows], cfg, "data.val_files")
     model = from_pretrained(
         cfg.model.path,
         dtype=jnp.dtype(cfg.model.dtype),
@@ -273,17 +282,19 @@ def setup(cfg: Config, mesh: jax.sharding.Mesh) -> Run:
         rng=jax.random.key(cfg.trainer.seed),
     )
     step_cfg = StepConfig.from_config(cfg)
+    if is_main_process():  # one lock per run, held by the process that writes the shared files
+        guards.OutputLock(out).acquire()
     ckpt = Checkpointer.from_config(cfg)
-    start, data_state = 0, None
-    restored = ckpt.restore_latest(state) if cfg.checkpoint.resume else None
+    start, run_id = 0, guards.new_run_id()
+    restored = guards.resume(ckpt, state, cfg)
     if restored is not None:
         state, extra = restored
         start, data_state = int(extra["step"]), DataState.from_json(extra["data"])
+        run_id = extra.get("run_id", run_id)
+        stream = PromptStream(stream.dataset, cfg.trainer.seed, cfg.data.shuffle, data_state)
         log.info("resumed from %s at step %d", cfg.checkpoint_dir, start)
-    stream, val_set = train_stream(cfg, tokenizer, data_state), val_dataset(cfg, tokenizer)
-    check_sources([r.data_source for r in stream.dataset.rows], cfg, "data.train_files")
-    if val_set is not None:
-        check_sources([r.data_source for r in val_set.rows], cfg, "data.val_files")
+    if is_main_process():
+        (out / "config.yaml").write_text(dump_yaml(cfg))
     pool = None
     if cfg.algorithm.reward_num_workers:
         pool = RewardPool(
@@ -311,6 +322,8 @@ def setup(cfg: Config, mesh: jax.sharding.Mesh) -> Run:
             resume_step=start if restored else None,
             tensorboard="tensorboard" in cfg.trainer.logger,
         ),
+        run_id=run_id,
+        watch=guards.StepWatch(cfg, model.cfg.vocab_size),
     )
 
 
@@ -356,11 +369,18 @@ def train(cfg: Config) -> dict:
             metrics["train/lr_step"] = int(run.state.step)
             if step % t.log_every == 0 or step == total or "val/accuracy" in metrics:
                 run.logger.log(step, metrics)
+            run.watch.after_step(step, metrics, run.ckpt)  # non-finite stop, collapse, disk
             if run.ckpt.should_save(step, last=step == total):
-                run.ckpt.save(
+                run.watch.save(
                     step,
                     run.state,
-                    {"step": step, "data": run.stream.state.to_json(), "config": cfg.to_dict()},
+                    {
+                        "step": step,
+                        "data": run.stream.state.to_json(),
+                        "config": cfg.to_dict(),
+                        "run_id": run.run_id,
+                    },
+                    run.ckpt,
                 )
             bar.set_postfix(
                 acc=f"{metrics['train/accuracy']:.2f}",
@@ -399,11 +419,18 @@ def main(argv=None) -> dict:
         argv = ["--config", str(DEFAULT_CONFIG), *argv]
     cfg = cli_config(argv, description=__doc__.splitlines()[0])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    guards.setup_logging()
     try:
         summary = train(cfg)
-    except UnknownDataSource as e:  # bad input: one line, exit 2 (as a bad config key)
-        print(f"htpo_jax.train: {e}", file=sys.stderr)
+    except (guards.LaunchError, DataError, CheckpointMismatch, UnknownDataSource) as e:
+        # bad input: one line
+        print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except (guards.TrainingStopped, CheckpointSaveError, SamplingExhausted) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    finally:
+        guards.release_locks()
     print_summary(summary)
     return summary
 

@@ -89,8 +89,9 @@ def test_yaml_and_overrides(tmp_path):
     assert c.model.path == "/m"
     assert c.optim.learning_rate == 2e-6 and isinstance(c.optim.learning_rate, float)
     assert c.optim.mini_batch_size == 16
-    assert c.data.train_files == ("a.parquet", "b.jsonl")
-    assert c.data.val_files == ("aime.parquet",)
+    # relative paths: against the config file's directory; from --set, the working directory
+    assert c.data.train_files == (str(tmp_path / "a.parquet"), str(tmp_path / "b.jsonl"))
+    assert c.data.val_files == (str(Path.cwd() / "aime.parquet"),)
     assert c.trainer.logger == ("jsonl", "tensorboard")
     assert c.rollout.n == 8 and c.algorithm.loss == "dapo"
     assert c.trainer.progress_bar is False
@@ -104,9 +105,9 @@ def test_int_given_for_float_and_yaml_exponent():
 
 
 def test_to_dict_round_trip():
-    c = load_config(overrides=["data.train_files=[x.parquet]", "trainer.seed=7"])
+    c = load_config(overrides=["data.train_files=[/d/x.parquet]", "trainer.seed=7"])
     d = c.to_dict()
-    assert d["data"]["train_files"] == ["x.parquet"]
+    assert d["data"]["train_files"] == ["/d/x.parquet"]
     assert set(d) == {
         "model",
         "data",

@@ -19,6 +19,12 @@ INVALID = "[INVALID]"
 # every regex below cheap whatever the model writes.
 TAIL_CHARS = 300
 STRICT_BOX_TAIL_CHARS = 100
+# Normalization reads at most the last this-many characters of an answer (after its last '=').
+# Several rewrites below are quadratic in the length of a line (30,000 characters took 10 s),
+# and a ground truth comes from data nobody checked. A response's answer is at most TAIL_CHARS
+# long (at most ~500 once `frac12`-style shorthands are expanded), so a longer ground truth could
+# never match anyway; the longest MATH-500 answer has 159 characters.
+MAX_ANSWER_CHARS = 1000
 
 _ANSWER_LINE = re.compile(r"(?i)Answer\s*:\s*([^\n]+)")
 
@@ -104,8 +110,9 @@ def normalize_final_answer(answer: str) -> str:
     Steps: keep the text after the last '='; apply the substitution list, then the removal list;
     unwrap math delimiters and text/bold/overline/boxed macros; expand shorthand \\frac and
     \\sqrt; drop '$'; drop thousands separators from pure digit strings; strip whitespace.
+    Only the last MAX_ANSWER_CHARS characters after the last '=' are read (bounded time).
     """
-    s = answer.split("=")[-1]
+    s = answer[answer.rfind("=") + 1 :][-MAX_ANSWER_CHARS:]  # == split("=")[-1], linear
     for old, new in _SUBSTITUTIONS:
         s = s.replace(old, new)
     for junk in _REMOVED:

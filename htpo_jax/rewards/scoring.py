@@ -9,10 +9,15 @@ No response may stall a training step: each item gets `timeout_s` seconds, after
   or where SIGALRM does not exist, items run without a limit and a warning says so once.
 - workers (`num_workers>0`, or a `RewardPool`): items run in spawned processes; a worker that
   overruns is killed and replaced, so the limit holds for anything.
+
+math-verify is never run inline under a limit: sympy evaluates `10^{10^{10^{10}}}` in one C call
+that SIGALRM cannot interrupt (> 60 s measured). With a limit and `num_workers=0` it runs in one
+persistent worker process of this module (started on first use, closed at exit).
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import multiprocessing as mp
 import signal
@@ -149,6 +154,9 @@ def _score_inline(fn, solutions, ground_truths, timeout_s) -> RewardBatch:
 
 def _worker_main(conn, fn) -> None:
     fn = resolve_fn(fn)
+    # One call before "ready" pays the verifier's lazy imports (math-verify + sympy: seconds on
+    # a loaded machine), which would otherwise count against the first item's limit.
+    _safe_call(fn, "Answer: 0", "0")
     conn.send("ready")
     while True:
         try:
@@ -311,7 +319,28 @@ def score_batch(
     if num_workers > 0:
         with RewardPool(fn, num_workers=num_workers, timeout_s=timeout_s) as pool:
             return pool.score(solutions, ground_truths)
+    if timeout_s and resolve_fn(fn) is math_verify_score:
+        return _shared_pool("math_verify", timeout_s).score(solutions, ground_truths)
     return _score_inline(resolve_fn(fn), solutions, ground_truths, timeout_s)
+
+
+_shared_pools: dict[tuple[str, float], RewardPool] = {}
+
+
+def _shared_pool(fn: str, timeout_s: float) -> RewardPool:
+    """One worker process per (verifier, limit), kept for the life of this process."""
+    key = (fn, float(timeout_s))
+    if key not in _shared_pools:
+        if not _shared_pools:
+            atexit.register(_close_shared_pools)
+        _shared_pools[key] = RewardPool(fn, num_workers=1, timeout_s=timeout_s)
+    return _shared_pools[key]
+
+
+def _close_shared_pools() -> None:
+    for pool in _shared_pools.values():
+        pool.close()
+    _shared_pools.clear()
 
 
 def compute_rewards(

@@ -1,0 +1,212 @@
+"""`train.main` and `export` refuse bad launches with one line (exit 2) before the model loads or
+anything is written, and stop a diverged run without leaving a non-finite checkpoint (issue 12)."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+from test_checkpoint import make_state
+from test_train import overrides
+from tiny_models import small_qwen3
+
+from htpo_jax import guards
+from htpo_jax import train as T
+from htpo_jax.checkpoint import Checkpointer
+from htpo_jax.config import dump_yaml, load_config
+from htpo_jax.models.hf_io import save_pretrained
+from htpo_jax.tasks.arith import write_task_data, write_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_run_dir(tmp_path_factory):
+    """As in test_train: a random 2-layer model, the arithmetic tokenizer, a little task data."""
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("tiny")
+    tok = write_tokenizer(root / "model")
+    save_pretrained(small_qwen3(len(AutoTokenizer.from_pretrained(str(tok)))), root / "model")
+    write_task_data(root / "data", n_train=64, n_val=8, seed=0, max_ops=1)
+    return root
+
+
+def run_main(argv, capsys) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as e:
+        T.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    return e.value.code, err[-1] if err else ""
+
+
+def no_model_load(monkeypatch):
+    def fail(*a, **k):
+        raise AssertionError("the model was loaded before the launch was validated")
+
+    monkeypatch.setattr(T, "from_pretrained", fail)
+
+
+def test_resume_false_on_a_used_dir_refuses(tiny_run_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    with Checkpointer(out / "checkpoints", async_save=False) as ckpt:
+        ckpt.save(3, make_state(1))
+    code, line = run_main(overrides(tiny_run_dir, out, **{"checkpoint.resume": False}), capsys)
+    assert code == 2
+    assert line.startswith("error: checkpoint.resume=false but") and "[3]" in line
+    assert not (out / "config.yaml").exists()  # nothing written by a launch that failed
+    assert not (out / guards.LOCK_NAME).exists()  # and the lock released
+
+
+def _foreign_checkpoint(out, extra):
+    with Checkpointer(out / "checkpoints", async_save=False) as ckpt:
+        ckpt.save(2, make_state(1), extra)
+
+
+def test_config_drift_on_resume_refuses_listing_keys(tiny_run_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = overrides(tiny_run_dir, out)
+    old = load_config(None, [*argv[1:], "optim.learning_rate=5e-3", "trainer.seed=9"])
+    _foreign_checkpoint(out, {"config": old.to_dict(), "param_shapes": {}})
+    (out / "config.yaml").write_text("the old run's\n")
+    code, line = run_main(argv, capsys)
+    assert code == 2
+    assert "optim.learning_rate: 0.005 -> 0.001" in line and "trainer.seed: 9 -> 1" in line
+    assert "checkpoint.allow_config_change=true" in line
+    assert (out / "config.yaml").read_text() == "the old run's\n"  # not overwritten
+
+
+def test_another_model_on_resume_is_one_line(tiny_run_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    _foreign_checkpoint(out, {"param_shapes": {"['embed_tokens']": [7, 3]}})
+    code, line = run_main(overrides(tiny_run_dir, out), capsys)
+    assert code == 2 and "written for another model" in line and "[7, 3]" in line, line
+
+
+@pytest.mark.parametrize("missing", ["dir", "config.json", "safetensors", "tokenizer"])
+def test_bad_model_dir_is_one_line_before_loading(
+    tiny_run_dir, tmp_path, capsys, monkeypatch, missing
+):
+    model = tmp_path / "model"
+    if missing != "dir":
+        shutil.copytree(tiny_run_dir / "model", model)
+        drop = {
+            "config.json": ["config.json"],
+            "safetensors": [p.name for p in model.glob("*.safetensors")],
+            "tokenizer": [p.name for p in model.iterdir() if p.name.startswith("tokenizer")],
+        }[missing]
+        for name in drop:
+            (model / name).unlink()
+    no_model_load(monkeypatch)
+    out = tmp_path / "run"
+    code, line = run_main(overrides(tiny_run_dir, out, **{"model.path": str(model)}), capsys)
+    assert code == 2 and line.startswith("error: model.path: ") and str(model) in line, line
+    assert "huggingface" not in line.lower()
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("content", [b"PAR1 garbage", b""])
+def test_bad_data_file_exits_2_before_the_model_loads(
+    tiny_run_dir, tmp_path, capsys, monkeypatch, content
+):
+    bad = tmp_path / "train.parquet"
+    bad.write_bytes(content)
+    no_model_load(monkeypatch)
+    out = tmp_path / "run"
+    code, line = run_main(overrides(tiny_run_dir, out, **{"data.train_files": str(bad)}), capsys)
+    assert code == 2 and line.startswith("error: ") and "train.parquet" in line, line
+    code, line = run_main(
+        overrides(tiny_run_dir, out, **{"data.train_files": str(tmp_path / "none.jsonl")}), capsys
+    )
+    assert code == 2 and "data.train_files: data file not found" in line
+
+
+def test_second_trainer_on_one_dir_is_refused(tiny_run_dir, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock = {"pid": holder.pid, "host": __import__("socket").gethostname(), "time": 0}
+        (out / guards.LOCK_NAME).write_text(json.dumps(lock))
+        code, line = run_main(overrides(tiny_run_dir, out), capsys)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert code == 2 and f"pid {holder.pid}" in line and "in use by another trainer" in line
+
+
+# ---------------------------------------------------------------- export
+def _run_with_checkpoint(tiny_run_dir, tmp_path, poison: bool):
+    """A run dir as train leaves it (config.yaml + checkpoints/1), without training."""
+    from htpo_jax.models.hf_io import from_pretrained
+    from htpo_jax.train_step import TrainState, make_optimizer
+
+    out = tmp_path / "run"
+    cfg = load_config(None, overrides(tiny_run_dir, out)[1:])
+    out.mkdir()
+    (out / "config.yaml").write_text(dump_yaml(cfg))
+    from flax import nnx
+
+    _, params = nnx.split(from_pretrained(cfg.model.path, dtype=jnp.float32))
+    if poison:
+        params = jax.tree.map(lambda x: x * jnp.nan, params)
+    tx = make_optimizer(cfg.optim, 1)
+    state = TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), jax.random.key(0))
+    with Checkpointer(out / "checkpoints", async_save=False) as ckpt:
+        ckpt.save(1, state, {"config": cfg.to_dict()})
+    return out
+
+
+def test_export_refuses_nonfinite_weights(tiny_run_dir, tmp_path, capsys):
+    from htpo_jax.export import main as export_main
+
+    run = _run_with_checkpoint(tiny_run_dir, tmp_path, poison=True)
+    with pytest.raises(SystemExit) as e:
+        export_main(["--run", str(run), "--out", str(tmp_path / "hf")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err and "non-finite" in err, err
+    assert not (tmp_path / "hf").exists()
+
+
+def test_export_works_from_another_directory(tiny_run_dir, tmp_path, monkeypatch):
+    from htpo_jax.export import export
+
+    _run_with_checkpoint(tiny_run_dir, tmp_path, poison=False)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert export("../run", "hf") == 1
+    assert (elsewhere / "hf" / "config.json").is_file()
+
+
+# ---------------------------------------------------------------- divergence, end to end
+@pytest.mark.slow
+def test_nan_recipe_stops_with_one_line_and_only_finite_checkpoints(tiny_run_dir, tmp_path, capsys):
+    """The issue's recipe: near-zero temperature, no warmup, no dynamic sampling -> NaN at step 1.
+    Before: every parameter NaN, exit 0, NaN checkpoints rotating the good ones out."""
+    out = tmp_path / "run"
+    argv = overrides(
+        tiny_run_dir,
+        out,
+        **{
+            "rollout.temperature": 1e-30,
+            "trainer.total_steps": 4,
+            "trainer.max_nonfinite_steps": 2,
+        },
+    )
+    code, line = run_main(argv, capsys)
+    assert code == 1 and line.startswith("error: stopped at step"), line
+    import orbax.checkpoint as ocp
+
+    steps = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+    for step in steps:  # whatever was written is finite
+        tree = ocp.StandardCheckpointer().restore(out / "checkpoints" / str(step) / "state")
+        assert guards.all_finite(tree["params"]), step
+    from htpo_jax.export import main as export_main
+
+    if steps:
+        export_main(["--run", str(out), "--out", str(tmp_path / "hf")])
+    else:  # nothing finite to export: one line, exit 2
+        with pytest.raises(SystemExit) as e:
+            export_main(["--run", str(out), "--out", str(tmp_path / "hf")])
+        assert e.value.code == 2
