@@ -96,6 +96,11 @@ class DataConfig:
     train_batch_size: int = _f(128, "Prompts per RL step (after dynamic-sampling filtering).", POS)
     gen_batch_size: int = _f(256, "Prompts drawn per generation round.", POS)
     val_batch_size: int = _f(256, "Prompts per validation generation round.", POS)
+    balance_batch: bool = _f(
+        True,
+        "Reorder each step's rows so every data-parallel shard gets a balanced total "
+        "sequence length (verl's trainer.balance_batch).",
+    )
 
 
 @dataclass(frozen=True)
@@ -160,7 +165,14 @@ class AlgorithmConfig:
     use_kl_loss: bool = _f(False, "Add a KL term to the reference (initial) policy to the loss.")
     kl_coef: float = _f(0.001, "Weight of the KL term.", NONNEG)
     kl_loss_type: Literal["low_var_kl", "kl", "mse", "abs"] = _f("low_var_kl", "KL estimator.")
-    reward_fn: Literal["dapo_math", "math_verify"] = _f("dapo_math", "Verifier.")
+    reward_fn: Literal["dapo_math", "math_verify"] = _f(
+        "dapo_math", "Verifier when reward_routing=reward_fn (and of the reward worker pool)."
+    )
+    reward_routing: Literal["data_source", "reward_fn"] = _f(
+        "data_source",
+        "data_source: each row's verifier by its data_source, as verl (unknown source = "
+        "error); reward_fn: algorithm.reward_fn for every row.",
+    )
     reward_timeout_s: float = _f(10.0, "Per-response scoring time limit (0 = none).", NONNEG)
     reward_num_workers: int = _f(0, "Scoring processes (0 = in the main process).", NONNEG)
 
@@ -168,7 +180,9 @@ class AlgorithmConfig:
 @dataclass(frozen=True)
 class OptimConfig:
     learning_rate: float = _f(1e-6, "Peak AdamW learning rate.", POS)
-    warmup_steps: int = _f(10, "Linear warmup steps from 0.", NONNEG)
+    warmup_steps: int = _f(
+        10, "Linear warmup from 0, in RL steps (every update of a step uses its lr).", NONNEG
+    )
     lr_schedule: Literal["constant", "cosine"] = _f("constant", "Schedule after warmup.")
     min_lr_ratio: float = _f(0.0, "Cosine schedule floor, as a fraction of the peak.", UNIT)
     weight_decay: float = _f(0.1, "AdamW decoupled weight decay.", NONNEG)
@@ -195,6 +209,7 @@ class TrainerConfig:
     seed: int = _f(1, "Seed for data order, sampling and initialization.", NONNEG)
     val_every: int = _f(10, "Validate every k steps (0 = only at start and end).", NONNEG)
     val_before_train: bool = _f(True, "Validate at step 0, before any update.")
+    val_only: bool = _f(False, "Validate the (latest checkpoint's) policy once and exit.")
     log_every: int = _f(1, "Write metrics every k steps.", POS)
     logger: tuple[Literal["jsonl", "tensorboard"], ...] = _f(("jsonl",), "Metric sinks.")
     progress_bar: bool = _f(True, "Show a tqdm progress bar.")

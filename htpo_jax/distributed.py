@@ -175,22 +175,32 @@ def shard_bounds(n: int, n_hosts: int, host: int) -> tuple[int, int]:
     return min(host * per, n), min((host + 1) * per, n)
 
 
-def score_lockstep(solutions, ground_truths, response_lengths, cfg, pool=None, stage="reward"):
+def score_lockstep(
+    solutions, ground_truths, response_lengths, cfg, pool=None, stage="reward", data_sources=None
+):
     """`rewards.compute_rewards` of all N responses, each scored on exactly one host.
+
+    With `data_sources`, each row is scored by the reward its source routes to
+    (`rewards.routing.routed_rewards`); without, by `algorithm.reward_fn`.
 
     Returns the same (reward [N], RewardBatch) on every host: the array fields of the batch are
     all-gathered, list fields (the extracted answers) too. One process: compute_rewards itself.
     """
     from htpo_jax.rewards import compute_rewards
+    from htpo_jax.rewards.routing import routed_rewards
+
+    def score(sl: slice):
+        sols, truths = list(solutions[sl]), list(ground_truths[sl])
+        lengths = np.asarray(response_lengths)[sl]
+        if data_sources is None:
+            return compute_rewards(sols, truths, lengths, cfg, pool=pool)
+        return routed_rewards(sols, truths, list(data_sources[sl]), lengths, cfg, pool=pool)
 
     n_hosts = jax.process_count()
     if n_hosts == 1:
-        return compute_rewards(solutions, ground_truths, response_lengths, cfg, pool=pool)
+        return score(slice(None))
     lo, hi = shard_bounds(len(solutions), n_hosts, jax.process_index())
-    lengths = np.asarray(response_lengths)
-    reward, scored = compute_rewards(
-        list(solutions[lo:hi]), list(ground_truths[lo:hi]), lengths[lo:hi], cfg, pool=pool
-    )
+    reward, scored = score(slice(lo, hi))
     arrays = {"reward": np.asarray(reward)}
     lists = {}
     for f in dataclasses.fields(scored):

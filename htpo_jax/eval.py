@@ -1,4 +1,6 @@
-"""Sampling + scoring of prompt batches (stages 2-3), and validation (mean@k accuracy, pass@k)."""
+"""Sampling + scoring of prompt batches (stages 2-3), and validation during training: pooled
+`val/accuracy` plus, per data source, `val/<data_source>/mean@n` and `pass@n` (verl reports
+`val-core/<data_source>/acc/mean@n`). The standalone evaluation command is `htpo_jax.evaluate`."""
 
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ class Scored:
     score: np.ndarray  # [P*G] float32: verifier score alone
     acc: np.ndarray  # [P*G] bool
     n: int  # G
+    pred: tuple[str, ...] = ()  # [P*G] the verifier's extracted answers (for maj@k)
+    texts: tuple[str, ...] = ()  # [P*G] decoded responses
 
 
 def stop_tokens(tokenizer) -> tuple[int, ...]:
@@ -94,8 +98,10 @@ def sample_and_score(
         skip_special_tokens=True,
     )
     truths = [gt for gt in batch.ground_truth for _ in range(n)]
-    # Each host scores its shard; all get the same rewards (multi-host lockstep).
-    reward, scored = score_lockstep(texts, truths, lengths, cfg, pool=pool)
+    sources = [src for src in batch.data_source for _ in range(n)]
+    # Each host scores its shard, each row by its data_source's reward; all hosts get the same
+    # rewards (multi-host lockstep).
+    reward, scored = score_lockstep(texts, truths, lengths, cfg, pool=pool, data_sources=sources)
     return Scored(
         prompt_ids=np.asarray(batch.input_ids),
         prompt_mask=np.asarray(batch.attention_mask),
@@ -107,13 +113,16 @@ def sample_and_score(
         score=np.asarray(scored.score, np.float32),
         acc=np.asarray(scored.acc, bool),
         n=n,
+        pred=tuple(scored.pred),
+        texts=tuple(texts),
     )
 
 
 def validate(model, tokenizer, dataset, cfg, *, rng, pool=None) -> dict[str, float]:
-    """val/accuracy (mean over prompts and their val_n samples), val/pass@k, val/response_length."""
+    """val/accuracy (mean over prompts and their val_n samples), val/pass@k, val/response_length,
+    and per data source val/<source>/mean@n (and pass@n when n > 1)."""
     r = cfg.rollout
-    accs, lengths = [], []
+    accs, lengths, sources = [], [], []
     for i, batch in enumerate(dataset.iter_batches(cfg.data.val_batch_size)):
         s = sample_and_score(
             model,
@@ -129,11 +138,18 @@ def validate(model, tokenizer, dataset, cfg, *, rng, pool=None) -> dict[str, flo
         )
         accs.append(s.acc.reshape(-1, r.val_n))
         lengths.append(s.lengths)
-    acc = np.concatenate(accs)
+        sources += batch.data_source
+    acc = np.concatenate(accs)  # [prompts, val_n]
     out = {
         "val/accuracy": float(acc.mean()),
         "val/response_length": float(np.concatenate(lengths).mean()),
     }
     if r.val_n > 1:
         out[f"val/pass@{r.val_n}"] = float(acc.any(-1).mean())
+    sources = np.asarray(sources)
+    for source in sorted(set(sources.tolist())):
+        a = acc[sources == source]
+        out[f"val/{source}/mean@{r.val_n}"] = float(a.mean())
+        if r.val_n > 1:
+            out[f"val/{source}/pass@{r.val_n}"] = float(a.any(-1).mean())
     return out

@@ -21,8 +21,8 @@ from flax import nnx
 from tqdm import tqdm
 
 from htpo_jax import advantages as adv_lib
+from htpo_jax import balance, guards, packing
 from htpo_jax import distributed as dist
-from htpo_jax import guards, packing
 from htpo_jax.checkpoint import (
     Checkpointer,
     CheckpointMismatch,
@@ -35,6 +35,7 @@ from htpo_jax.eval import Scored, sample_and_score, validate
 from htpo_jax.metrics import MetricsLogger, plain
 from htpo_jax.models.hf_io import decoder_options, from_pretrained, load_tokenizer
 from htpo_jax.rewards import RewardPool
+from htpo_jax.rewards.routing import UnknownDataSource, check_sources
 from htpo_jax.sharding import is_main_process, logical_sharding, make_mesh, to_host
 from htpo_jax.train_step import (
     StepConfig,
@@ -288,6 +289,8 @@ def update_all(run: Run, batch: UpdateBatch) -> dict:
             run.state, metrics = run.update_fn(run.state, mini)
             per_update.append(metrics)
     metrics = jax.tree.map(lambda *xs: np.mean([np.asarray(x) for x in xs]), *per_update)
+    # a count, not a mean: updates of this step skipped for a non-finite loss or gradient norm
+    metrics["nonfinite_skipped"] = sum(int(m["nonfinite_skipped"]) for m in per_update)
     metrics = {(k if k.startswith("group_frac") else f"train/{k}"): v for k, v in metrics.items()}
     return metrics
 
@@ -300,7 +303,12 @@ def rl_step(run: Run, step: int) -> dict:
     times["time/rollout_reward_filter"] = time.perf_counter() - t0
     dist.barrier(f"old log-probs step {step}")
     t1 = time.perf_counter()
-    batch, mean_ent = old_logprobs(run, build_batch(run, kept))
+    batch = build_batch(run, kept)
+    if run.cfg.data.balance_batch:  # shards: the batch axis is split over data x fsdp
+        shards = run.mesh.shape["data"] * run.mesh.shape["fsdp"]
+        batch, balance_metrics = balance.balance_batch(batch, shards, run.cfg)
+        stats.update(balance_metrics)
+    batch, mean_ent = old_logprobs(run, batch)
     times["time/old_log_prob"] = time.perf_counter() - t1
     t2 = time.perf_counter()
     metrics = update_all(run, batch)
@@ -316,6 +324,9 @@ def setup(cfg: Config, mesh: jax.sharding.Mesh) -> Run:
     guards.prelaunch(cfg)
     tokenizer = load_tokenizer(cfg.model.tokenizer_path or cfg.model.path)
     stream, val_set = train_stream(cfg, tokenizer), val_dataset(cfg, tokenizer)  # before the model
+    check_sources([r.data_source for r in stream.dataset.rows], cfg, "data.train_files")
+    if val_set is not None:
+        check_sources([r.data_source for r in val_set.rows], cfg, "data.val_files")
     model = from_pretrained(
         cfg.model.path,
         dtype=jnp.dtype(cfg.model.dtype),
@@ -328,7 +339,7 @@ def setup(cfg: Config, mesh: jax.sharding.Mesh) -> Run:
     updates_per_step = cfg.optim.ppo_epochs * (
         cfg.data.train_batch_size // cfg.optim.mini_batch_size
     )
-    tx = make_optimizer(cfg.optim, cfg.trainer.total_steps * updates_per_step)
+    tx = make_optimizer(cfg.optim, cfg.trainer.total_steps, updates_per_step)
     state = TrainState(
         params=params,
         opt_state=tx.init(params),
@@ -405,7 +416,11 @@ def train(cfg: Config) -> dict:
         run = setup(cfg, mesh)
         t, total = cfg.trainer, cfg.trainer.total_steps
         first_val = last_val = None
-        if run.start_step == 0 and t.val_before_train:
+        if t.val_only:  # eval.sh's mode: validate the current (restored) policy, then stop
+            last_val = run_validation(run)
+            run.logger.log(run.start_step, last_val)
+            total = run.start_step
+        elif run.start_step == 0 and t.val_before_train:
             first_val = run_validation(run)
             run.logger.log(0, first_val)
         bar = tqdm(
@@ -489,7 +504,8 @@ def main(argv=None) -> dict:
     dist.initialize(cfg.distributed)  # before any JAX backend is touched
     try:
         summary = train(cfg)
-    except (guards.LaunchError, DataError, CheckpointMismatch) as e:  # bad input: one line
+    except (guards.LaunchError, DataError, CheckpointMismatch, UnknownDataSource) as e:
+        # bad input: one line
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except (dist.SetupError, StorageError) as e:

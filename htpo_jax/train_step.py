@@ -3,7 +3,8 @@
 The update takes one PPO mini-batch laid out as `[n_micro, micro, ...]` and scans over the
 micro-batches, accumulating gradients; every micro-batch loss is divided by the token count of the
 whole mini-batch (`num_tokens`), so accumulation gives exactly the one-big-batch gradient
-(token-mean). Then one optax step (AdamW with warmup, global-norm clipping).
+(token-mean). Then one optax step (AdamW with warmup counted in RL steps, global-norm clipping),
+skipped when the loss or gradient norm is not finite (as verl does).
 
 The model is split once into a static `graphdef` and the parameter `nnx.State`; only the state
 and the optimizer state travel through jit. `update` donates the `TrainState` (argument 0): the
@@ -28,7 +29,7 @@ from htpo_jax.models.logprobs import logprobs_and_entropy
 class TrainState:
     params: nnx.State
     opt_state: optax.OptState
-    step: jax.Array  # int32 scalar: optimizer updates done
+    step: jax.Array  # int32 scalar: optimizer updates done (non-finite skips included)
     rng: jax.Array  # typed PRNG key of the run (split per RL step)
 
 
@@ -84,31 +85,51 @@ class StepConfig:
         )
 
 
-def make_optimizer(optim_cfg, total_updates: int) -> optax.GradientTransformation:
-    """AdamW with linear warmup (and optional cosine decay) after global-norm clipping."""
+def rl_step_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
+    """lr as a function of the 0-based RL step index s (step s+1 of the run): linear warmup from
+    0 over `warmup_steps` RL steps, then constant or cosine down to `min_lr_ratio` at
+    `total_steps`. verl's scheduler has the same values (it steps once per RL step)."""
     o = optim_cfg
     if o.lr_schedule == "cosine":
-        schedule = optax.warmup_cosine_decay_schedule(
+        return optax.warmup_cosine_decay_schedule(
             0.0,
             o.learning_rate,
             max(o.warmup_steps, 1),
-            max(total_updates, o.warmup_steps + 1),
+            max(total_steps, o.warmup_steps + 1),
             end_value=o.learning_rate * o.min_lr_ratio,
         )
-    else:
-        schedule = (
-            optax.join_schedules(
-                [
-                    optax.linear_schedule(0.0, o.learning_rate, max(o.warmup_steps, 1)),
-                    optax.constant_schedule(o.learning_rate),
-                ],
-                [max(o.warmup_steps, 1)],
-            )
-            if o.warmup_steps
-            else optax.constant_schedule(o.learning_rate)
-        )
-    adamw = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
+    if not o.warmup_steps:
+        return optax.constant_schedule(o.learning_rate)
+    return optax.join_schedules(
+        [
+            optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps),
+            optax.constant_schedule(o.learning_rate),
+        ],
+        [o.warmup_steps],
+    )
+
+
+def _clipped_adamw(learning_rate, *, o) -> optax.GradientTransformation:
+    adamw = optax.adamw(learning_rate, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
     return optax.chain(optax.clip_by_global_norm(o.grad_clip), adamw) if o.grad_clip else adamw
+
+
+def make_optimizer(
+    optim_cfg, total_steps: int, updates_per_step: int = 1
+) -> optax.GradientTransformation:
+    """AdamW after global-norm clipping, lr from `rl_step_schedule` counted in RL steps.
+
+    The schedule is counted in RL steps, as verl's (train.sh's `lr_warmup_steps=10` is 10 RL
+    steps of 4 updates each): update u belongs to RL step u // updates_per_step, so every update
+    of one step uses that step's lr. `inject_hyperparams` keeps the lr of the latest update in
+    `opt_state.hyperparams["learning_rate"]` and counts updates outside the AdamW state, which is
+    what lets a skipped (non-finite) update keep the AdamW state and still advance the schedule.
+    """
+    per_step = max(int(updates_per_step), 1)
+    by_step = rl_step_schedule(optim_cfg, total_steps)
+    return optax.inject_hyperparams(functools.partial(_clipped_adamw, o=optim_cfg))(
+        learning_rate=lambda update: by_step(update // per_step)
+    )
 
 
 def response_logprobs(graphdef, params, ids, mask, prompt_len: int, temperature, chunk_size):
@@ -188,8 +209,27 @@ def update(state: TrainState, mini: UpdateBatch, graphdef, tx, sc: StepConfig):
     metrics["grad_norm"] = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    params, opt_state, skipped = skip_if_nonfinite(
+        metrics["loss"], metrics["grad_norm"], state, params, opt_state
+    )
+    metrics["nonfinite_skipped"] = skipped
+    metrics["lr"] = opt_state.hyperparams["learning_rate"]
     new = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
     return new, metrics
+
+
+def skip_if_nonfinite(loss, grad_norm, state: TrainState, params, opt_state):
+    """verl skips the optimizer step when the gradient norm is not finite; so do we (and for a
+    non-finite loss). Skipped: the old parameters and AdamW state are kept, only the update count
+    (which drives the lr schedule, counted in RL steps like verl's scheduler) moves on.
+    Returns (params, opt_state, 1.0 if skipped else 0.0)."""
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    params = keep(params, state.params)
+    opt_state = opt_state._replace(
+        inner_state=keep(opt_state.inner_state, state.opt_state.inner_state)
+    )
+    return params, opt_state, 1.0 - finite.astype(jnp.float32)
 
 
 def jit_update(graphdef, tx, sc: StepConfig, state_shardings=None):

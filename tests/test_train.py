@@ -85,6 +85,8 @@ def test_two_step_smoke(tiny_run_dir, tmp_path):
         "group_frac/hard_wrong_high",
     ):
         assert key in records[1], key
+    assert records[0]["val/arith/mean@1"] == records[0]["val/accuracy"]  # one data source
+    assert records[1]["train/nonfinite_skipped"] == 0 and records[1]["train/lr"] > 0
     fracs = sum(records[1][k] for k in records[1] if k.startswith("group_frac/"))
     assert abs(fracs - 1.0) < 1e-5
     assert summary["val_accuracy_before"] is not None
@@ -106,6 +108,16 @@ def test_two_step_smoke(tiny_run_dir, tmp_path):
         hf_logits = hf(torch.tensor(ids, dtype=torch.long)).logits.numpy()
     np.testing.assert_allclose(np.asarray(ours(ids)), hf_logits, atol=2e-4)
     assert np.abs(np.asarray(ours(ids)) - np.asarray(start(ids))).max() > 1e-4  # it trained
+
+
+def test_val_only_validates_and_exits(tiny_run_dir, tmp_path):
+    out = tmp_path / "val_only"
+    summary = main(overrides(tiny_run_dir, out, **{"trainer.val_only": True}))
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [0]
+    assert "val/arith/mean@1" in records[0] and summary["val_accuracy_after"] is not None
+    assert not any(k.startswith("train/") for k in records[0])
+    assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
 
 
 def test_resume_reproduces_straight_run(tiny_run_dir, tmp_path):
