@@ -284,7 +284,8 @@ def update_programs(ctx: Context) -> list[Program]:
         resident = per_chip_bytes(ctx.opt_state) + ref_bytes(ctx)
         out.append(Program("update", f"{rows} x ({p}+{w})", grads_fn, args, resident))
     apply = jit_apply_grads(ctx.tx, state_sh)
-    out.append(Program("optimizer", "AdamW step", apply, (state, ctx.params), ref_bytes(ctx)))
+    args = (state, ctx.params, scalar)  # scalar: the mini-batch loss (non-finite check)
+    out.append(Program("optimizer", "AdamW step", apply, args, ref_bytes(ctx)))
     return out
 
 

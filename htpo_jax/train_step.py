@@ -158,6 +158,11 @@ def kl_penalty(log_prob, ref_log_prob, kind: str):
     return jnp.clip(jnp.exp(kl) - kl - 1, -10.0, 10.0)
 
 
+# Metrics of `micro_loss` that are partial sums (divided by the whole mini-batch's counts): the
+# mini-batch value is their sum over micro-batches; every other metric is averaged.
+SUMMED = ("policy_loss", "kl_loss")
+
+
 def micro_loss(params, graphdef, micro: UpdateBatch, num_tokens, num_seqs, sc: StepConfig):
     lp, ent = response_logprobs(
         graphdef,
@@ -191,8 +196,8 @@ def micro_loss(params, graphdef, micro: UpdateBatch, num_tokens, num_seqs, sc: S
 def update(state: TrainState, mini: UpdateBatch, graphdef, tx, sc: StepConfig):
     """One optimizer update from a mini-batch laid out `[n_micro, micro, ...]` (donated state).
 
-    Returns (new state, metrics): `loss` is the mini-batch loss (sum of the micro losses, each
-    already divided by the mini-batch token count); other metrics are micro-batch means.
+    Returns (new state, metrics): `loss` and `kl_loss` are mini-batch values (sums of the micro
+    values, each already divided by the mini-batch counts); other metrics are micro-batch means.
     """
     num_tokens = jnp.sum(mini.response_mask)
     num_seqs = jnp.sum(jnp.any(mini.response_mask > 0, axis=-1))
@@ -204,8 +209,11 @@ def update(state: TrainState, mini: UpdateBatch, graphdef, tx, sc: StepConfig):
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     grads, metrics = jax.lax.scan(body, zeros, mini)
+    # the losses are partial sums (each micro is divided by the mini-batch counts): sum them
+    sums = {k: jnp.sum(metrics.pop(k)) for k in SUMMED if k in metrics}
     metrics = jax.tree.map(jnp.mean, metrics)
-    metrics["loss"] = metrics.pop("policy_loss") * mini.response_mask.shape[0]
+    metrics["loss"] = sums.pop("policy_loss")
+    metrics.update(sums)
     metrics["grad_norm"] = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -254,12 +262,17 @@ def micro_grads(grads, params, micro: UpdateBatch, num_tokens, num_seqs, graphde
     return jax.tree.map(jnp.add, grads, g), metrics
 
 
-def apply_grads(state: TrainState, grads, tx):
-    """One optax step from accumulated gradients (state donated); returns (state, grad_norm)."""
+def apply_grads(state: TrainState, grads, loss, tx):
+    """One optax step from accumulated gradients (state donated), skipped like `update`'s when
+    the loss or the gradient norm is not finite; returns (state, {grad_norm, nonfinite_skipped,
+    lr})."""
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    params, opt_state, skipped = skip_if_nonfinite(loss, grad_norm, state, params, opt_state)
     new = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
-    return new, optax.tree.norm(grads)
+    lr = opt_state.hyperparams["learning_rate"]
+    return new, {"grad_norm": grad_norm, "nonfinite_skipped": skipped, "lr": lr}
 
 
 def jit_micro_grads(graphdef, sc: StepConfig, grad_shardings=None):
@@ -270,7 +283,7 @@ def jit_micro_grads(graphdef, sc: StepConfig, grad_shardings=None):
 
 
 def jit_apply_grads(tx, state_shardings=None):
-    """`apply_grads` jitted; the TrainState and the gradients are donated."""
+    """`apply_grads` jitted; the TrainState and the gradients are donated (the loss is not)."""
     out = (state_shardings, None) if state_shardings is not None else None
     return jax.jit(functools.partial(apply_grads, tx=tx), donate_argnums=(0, 1), out_shardings=out)
 
@@ -287,12 +300,11 @@ def packed_update(state, micros, num_tokens, num_seqs, grads_fn, apply_fn, zeros
         grads, metrics = grads_fn(grads, state.params, micro, num_tokens, num_seqs)
         per_micro.append(metrics)
         weights.append(micro.response_mask.sum())
-    state, grad_norm = apply_fn(state, grads)
     w = jnp.stack([jnp.asarray(x, jnp.float32) for x in weights])
     w = w / jnp.maximum(w.sum(), 1.0)
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *per_micro)
-    metrics = {k: jnp.sum(v * w) for k, v in stacked.items()}
-    metrics["loss"] = jnp.sum(stacked["policy_loss"])
-    del metrics["policy_loss"]
-    metrics["grad_norm"] = grad_norm
+    metrics = {k: jnp.sum(v if k in SUMMED else v * w) for k, v in stacked.items()}
+    metrics["loss"] = metrics.pop("policy_loss")
+    state, step_metrics = apply_fn(state, grads, metrics["loss"])
+    metrics.update(step_metrics)
     return state, metrics
