@@ -411,62 +411,64 @@ def train(cfg: Config) -> dict:
     """The whole run; returns a summary (accuracy before/after, paths)."""
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     stops = dist.StopSignals()  # SIGTERM / SIGINT: save at the end of the step, exit 0
-    stopped = None
-    with jax.set_mesh(mesh):
-        run = setup(cfg, mesh)
-        t, total = cfg.trainer, cfg.trainer.total_steps
-        first_val = last_val = None
-        if t.val_only:  # eval.sh's mode: validate the current (restored) policy, then stop
-            last_val = run_validation(run)
-            run.logger.log(run.start_step, last_val)
-            total = run.start_step
-        elif run.start_step == 0 and t.val_before_train:
-            first_val = run_validation(run)
-            run.logger.log(0, first_val)
-        bar = tqdm(
-            range(run.start_step + 1, total + 1),
-            initial=run.start_step,
-            total=total,
-            desc="htpo",
-            disable=not t.progress_bar,
-            dynamic_ncols=True,
-            file=sys.stderr,
-        )
-        metrics: dict = {}
-        for step in bar:
-            metrics = rl_step(run, step)
-            if step == total or (t.val_every and step % t.val_every == 0):
+    try:  # the handlers go back also when setup or a step raises
+        stopped = None
+        with jax.set_mesh(mesh):
+            run = setup(cfg, mesh)
+            t, total = cfg.trainer, cfg.trainer.total_steps
+            first_val = last_val = None
+            if t.val_only:  # eval.sh's mode: validate the current (restored) policy, then stop
                 last_val = run_validation(run)
-                metrics.update(last_val)
-            metrics["train/lr_step"] = int(run.state.step)
-            if step % t.log_every == 0 or step == total or "val/accuracy" in metrics:
-                run.logger.log(step, metrics)
-            run.watch.after_step(step, metrics, run.ckpt)  # non-finite stop, collapse, disk
-            stopped = stops.should_stop(step)
-            if run.ckpt.should_save(step, last=step == total) or stopped:
-                run.watch.save(
-                    step,
-                    run.state,
-                    {
-                        "step": step,
-                        "data": run.stream.state.to_json(),
-                        "config": cfg.to_dict(),
-                        "run_id": run.run_id,
-                    },
-                    run.ckpt,
-                )
-            bar.set_postfix(
-                acc=f"{metrics['train/accuracy']:.2f}",
-                val=f"{(last_val or first_val or {}).get('val/accuracy', float('nan')):.2f}",
+                run.logger.log(run.start_step, last_val)
+                total = run.start_step
+            elif run.start_step == 0 and t.val_before_train:
+                first_val = run_validation(run)
+                run.logger.log(0, first_val)
+            bar = tqdm(
+                range(run.start_step + 1, total + 1),
+                initial=run.start_step,
+                total=total,
+                desc="htpo",
+                disable=not t.progress_bar,
+                dynamic_ncols=True,
+                file=sys.stderr,
             )
-            if stopped:
-                bar.close()
-                break
-        run.ckpt.close()
+            metrics: dict = {}
+            for step in bar:
+                metrics = rl_step(run, step)
+                if step == total or (t.val_every and step % t.val_every == 0):
+                    last_val = run_validation(run)
+                    metrics.update(last_val)
+                metrics["train/lr_step"] = int(run.state.step)
+                if step % t.log_every == 0 or step == total or "val/accuracy" in metrics:
+                    run.logger.log(step, metrics)
+                run.watch.after_step(step, metrics, run.ckpt)  # non-finite stop, collapse, disk
+                stopped = stops.should_stop(step)
+                if run.ckpt.should_save(step, last=step == total) or stopped:
+                    run.watch.save(
+                        step,
+                        run.state,
+                        {
+                            "step": step,
+                            "data": run.stream.state.to_json(),
+                            "config": cfg.to_dict(),
+                            "run_id": run.run_id,
+                        },
+                        run.ckpt,
+                    )
+                bar.set_postfix(
+                    acc=f"{metrics['train/accuracy']:.2f}",
+                    val=f"{(last_val or first_val or {}).get('val/accuracy', float('nan')):.2f}",
+                )
+                if stopped:
+                    bar.close()
+                    break
+            run.ckpt.close()
+            run.logger.close()
+            if run.pool is not None:
+                run.pool.close()
+    finally:
         stops.close()
-        run.logger.close()
-        if run.pool is not None:
-            run.pool.close()
     summary = {
         "val_accuracy_before": (first_val or {}).get("val/accuracy"),
         "val_accuracy_after": (last_val or {}).get("val/accuracy"),

@@ -123,6 +123,7 @@ def test_score_lockstep_one_process_is_compute_rewards():
 
 
 def test_stop_signals_one_process():
+    before = signal.getsignal(signal.SIGTERM)
     stops = dist.StopSignals()
     try:
         assert stops.should_stop(1) is None
@@ -131,7 +132,7 @@ def test_stop_signals_one_process():
         assert stops.should_stop(2) == "SIGTERM"
     finally:
         stops.close()
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def _free_port() -> int:
