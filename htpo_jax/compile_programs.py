@@ -201,7 +201,7 @@ def rollout_programs(ctx: Context) -> list[Program]:
     import jax
     import jax.numpy as jnp
 
-    from htpo_jax import rollout
+    from htpo_jax.rollout import sampling, static
 
     c = ctx.cfg
     r, n = c.rollout, c.rollout.n
@@ -211,13 +211,13 @@ def rollout_programs(ctx: Context) -> list[Program]:
         if r.max_num_seqs:
             prompts = min(prompts, max(r.max_num_seqs // k, 1))
         step = math.lcm(k, ctx.shards)
-        padded = math.ceil(rollout.bucket(prompts * k) / step) * step // k
+        padded = math.ceil(sampling.bucket(prompts * k) / step) * step // k
         if best is None or padded * k > best[0] * best[1]:
             best = (padded, k)
     prompts, k = best
     p = prompt_width(c)
     eos = ctx.model_cfg.eos_token_id or (0,)
-    fn = rollout._compiled(
+    fn = static._compiled(
         ctx.graphdef, k, r.max_response_length, False, r.top_k, r.top_p < 1.0, eos, 0,
         jnp.dtype(c.model.dtype),
     )  # fmt: skip
