@@ -38,6 +38,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jax
+
 from htpo_jax.rollout import sampling, static
 from htpo_jax.rollout.engine import EngineConfig, generate_paged
 from htpo_jax.rollout.sampling import (
@@ -99,8 +101,10 @@ def generate(
               top_p=top_p, top_k=top_k, greedy=greedy, eos_token_id=eos_token_id,
               pad_token_id=pad_token_id, cache_dtype=cache_dtype)  # fmt: skip
     # The engine keeps one page pool on one device; a mesh that splits the batch (data x fsdp)
-    # is served by the static sampler, whose rows and cache shard over it.
-    if engine == "static" or (engine is None and static._batch_shards() > 1):
+    # is served by the static sampler, whose rows and cache shard over it, and so is a
+    # multi-process run (the engine's host loop reads arrays no single process holds whole).
+    multi_host = jax.process_count() > 1
+    if engine == "static" or multi_host or (engine is None and static._batch_shards() > 1):
         return static.generate(
             model, prompt_ids, prompt_mask, batch_bucket=batch_bucket, length_bucket=length_bucket,
             **kw,
