@@ -260,17 +260,16 @@ class Checkpointer:
         """
         steps = sorted(self.all_steps(), reverse=True)
         skipped: list[int] = []
+
+        def skip(step: int, reason: str) -> None:
+            log.warning("checkpoint %d in %s %s; skipping it", step, self.directory, reason)
+            skipped.append(step)
+
         for step in steps:
             try:
                 extra = self.restore_extra(step)
             except Exception as e:
-                log.warning(
-                    "checkpoint %d in %s does not load (%s); skipping it",
-                    step,
-                    self.directory,
-                    _one_line(e),
-                )
-                skipped.append(step)
+                skip(step, f"does not load ({_one_line(e)})")
                 continue
             check_shapes(extra.get("param_shapes"), template_state, step)
             if check_extra is not None:
@@ -279,18 +278,11 @@ class Checkpointer:
             try:
                 state, extra = self.restore(step, template_state)
             except Exception as e:
-                log.warning(
-                    "checkpoint %d in %s does not load (%s); skipping it",
-                    step,
-                    self.directory,
-                    _one_line(e),
-                )
-                skipped.append(step)
+                skip(step, f"does not load ({_one_line(e)})")
                 continue
             reason = verify(state) if verify is not None else None
             if reason:
-                log.warning("checkpoint %d in %s %s; skipping it", step, self.directory, reason)
-                skipped.append(step)
+                skip(step, reason)
                 continue
             if skipped:
                 log.warning(

@@ -48,13 +48,21 @@ OPEN_UNIT = (lambda v: 0 < v < 1, "must be in (0, 1)")
 TOP_P = (lambda v: 0 < v <= 1, "must be in (0, 1]")
 TOP_K = (lambda v: v == -1 or v > 0, "must be -1 (off) or > 0")
 MESH = (lambda v: v == -1 or v >= 1, "must be -1 (the rest) or >= 1")
+# The loss's hyperparameters: loss.LOSS_BOUNDS, the entries LossConfig itself checks (one
+# validator per key, so a value accepted here never fails later in the loss).
+CLIP_LOW, CLIP_HIGH, CLIP_C, SHARE = (
+    LOSS_BOUNDS[k]
+    for k in ("clip_ratio_low", "clip_ratio_high", "clip_ratio_c", "high_entropy_ratio")
+)
 
 LossName = Literal["htpo", "dapo", "grpo", "dr_grpo", "high_entropy_only"]
 AggMode = Literal[AGG_MODES]  # the loss's own list
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelSection:
+    """The `model:` section (models.ModelConfig is the architecture, read from config.json)."""
+
     path: str = _f("", "HF model directory (config.json, *.safetensors, tokenizer files).")
     tokenizer_path: str = _f("", "Tokenizer directory; empty = model.path.")
     dtype: Literal["bfloat16", "float32"] = _f("bfloat16", "Activation / compute dtype.")
@@ -143,31 +151,19 @@ class RolloutConfig:
 class AlgorithmConfig:
     loss: LossName = _f("htpo", "Policy loss: HTPO or a baseline.")
     loss_agg_mode: AggMode = _f("token-mean", "How token losses are averaged (verl's agg_loss).")
-    # The loss's keys take their bounds from loss.LOSS_BOUNDS (LossConfig checks the same ones).
-    clip_ratio_low: float = _f(
-        0.2, "PPO lower clip eps_l: ratio floor 1 - eps_l.", LOSS_BOUNDS["clip_ratio_low"]
-    )
+    # The loss's keys are checked by the loss's own bounds (LossConfig uses the same entries).
+    clip_ratio_low: float = _f(0.2, "PPO lower clip eps_l: ratio floor 1 - eps_l.", CLIP_LOW)
     clip_ratio_high: float = _f(
-        0.28,
-        "PPO upper clip eps_h (clip-higher): ratio cap 1 + eps_h.",
-        LOSS_BOUNDS["clip_ratio_high"],
+        0.28, "PPO upper clip eps_h (clip-higher): ratio cap 1 + eps_h.", CLIP_HIGH
     )
-    clip_ratio_c: float = _f(
-        10.0, "Dual-clip constant c for negative advantages.", LOSS_BOUNDS["clip_ratio_c"]
-    )
+    clip_ratio_c: float = _f(10.0, "Dual-clip constant c for negative advantages.", CLIP_C)
     difficulty_threshold: float = _f(0.6, "Prompt is hard iff group accuracy < this.", UNIT)
     high_entropy_ratio: float = _f(
-        0.2,
-        "Fraction of each response's tokens called high-entropy.",
-        LOSS_BOUNDS["high_entropy_ratio"],
+        0.2, "Fraction of each response's tokens called high-entropy.", SHARE
     )
-    drop_low_entropy_ratio: float = _f(
-        0.006, "Hard&correct: drop this share of low tokens.", LOSS_BOUNDS["drop_low_entropy_ratio"]
-    )
+    drop_low_entropy_ratio: float = _f(0.006, "Hard&correct: drop this share of low tokens.", SHARE)
     drop_high_entropy_ratio: float = _f(
-        0.02,
-        "Easy&correct: drop this share of high tokens.",
-        LOSS_BOUNDS["drop_high_entropy_ratio"],
+        0.02, "Easy&correct: drop this share of high tokens.", SHARE
     )
     dynamic_sampling: bool = _f(True, "Drop prompt groups with zero reward std; draw more.")
     dynamic_sampling_metric: Literal["acc", "score"] = _f("acc", "Quantity whose std must be > 0.")
@@ -285,7 +281,7 @@ class DistributedConfig:
 
 @dataclass(frozen=True)
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelSection = field(default_factory=ModelSection)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)

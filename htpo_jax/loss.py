@@ -48,13 +48,14 @@ GROUP_NAMES = (
 # LossConfig. They live here only: LossConfig checks them, and the run config (htpo_jax.config)
 # uses the same entries for its `algorithm.<field>` keys, so `--set` and a direct LossConfig
 # agree on what is allowed.
+_SHARE = (lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]")
 LOSS_BOUNDS = {
     "clip_ratio_low": (lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
     "clip_ratio_high": (lambda v: v >= 0.0, "must be >= 0"),
     "clip_ratio_c": (lambda v: v > 1.0, "must be > 1"),
-    "high_entropy_ratio": (lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]"),
-    "drop_low_entropy_ratio": (lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]"),
-    "drop_high_entropy_ratio": (lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]"),
+    "high_entropy_ratio": _SHARE,
+    "drop_low_entropy_ratio": _SHARE,
+    "drop_high_entropy_ratio": _SHARE,
 }
 
 
