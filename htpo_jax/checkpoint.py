@@ -168,6 +168,11 @@ class Checkpointer:
             create=True,
             cleanup_tmp_directories=True,  # leftovers of a crash mid-save
             enable_async_checkpointing=async_save,
+            # The step directory is made before save() returns (the arrays are still written in
+            # the background): a lost mount or a file in its place then raises at once, instead
+            # of leaving orbax's writer threads waiting 300 s for a "directory created" signal
+            # that never comes, which held the process at exit for 5 minutes.
+            async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
         )
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=(_STATE, _EXTRA)

@@ -122,6 +122,7 @@ def test_rows_do_not_depend_on_batch_bucket_or_padding(model, prompts):
     np.testing.assert_allclose(padded.log_probs, full.log_probs, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_compiles_once_per_bucket(model):
     """The static sampler: one program per bucket (the engine's: test_rollout_engine.py)."""
     ids, mask = left_padded_batch(1, b=5, t=13)
@@ -267,6 +268,7 @@ def test_greedy_matches_transformers(tmp_path, family, tied):
     assert int(ours.lengths[0]) <= 5 and bool(ours.finished[0])
 
 
+@pytest.mark.slow
 def test_sharded_generation_on_8_fake_devices():
     """tests/rollout_sharded_check.py in a fresh process (XLA_FLAGS must precede importing jax)."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
