@@ -217,14 +217,13 @@ def rollout_programs(ctx: Context) -> list[Program]:
     prompts, k = best
     p = prompt_width(c)
     eos = ctx.model_cfg.eos_token_id or (0,)
-    fn = static._compiled(
-        ctx.graphdef, k, r.max_response_length, False, r.top_k, r.top_p < 1.0, eos, 0,
-        jnp.dtype(c.model.dtype),
-    )  # fmt: skip
+    config = (k, r.max_response_length, False, r.top_k, r.top_p < 1.0, eos, 0,
+              jnp.dtype(c.model.dtype))  # fmt: skip
+    fn = static.generate_program
     ids = array(ctx, (prompts, p), jnp.int32)
     key = jax.eval_shape(lambda: jax.random.key(0))
     f32 = jax.ShapeDtypeStruct((), jnp.float32)
-    args = (ctx.params, ids, ids, key, f32, f32)
+    args = (sampling.StaticGraph(ctx.graphdef), config, ctx.params, ids, ids, key, f32, f32)
     shape = f"{prompts * k} rows x ({p}+{r.max_response_length})"
     note = "FLOPs count the decode loop body once"
     return [
