@@ -346,6 +346,15 @@ def htpo_loss(
     return loss, metrics
 
 
+def nll_loss(log_prob, response_mask, *, config=LossConfig(), num_tokens=None, num_sequences=None):
+    """Supervised fine-tuning: the negative log-likelihood of the response tokens, aggregated as
+    the clipped losses are (`config.loss_agg_mode`). Not an RL objective (no config name): the
+    assets script trains the default model with it through the trainer's update."""
+    valid = response_mask > 0
+    loss = aggregate(-log_prob, valid, config.loss_agg_mode, num_tokens, num_sequences)
+    return loss, {}
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LossInputs:
@@ -385,7 +394,7 @@ LOSSES = {
         "response_mask",
         "hard",
         "correct",
-    ),  # fmt: skip
+    ),
     "dapo": _on_inputs(dapo_loss, *_CLIPPED),
     "grpo": _on_inputs(grpo_loss, *_CLIPPED),
     "dr_grpo": _on_inputs(dr_grpo_loss, *_CLIPPED),
@@ -396,7 +405,8 @@ LOSSES = {
         "entropy",
         "advantages",
         "response_mask",
-    ),  # fmt: skip
+    ),
+    "sft": _on_inputs(nll_loss, "log_prob", "response_mask"),
 }
 
 __all__ = [
@@ -407,6 +417,7 @@ __all__ = [
     "grpo_loss",
     "dr_grpo_loss",
     "high_entropy_only_loss",
+    "nll_loss",
     "entropy_split",
     "aggregate",
     "LOSSES",

@@ -266,6 +266,8 @@ def test_registry_entries_equal_the_public_functions():
     assert float(got) == float(want) and got_m.keys() == want_m.keys()
     got, _ = LOSSES["dapo"](x)
     assert float(got) == float(dapo_loss(lp, old, adv, mask)[0])
+    got, _ = LOSSES["sft"](x)  # the assets script's SFT: mean NLL of the response tokens
+    np.testing.assert_allclose(got, -(lp * mask).sum() / mask.sum(), rtol=1e-6)
 
 
 def test_dapo_is_htpo_without_groups():

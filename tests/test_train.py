@@ -184,7 +184,7 @@ def test_config_yaml_written_is_loadable(tiny_run_dir, tmp_path):
 
 def fake_scored(acc_groups, g, width=4, r=5):
     """A Scored round with the given per-prompt correctness patterns ([P, G] bools)."""
-    from htpo_jax.eval import Scored
+    from htpo_jax.sample import Scored
 
     acc = np.asarray(acc_groups, bool).reshape(-1)
     p = len(acc_groups)
@@ -203,7 +203,7 @@ def fake_scored(acc_groups, g, width=4, r=5):
 
 
 def test_dynamic_sampling_keeps_mixed_groups_and_draws_more(monkeypatch):
-    import htpo_jax.train as T
+    import htpo_jax.stages as S
 
     cfg = load_config(
         None,
@@ -222,17 +222,17 @@ def test_dynamic_sampling_keeps_mixed_groups_and_draws_more(monkeypatch):
             [[0, 1], [1, 0]],  # keeps both: 3 kept, done
         ]
     )
-    monkeypatch.setattr(T, "sample_round", lambda run, key, n: fake_scored(next(rounds), 2))
-    run = type("R", (), {"cfg": cfg})()
-    kept, stats = T.collect(run, jax.random.key(0))
+    monkeypatch.setattr(S, "sample_round", lambda c, params, key, n: fake_scored(next(rounds), 2))
+    c = type("C", (), {"cfg": cfg})()
+    kept, stats = S.collect(c, None, jax.random.key(0))
     assert stats["filter/gen_batches"] == 3
     assert stats["filter/kept_prompt_frac"] == pytest.approx(3 / 6)
-    np.testing.assert_array_equal(kept["acc"], [1, 0, 0, 1, 1, 0])
+    np.testing.assert_array_equal(kept.acc, [1, 0, 0, 1, 1, 0])
     # the kept rows are those of round 0 prompt 1, then round 2 prompts 0 and 1
-    np.testing.assert_array_equal(kept["tokens"][:, 0], [2, 3, 0, 1, 2, 3])
+    np.testing.assert_array_equal(kept.tokens[:, 0], [2, 3, 0, 1, 2, 3])
     assert stats["train/accuracy"] == pytest.approx(5 / 12)
 
     rounds = iter([[[1, 1], [0, 0]]] * 10)
-    monkeypatch.setattr(T, "sample_round", lambda run, key, n: fake_scored(next(rounds), 2))
-    with pytest.raises(T.SamplingExhausted, match="max_num_gen_batches"):
-        T.collect(run, jax.random.key(0))
+    monkeypatch.setattr(S, "sample_round", lambda c, params, key, n: fake_scored(next(rounds), 2))
+    with pytest.raises(S.SamplingExhausted, match="max_num_gen_batches"):
+        S.collect(c, None, jax.random.key(0))
