@@ -136,23 +136,29 @@ def test_resume_reproduces_straight_run(tiny_run_dir, tmp_path):
 
 
 def test_dapo_and_accumulation_run(tiny_run_dir, tmp_path):
-    """Baseline loss plus micro-batching (4 micro-batches of 2 in each mini-batch of 8 rows)."""
-    out = tmp_path / "dapo"
-    main(
-        overrides(
-            tiny_run_dir,
-            out,
-            **{
-                "algorithm.loss": "dapo",
-                "trainer.total_steps": 1,
-                "optim.mini_batch_size": 2,
-                "optim.micro_batch_size": 2,
-                "algorithm.use_kl_loss": True,
-            },
-        )
-    )
-    rec = read_metrics(out / "metrics.jsonl")[-1]
-    assert np.isfinite(rec["train/loss"]) and "train/kl_loss" in rec
+    """Baseline loss plus micro-batching: 4 micro-batches of 2 rows in the mini-batch of 8 give
+    the loss and gradient of one micro-batch of 8 (the same rollouts: micro_batch_size does not
+    touch sampling), and at the first update the policy is the reference (KL 0)."""
+    recs = {}
+    for micro in (2, 8):
+        out = tmp_path / f"dapo_{micro}"
+        extra = {
+            "algorithm.loss": "dapo",
+            "trainer.total_steps": 1,
+            "optim.mini_batch_size": 2,
+            "optim.micro_batch_size": micro,
+            "algorithm.use_kl_loss": True,
+            "trainer.val_before_train": False,
+        }
+        main(overrides(tiny_run_dir, out, **extra))
+        recs[micro] = read_metrics(out / "metrics.jsonl")[-1]
+    acc, one = recs[2], recs[8]
+    assert acc["train/reward_mean"] == one["train/reward_mean"]  # the same rollouts
+    assert abs(acc["train/loss"]) > 1e-4  # a real loss, not a trivially equal zero
+    assert acc["train/loss"] == pytest.approx(one["train/loss"], rel=1e-5, abs=1e-7)
+    assert acc["train/grad_norm"] == pytest.approx(one["train/grad_norm"], rel=1e-4)
+    assert acc["train/grad_norm"] > 0
+    assert 0 <= acc["train/kl_loss"] < 1e-6
 
 
 @pytest.mark.parametrize(
