@@ -205,9 +205,10 @@ def evaluate(model, tok, val_file, *, n_samples, max_new, seed, batch=400) -> di
     The trainer's validation path: `val_file`'s prompts as `PromptDataset` builds them, sampled
     and scored (`dapo_math` for the `arith` source) by `sample.sample_and_score`.
     """
-    cfg = load_config(
-        None, [f"rollout.max_response_length={max_new}", "algorithm.reward_timeout_s=0"]
-    )
+    # the sampler and the verifier's settings; the overlong shaping (not in `acc`) must just fit
+    sets = [f"rollout.max_response_length={max_new}", "algorithm.reward_timeout_s=0",
+            f"algorithm.overlong_buffer_len={max(1, max_new // 4)}"]  # fmt: skip
+    cfg = load_config(None, sets)
     dataset = PromptDataset([val_file], tok, max_prompt_length=64)
     sampler, params = Sampler.from_model(model), nnx.state(model)
 

@@ -1,7 +1,7 @@
 """Stages 2-3 of an RL step, ROLLOUT and REWARD: n sampled responses per prompt of a batch,
-decoded and scored (`sample_and_score` -> `Scored`, on the host), plus the token ids every caller
-of the sampler shares (`stop_tokens`, `pad_id`) and `engine_config` (RolloutConfig -> the
-sampler's `engine`). Validation (stage 8) is `evaluate.validate`."""
+decoded and scored (`sample_and_score` -> `Scored`, on the host), plus `stop_tokens` (the EOS ids
+every caller of the sampler shares; the pad id is `data.pad_id`) and `engine_config`
+(RolloutConfig -> the sampler's `engine`). Validation (stage 8) is `evaluate.validate`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import dataclasses
 import jax
 import numpy as np
 
+from htpo_jax.data import pad_id
 from htpo_jax.distributed import score_lockstep
 from htpo_jax.rollout import EngineConfig
 from htpo_jax.sharding import to_host
@@ -43,13 +44,6 @@ def stop_tokens(tokenizer) -> tuple[int, ...]:
     if not ids:
         raise ValueError("the tokenizer has no eos_token_id and no known end-of-turn token")
     return tuple(sorted(ids))
-
-
-def pad_id(tokenizer) -> int:
-    """The id written after a response's end: the tokenizer's pad, else its first stop token."""
-    return (
-        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_tokens(tokenizer)[0]
-    )
 
 
 def engine_config(r) -> EngineConfig | str:

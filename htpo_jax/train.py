@@ -71,6 +71,7 @@ class StageClock:
         self.times[f"time/{name}"] = time.perf_counter() - t0
 
     def total(self) -> dict:
+        """The stage times and `time/step`, the time since the clock was made."""
         return {**self.times, "time/step": time.perf_counter() - self.start}
 
 

@@ -27,6 +27,9 @@ from htpo_jax.models.logprobs import logprobs_and_entropy
 
 @struct.dataclass
 class TrainState:
+    """What an RL step changes: the policy, its optimizer state, the update count, the run key.
+    The only live copy of the parameters (the sampler and the scorer are called with them)."""
+
     params: nnx.State
     opt_state: optax.OptState
     step: jax.Array  # int32 scalar: optimizer updates done (non-finite skips included)
@@ -66,6 +69,7 @@ class StepConfig:
 
     @classmethod
     def from_config(cls, cfg) -> StepConfig:
+        """The update's settings from a run `Config` (`algorithm`, `rollout.temperature`)."""
         a = cfg.algorithm
         # LossConfig's own fields, read by name from `algorithm` (the config declares them all).
         loss_fields = {f.name: getattr(a, f.name) for f in dataclasses.fields(LossConfig)}
