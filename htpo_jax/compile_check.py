@@ -44,7 +44,7 @@ def measure(prog: Program, mesh, limit: int) -> dict:
 
     t0 = time.perf_counter()
     try:
-        with jax.set_mesh(mesh):
+        with jax.set_mesh(prog.mesh or mesh):
             compiled = prog.fn.lower(*prog.args).compile()
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
@@ -96,7 +96,7 @@ def out_of_memory(prog: Program, message: str, seconds: float) -> dict:
         "fits": False,
         "flops": float("nan"),
         "compile_seconds": round(seconds, 1),
-        "note": "the TPU compiler ran out of HBM: " + message.strip().splitlines()[0][:200],
+        "note": "the compiler ran out of memory: " + message.strip().splitlines()[0][:200],
     }
 
 
@@ -153,7 +153,7 @@ def run_check(
     model_cfg = ModelConfig.from_pretrained(path.parent)
     if layers:
         model_cfg = dataclasses.replace(model_cfg, num_layers=layers)
-    ctx = build_context(cfg, mesh, model_cfg)
+    ctx = dataclasses.replace(build_context(cfg, mesh, model_cfg), hbm_bytes=target.hbm_bytes)
     limit = int(target.hbm_bytes * (1.0 - headroom))
     rows = []
     for name in programs:

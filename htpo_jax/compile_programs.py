@@ -29,6 +29,7 @@ class Program:
     args: tuple
     resident: int = 0
     note: str = ""
+    mesh: object = None  # compile on this mesh instead of the run's (the engine: one chip)
 
 
 @dataclasses.dataclass
@@ -44,6 +45,7 @@ class Context:
     step_cfg: object
     shards: int  # batch shards (data x fsdp)
     model_cfg: object
+    hbm_bytes: int = 0  # per chip (sizes the engine's page pool)
 
 
 # ---------------------------------------------------------------- model and state, abstract
@@ -295,8 +297,82 @@ class _Lowered:
         self.lower = lower
 
 
+def engine_programs(ctx: Context) -> list[Program]:
+    """The rollout engine's prefill and decode programs, one engine per chip (data-parallel
+    rollouts: the weights replicated on the chip in the compute dtype, the training state
+    resident beside them), TPU kernel path (ragged paged attention).
+
+    Rows per chip S = the decode bucket of ceil(rollout.max_num_seqs / batch shards); the pool
+    holds `rollout.num_pages` pages, or as `engine.resolve_sizes` sizes it: kv_memory_fraction of
+    the HBM left after the weights and the training state, capped at S rows at full length plus
+    the prompts. The page-table width is the bucket of the longest row (prompt + response).
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from htpo_jax.rollout import engine, sampling
+    from htpo_jax.rollout import paged_attention as pa
+    from htpo_jax.rollout.scheduler import pow2_at_least
+    from htpo_jax.sharding import make_mesh
+
+    c, r, m = ctx.cfg, ctx.cfg.rollout, ctx.model_cfg
+    mesh = make_mesh(1, 1, 1, devices=[ctx.mesh.devices.flat[0]])
+    one = NamedSharding(mesh, PartitionSpec())
+    dtype = jnp.dtype(c.model.dtype)
+    cast = lambda x: dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
+    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, cast(x), sharding=one), ctx.params)
+    ps, k_steps = r.page_size, r.steps_per_call
+    rows = pow2_at_least(-(-(r.max_num_seqs or 512) // ctx.shards), 8)
+    prompt = prompt_width(c)
+    longest = prompt - 1 + r.max_response_length
+    row_pages = -(-longest // ps) + 1
+    per_page = pa.page_bytes(m.num_layers, ps, m.num_kv_heads, m.head_dim, dtype.itemsize)
+    resident = per_chip_bytes(ctx.opt_state) + per_chip_bytes(ctx.params) + ref_bytes(ctx)
+    if r.num_pages:
+        pages = r.num_pages + 1
+    else:
+        free = ctx.hbm_bytes - resident - per_chip_bytes(state)
+        budget = int(r.kv_memory_fraction * max(free, 0)) // per_page
+        prompts = -(-rows // r.n)
+        usable = rows * row_pages + prompts * -(-prompt // ps)
+        pages = max(min(pow2_at_least(usable), budget), row_pages)
+    pb = pow2_at_least(row_pages)
+    impl = pa.resolve_impl("auto", m.head_dim, ctx.mesh.devices.flat[0].platform)
+    pools = jax.eval_shape(
+        lambda: pa.init_pool(m.num_layers, pages, ps, m.num_kv_heads, m.head_dim, dtype, impl)
+    )
+    pools = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one) for a in pools)
+    vec = lambda n, dt=jnp.int32: jax.ShapeDtypeStruct((n,), dt, sharding=one)
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=one)
+    f32 = jax.ShapeDtypeStruct((), jnp.float32, sharding=one)
+    eos = tuple(np.atleast_1d(m.eos_token_id or 0).tolist())
+    graph = sampling.StaticGraph(ctx.graphdef)
+    decode_key = (ps, k_steps, r.max_response_length, False, r.top_k, r.top_p < 1.0, eos, 0, impl)
+    table = jax.ShapeDtypeStruct((rows, pb), jnp.int32, sharding=one)
+    active = vec(rows, jnp.bool_)
+    args = (graph, decode_key, state, pools, table, vec(rows), vec(rows), vec(rows), vec(rows),
+            active, vec(rows), vec(rows), key, f32, f32)  # fmt: skip
+    note = f"one chip, {impl} attention, {pages} pages of {ps} ({pages * per_page / 2**30:.1f} GiB)"
+    decode = engine.decode_program
+    out = [Program("engine_decode", f"{rows} rows x {pb} pages, {k_steps} steps", decode, args,
+                   resident, note + "; FLOPs count the loop body once", mesh)]  # fmt: skip
+    bp = pow2_at_least(-(-rows // r.n))
+    tp = -(-pow2_at_least(prompt - 1, 16) // ps) * ps
+    prefill = engine.prefill_program
+    prefill_key = (ps, c.model.attention_chunk_size or 1024)
+    ids = jax.ShapeDtypeStruct((bp, tp), jnp.int32, sharding=one)
+    ptable = jax.ShapeDtypeStruct((bp, tp // ps), jnp.int32, sharding=one)
+    args = (graph, prefill_key, state, pools, ids, vec(bp), ptable)
+    out.append(Program("engine_prefill", f"{bp} prompts x {tp}", prefill, args, resident, note,
+                       mesh))  # fmt: skip
+    return out
+
+
 PROGRAMS = {
     "rollout": rollout_programs,
+    "engine": engine_programs,
     "old_log_prob": old_log_prob_programs,
     "update": update_programs,
 }

@@ -80,7 +80,7 @@ def test_every_program_and_a_huge_shape(tmp_path):
     out = run_tool("--devices", "cpu:4", "--json", tmp_path / "r.json")
     assert out.returncode == 0, out.stderr[-2000:]
     names = [r["program"] for r in json.loads((tmp_path / "r.json").read_text())["programs"]]
-    assert names == ["rollout", "old_log_prob", "update"]
+    assert names == ["rollout", "engine_decode", "engine_prefill", "old_log_prob", "update"]
     # 64 responses of 64k tokens per micro-batch with full attention: the update cannot fit 8 GiB
     huge = ("optim.micro_batch_size=64", "rollout.max_response_length=65536")
     out = run_tool("--devices", "cpu:4", "--programs", "update", "--hbm-gib", "8", "--set", *huge)
@@ -95,5 +95,23 @@ def test_default_config_on_a_small_tpu_topology(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["topology"] == "v5e:2x2" and report["hbm_per_chip"] == 16 * GiB
-    assert [r["program"] for r in report["programs"]] == ["rollout", "old_log_prob", "update"]
+    names = [r["program"] for r in report["programs"]]
+    assert names == ["rollout", "engine_decode", "engine_prefill", "old_log_prob", "update"]
     assert all(r["fits"] and r["flops"] > 0 for r in report["programs"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
+def test_engine_decode_compiles_the_tpu_kernel(tmp_path):
+    # Qwen3-0.6B's head size (128) takes jax's ragged paged attention kernel: its decode program
+    # must compile for a TPU (block sizes that fit the compiler's VMEM), one layer for speed.
+    out = run_tool(
+        "--topology", "v5e-4", "--programs", "engine", "--num-layers", "1",
+        "--model-config", "configs/models/Qwen3-0.6B-Base", "--set",
+        "rollout.max_response_length=4096", "--json", tmp_path / "r.json", timeout=1800,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads((tmp_path / "r.json").read_text())["programs"]
+    assert [r["program"] for r in rows] == ["engine_decode", "engine_prefill"]
+    assert all(r["fits"] and r["arguments"] > 0 for r in rows)
+    assert "tpu attention" in rows[0]["note"]  # the kernel, not the gather reference

@@ -241,3 +241,13 @@ def test_write_kv_in_both_layouts_and_recent_tokens():
                           pages.reshape(-1), (pos % 4).reshape(-1))  # fmt: skip
     ref = pa.paged_attention_reference(q, written, 0, table, kv_len + 2)
     np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+def test_paged_attention_impl_choice():
+    # The TPU kernel only on a TPU and for head sizes it takes (multiples of 128).
+    assert pa.resolve_impl("auto", 128, "tpu") == "tpu"
+    assert pa.resolve_impl("auto", 64, "tpu") == "reference"
+    assert pa.resolve_impl("auto", 128, "cpu") == "reference"
+    assert pa.resolve_impl("reference", 128, "tpu") == "reference"
+    with pytest.raises(ValueError, match="impl"):
+        pa.resolve_impl("flash", 128, "cpu")

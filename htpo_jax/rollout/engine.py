@@ -80,7 +80,6 @@ def _prefill_fn(graphdef, page_size: int, chunk_size: int):
 
 
 def _decode_fn(graphdef, page_size, k_steps, n_new, greedy, top_k, use_top_p, eos, pad, impl):
-    impl = pa.resolve_impl(impl)
 
     def run(state, pools, table_sp, kv_len_s, tok_s, step_s, row_s, active_s, src_s, dst_s,
             rng, temperature, top_p):  # fmt: skip
@@ -244,14 +243,14 @@ def generate_paged(sampler, params, prompt_ids, prompt_mask, *, max_new_tokens, 
                       max_num_seqs=seqs, steps_per_call=k_steps,
                       min_slots=min(config.min_slots, seqs))  # fmt: skip
     c = sampler.model_cfg
-    impl = pa.resolve_impl(config.attention)
+    impl = pa.resolve_impl(config.attention, c.head_dim)
     pools = _init_pool(c.num_layers, num_pages, ps, c.num_kv_heads, c.head_dim, cache_dtype, impl)
     rows = len(prompts) * n
     out_tokens = np.full((rows, max_new_tokens), pad_token_id, np.int32)
     out_logp = np.zeros((rows, max_new_tokens), np.float32)
     chunk = sampler.attention_chunk_size or 1024
     decode_key = (k_steps, max_new_tokens, greedy, int(top_k), top_p < 1.0, eos,
-                  int(pad_token_id), config.attention)  # fmt: skip
+                  int(pad_token_id), impl)  # fmt: skip
     temperature, top_p = jnp.float32(temperature), jnp.float32(top_p)
     state = params
     prefill_fn = functools.partial(prefill_program, sampler.graph, (ps, chunk))

@@ -34,10 +34,12 @@ import jax.numpy as jnp
 from htpo_jax.models.attention import attend_one_query
 
 
-def resolve_impl(impl: str) -> str:
-    """ "auto" -> "tpu" on a TPU backend, else "reference"."""
+def resolve_impl(impl: str, head_dim: int, platform: str | None = None) -> str:
+    """ "auto" -> "tpu" on a TPU (`platform`, default: the default backend) when the kernel takes
+    the head size (a multiple of 128: every Qwen3), else "reference"."""
     if impl == "auto":
-        return "tpu" if jax.default_backend() == "tpu" else "reference"
+        platform = platform or jax.default_backend()
+        return "tpu" if platform == "tpu" and head_dim % 128 == 0 else "reference"
     if impl not in ("tpu", "reference"):
         raise ValueError(f"paged attention: impl must be auto, tpu or reference, got {impl!r}")
     return impl
@@ -127,6 +129,15 @@ def paged_attention_tpu(q_bnh, pool, layer, page_table_bp, kv_len_b):
     kv = jax.lax.dynamic_index_in_dim(pool[0], layer, 0, keepdims=False)  # [P, C, 2K, H]
     b, _, h = q_bnh.shape
     cu_q_lens = jnp.arange(b + 1, dtype=jnp.int32)  # one query per row
+    # Block sizes chosen here, not by the kernel's tuned table: the table keys on the local
+    # device (no TPU when compile_check compiles from a CPU host), and its fallback of 128 pages
+    # a block (2,048 tokens at page_size 16) overflowed the TPU compiler's scoped VMEM for
+    # Qwen3-4B/8B's 8 kv heads. ~512 tokens of keys and values a block fits; the AOT check and
+    # a real TPU then compile the same kernel.
+    blocks = dict(
+        num_kv_pages_per_block=min(page_table_bp.shape[1], max(1, 512 // kv.shape[1])),
+        num_queries_per_block=min(b, 32),
+    )
     return ragged_paged_attention(
         q_bnh.astype(kv.dtype),
         kv,
@@ -135,4 +146,5 @@ def paged_attention_tpu(q_bnh, pool, layer, page_table_bp, kv_len_b):
         cu_q_lens,
         jnp.array([b], jnp.int32),
         sm_scale=h**-0.5,
+        **blocks,
     ).astype(q_bnh.dtype)
