@@ -40,50 +40,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from model_shapes import QWEN3_0P6B, TINY, qwen3
 
 from htpo_jax.models.decoder import Decoder
 from htpo_jax.models.hf_io import save_pretrained
 from htpo_jax.models.model_config import ModelConfig
 from htpo_jax.rollout import bucket, generate, prompt_bucket
 
-CPU_MODEL = dict(
-    vocab_size=4096,
-    hidden_size=256,
-    intermediate_size=768,
-    num_layers=4,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=64,
-    tie_word_embeddings=True,
-)
-QWEN3_06B = dict(
-    vocab_size=151936,
-    hidden_size=1024,
-    intermediate_size=3072,
-    num_layers=28,
-    num_heads=16,
-    num_kv_heads=8,
-    head_dim=128,
-    tie_word_embeddings=True,
-)
-TINY_MODEL = dict(
-    vocab_size=512,
-    hidden_size=64,
-    intermediate_size=128,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=16,
-    tie_word_embeddings=True,
-)
+CPU_MODEL = qwen3(4096, 256, 768, 4, 4, 2, 64)  # (vocab, D, F, layers, heads, KV heads, head dim)
 CASES = {
     "uniform": dict(model=CPU_MODEL, prompts=32, n=1, prompt_len=32, new=64, mean=None,
                     dtype="float32", modes=("greedy", "sample")),
     "skewed": dict(model=CPU_MODEL, prompts=64, n=4, prompt_len=32, new=512, mean=64,
                    dtype="float32", modes=("sample",)),
-    "gpu": dict(model=QWEN3_06B, prompts=128, n=1, prompt_len=256, new=512, mean=64,
+    "gpu": dict(model=QWEN3_0P6B, prompts=128, n=1, prompt_len=256, new=512, mean=64,
                 dtype="bfloat16", modes=("sample",)),
-    "gpu-tiny": dict(model=TINY_MODEL, prompts=8, n=1, prompt_len=16, new=32, mean=8,
+    "gpu-tiny": dict(model=TINY, prompts=8, n=1, prompt_len=16, new=32, mean=8,
                      dtype="float32", modes=("sample",)),
 }  # fmt: skip
 
@@ -122,7 +94,7 @@ def eos_set(vocab: int, mean: int | None, seed: int = 0) -> list[int] | None:
 def run_case(name: str, case: dict, iters: int, use_hf: bool, hf_threads: str) -> dict:
     b, n_samples, p, n = case["prompts"], case["n"], case["prompt_len"], case["new"]
     dtype = jnp.dtype(case["dtype"])
-    cfg = ModelConfig(model_type="qwen3", qk_norm=True, **case["model"])
+    cfg = case["model"]
     model = nnx.jit(lambda: Decoder(cfg, dtype=dtype, rngs=nnx.Rngs(0)))()
     rng = np.random.RandomState(0)
     ids = rng.randint(1, cfg.vocab_size, (b, p)).astype(np.int32)

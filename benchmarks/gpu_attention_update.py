@@ -31,15 +31,21 @@ import traceback
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from model_shapes import QWEN3_0P6B, TINY, trainer_decoder  # noqa: E402
+
+from htpo_jax.config import OptimConfig  # noqa: E402
 from htpo_jax.loss import LossConfig  # noqa: E402
 from htpo_jax.models import attention as A  # noqa: E402
-from htpo_jax.models.decoder import Decoder  # noqa: E402
-from htpo_jax.models.model_config import ModelConfig  # noqa: E402
-from htpo_jax.train_step import StepConfig, TrainState, UpdateBatch, jit_update  # noqa: E402
+from htpo_jax.train_step import (  # noqa: E402
+    StepConfig,
+    TrainState,
+    UpdateBatch,
+    jit_update,
+    make_optimizer,
+)
 
 ON_GPU = jax.default_backend() == "gpu"
 
@@ -135,20 +141,11 @@ def update_batch(cfg, b, t, prompt):
 
 
 def time_update(cfg, impl, b, t, prompt, chunk, iters) -> dict:
-    model = nnx.jit(
-        lambda: Decoder(
-            cfg,
-            dtype=jnp.bfloat16,
-            param_dtype=jnp.float32,
-            remat=True,
-            attention_impl=impl,
-            attention_chunk_size=chunk,
-            rngs=nnx.Rngs(0),
-        )
-    )()
+    model = nnx.jit(lambda: trainer_decoder(cfg, impl, chunk))()
     graphdef, params = nnx.split(model)
     del model
-    tx = optax.adamw(1e-6)
+    # the trainer's optimizer (global-norm clip + AdamW, lr in opt_state.hyperparams); warmup off
+    tx = make_optimizer(OptimConfig(warmup_steps=0), total_steps=1)
     sc = StepConfig(loss="htpo", loss_config=LossConfig(), temperature=1.0, chunk_size=chunk)
     step = jit_update(graphdef, tx, sc)
     state = TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), jax.random.key(0))
@@ -182,15 +179,11 @@ def main(argv=None) -> int:
     print(f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
     if args.tiny:
         shapes = [(2, 32, 4, 2, 16), (3, 48, 4, 1, 32)]
-        cfg = ModelConfig(model_type="qwen3", vocab_size=512, hidden_size=64,
-                          intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
-                          head_dim=16, qk_norm=True, tie_word_embeddings=True)  # fmt: skip
+        cfg = TINY
         b, t, prompt, chunk = 2, 64, 16, 16
     else:
         shapes = [(2, 256, 16, 8, 128), (4, 1024, 16, 8, 128), (1, 4096, 32, 8, 128)]
-        cfg = ModelConfig(model_type="qwen3", vocab_size=151936, hidden_size=1024,
-                          intermediate_size=3072, num_layers=28, num_heads=16, num_kv_heads=8,
-                          head_dim=128, qk_norm=True, tie_word_embeddings=True)  # fmt: skip
+        cfg = QWEN3_0P6B
         b, t, prompt, chunk = 8, 4096, 1024, 512
     parity_rows, ok = parity(shapes)
 

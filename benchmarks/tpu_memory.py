@@ -35,41 +35,16 @@ from jax.experimental import topologies  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from htpo_jax.models.decoder import Decoder  # noqa: E402
+from model_shapes import qwen3_8b, trainer_decoder  # noqa: E402
+
 from htpo_jax.models.logprobs import logprobs_and_entropy  # noqa: E402
-from htpo_jax.models.model_config import ModelConfig  # noqa: E402
 from htpo_jax.sharding import logical_to_mesh_spec, make_mesh, state_shardings  # noqa: E402
 
 GIB = 2**30
 
 
-def qwen3_8b(layers: int) -> ModelConfig:
-    return ModelConfig(
-        model_type="qwen3",
-        vocab_size=151936,
-        hidden_size=4096,
-        intermediate_size=12288,
-        num_layers=layers,
-        num_heads=32,
-        num_kv_heads=8,
-        head_dim=128,
-        qk_norm=True,
-        rope_theta=1000000.0,
-    )
-
-
 def compile_memory(mesh, cfg, impl: str, tokens: int, chunk: int) -> dict:
-    model = nnx.eval_shape(
-        lambda: Decoder(
-            cfg,
-            dtype=jnp.bfloat16,
-            param_dtype=jnp.float32,
-            remat=True,
-            attention_impl=impl,
-            attention_chunk_size=chunk,
-            rngs=nnx.Rngs(0),
-        )
-    )
+    model = nnx.eval_shape(lambda: trainer_decoder(cfg, impl, chunk))
     graphdef, state = nnx.split(model)
     shardings = state_shardings(state, mesh)
     batch = mesh.size  # one row per chip

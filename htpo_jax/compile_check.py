@@ -38,8 +38,10 @@ GiB = 2**30
 
 
 # ---------------------------------------------------------------- compile, measure, report
-def measure(prog: Program, mesh, limit: int) -> dict:
-    """Lower and compile one program; its per-chip memory (bytes) and FLOPs."""
+def measure(prog: Program, mesh, limit: int, hlo_dir: str | None = None) -> dict:
+    """Lower and compile one program; its per-chip memory (bytes) and FLOPs. With `hlo_dir`, the
+    compiled HLO text goes to `<hlo_dir>/<program>_<shape>.hlo.txt` (to see e.g. the dtypes of
+    the all-gathers)."""
     import jax
 
     t0 = time.perf_counter()
@@ -51,6 +53,10 @@ def measure(prog: Program, mesh, limit: int) -> dict:
             raise
         return out_of_memory(prog, str(e), time.perf_counter() - t0)
     seconds = time.perf_counter() - t0
+    if hlo_dir:
+        name = "".join(ch if ch.isalnum() else "_" for ch in f"{prog.name}_{prog.shape}")
+        Path(hlo_dir).mkdir(parents=True, exist_ok=True)
+        (Path(hlo_dir) / f"{name}.hlo.txt").write_text(compiled.as_text())
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
@@ -138,6 +144,7 @@ def run_check(
     layers=None,
     fail_fast=False,
     on_row=None,
+    hlo_dir=None,
 ):
     """Compile every selected program on `target`; returns the report dict."""
     from htpo_jax.models.model_config import ModelConfig
@@ -158,7 +165,7 @@ def run_check(
     rows = []
     for name in programs:
         for prog in PROGRAMS[name](ctx):
-            rows.append(measure(prog, mesh, limit))
+            rows.append(measure(prog, mesh, limit, hlo_dir))
             r = rows[-1]
             if on_row is not None:  # e.g. write the JSON so far: a stopped run keeps its rows
                 on_row(rows)
@@ -212,6 +219,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--num-layers", type=int, help="build the model with fewer layers (quick trials only)"
     )
+    parser.add_argument("--hlo", metavar="DIR", help="write each compiled program's HLO text here")
     args = parser.parse_args(argv)
     if args.config is None:  # as train.py: the embedded default run
         args.config = str(DEFAULT_CONFIG)
@@ -232,6 +240,7 @@ def main(argv=None) -> int:
             model_config=args.model_config,
             layers=args.num_layers,
             fail_fast=args.fail_fast,
+            hlo_dir=args.hlo,
             on_row=(lambda rows: Path(args.json).write_text(json.dumps(rows, indent=2) + "\n"))
             if args.json
             else None,

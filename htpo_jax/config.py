@@ -26,6 +26,8 @@ from typing import Any, Literal
 
 import yaml
 
+from htpo_jax.loss import AGG_MODES, LOSS_BOUNDS
+
 
 class ConfigError(ValueError):
     """A config problem, described in one line that names the key."""
@@ -46,15 +48,21 @@ OPEN_UNIT = (lambda v: 0 < v < 1, "must be in (0, 1)")
 TOP_P = (lambda v: 0 < v <= 1, "must be in (0, 1]")
 TOP_K = (lambda v: v == -1 or v > 0, "must be -1 (off) or > 0")
 MESH = (lambda v: v == -1 or v >= 1, "must be -1 (the rest) or >= 1")
+# The loss's hyperparameters: loss.LOSS_BOUNDS, the entries LossConfig itself checks (one
+# validator per key, so a value accepted here never fails later in the loss).
+CLIP_LOW, CLIP_HIGH, CLIP_C, SHARE = (
+    LOSS_BOUNDS[k]
+    for k in ("clip_ratio_low", "clip_ratio_high", "clip_ratio_c", "high_entropy_ratio")
+)
 
 LossName = Literal["htpo", "dapo", "grpo", "dr_grpo", "high_entropy_only"]
-AggMode = Literal[
-    "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"
-]
+AggMode = Literal[AGG_MODES]  # the loss's own list
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelSection:
+    """The `model:` section (models.ModelConfig is the architecture, read from config.json)."""
+
     path: str = _f("", "HF model directory (config.json, *.safetensors, tokenizer files).")
     tokenizer_path: str = _f("", "Tokenizer directory; empty = model.path.")
     dtype: Literal["bfloat16", "float32"] = _f("bfloat16", "Activation / compute dtype.")
@@ -143,17 +151,20 @@ class RolloutConfig:
 class AlgorithmConfig:
     loss: LossName = _f("htpo", "Policy loss: HTPO or a baseline.")
     loss_agg_mode: AggMode = _f("token-mean", "How token losses are averaged (verl's agg_loss).")
-    clip_ratio_low: float = _f(0.2, "PPO lower clip eps_l: ratio floor 1 - eps_l.", OPEN_UNIT)
+    # The loss's keys are checked by the loss's own bounds (LossConfig uses the same entries).
+    clip_ratio_low: float = _f(0.2, "PPO lower clip eps_l: ratio floor 1 - eps_l.", CLIP_LOW)
     clip_ratio_high: float = _f(
-        0.28, "PPO upper clip eps_h (clip-higher): ratio cap 1 + eps_h.", POS
+        0.28, "PPO upper clip eps_h (clip-higher): ratio cap 1 + eps_h.", CLIP_HIGH
     )
-    clip_ratio_c: float = _f(10.0, "Dual-clip constant c for negative advantages.", POS)
+    clip_ratio_c: float = _f(10.0, "Dual-clip constant c for negative advantages.", CLIP_C)
     difficulty_threshold: float = _f(0.6, "Prompt is hard iff group accuracy < this.", UNIT)
     high_entropy_ratio: float = _f(
-        0.2, "Fraction of each response's tokens called high-entropy.", UNIT
+        0.2, "Fraction of each response's tokens called high-entropy.", SHARE
     )
-    drop_low_entropy_ratio: float = _f(0.006, "Hard&correct: drop this share of low tokens.", UNIT)
-    drop_high_entropy_ratio: float = _f(0.02, "Easy&correct: drop this share of high tokens.", UNIT)
+    drop_low_entropy_ratio: float = _f(0.006, "Hard&correct: drop this share of low tokens.", SHARE)
+    drop_high_entropy_ratio: float = _f(
+        0.02, "Easy&correct: drop this share of high tokens.", SHARE
+    )
     dynamic_sampling: bool = _f(True, "Drop prompt groups with zero reward std; draw more.")
     dynamic_sampling_metric: Literal["acc", "score"] = _f("acc", "Quantity whose std must be > 0.")
     max_num_gen_batches: int = _f(
@@ -270,7 +281,7 @@ class DistributedConfig:
 
 @dataclass(frozen=True)
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelSection = field(default_factory=ModelSection)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
@@ -519,23 +530,11 @@ def _apply(tree: dict, key: str, value: Any) -> None:
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Defaults, then the YAML file (if any), then `a.b=c` overrides in order; validated."""
+    """Defaults, then the YAML file (if any, on top of its `base:` chain), then `a.b=c` overrides
+    in order; validated."""
     tree: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            tree = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{p}:{where} is not valid YAML") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{p}: expected a mapping of sections at the top level")
-        tree = {k: (dict(v) if isinstance(v, dict) else v) for k, v in tree.items()}
-        config_from_dict(tree)  # report file problems before override problems
-        _resolve_paths(tree, p.resolve().parent)
+        tree = _read_config_file(Path(path), ())  # validated: file problems before overrides
     for text in overrides:
         _apply(tree, *parse_override(text))
     _resolve_paths(tree, Path.cwd())  # paths from --set: relative to where the user is
@@ -543,6 +542,51 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         default = TrainerConfig.output_dir  # the one path with a default: where the user is too
         tree["trainer"] = {**(tree.get("trainer") or {}), "output_dir": str(Path.cwd() / default)}
     return config_from_dict(tree)
+
+
+def _read_config_file(p: Path, chain: tuple[Path, ...]) -> dict:
+    """One YAML file as a tree of sections, its relative paths made absolute against its own
+    directory, merged key by key over its `base:` file (itself read the same way). `chain` holds
+    the files that include this one, to stop a cycle."""
+    if not p.is_file():
+        if chain:
+            raise ConfigError(f"{chain[-1]}: base file not found: {p}")
+        raise ConfigError(f"config file not found: {p}")
+    if p.resolve() in chain:
+        cycle = " -> ".join(str(c) for c in (*chain, p.resolve()))
+        raise ConfigError(f"{chain[-1]}: base files form a cycle: {cycle}")
+    try:
+        tree = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{p}:{where} is not valid YAML") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{p}: expected a mapping of sections at the top level")
+    tree = {k: (dict(v) if isinstance(v, dict) else v) for k, v in tree.items()}
+    base = tree.pop("base", None)
+    _resolve_paths(tree, p.resolve().parent)
+    if base is not None:
+        tree = _merge_base(p, base, tree, chain)
+    try:
+        config_from_dict(tree)
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from None
+    return tree
+
+
+def _merge_base(p: Path, base, tree: dict, chain: tuple[Path, ...]) -> dict:
+    """`tree` (file `p`, whose `base:` key was `base`) merged over its base file's tree."""
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{p}: base: expected a YAML file name, got {base!r}")
+    under = _read_config_file(p.resolve().parent / os.path.expanduser(base), (*chain, p.resolve()))
+    for name, body in tree.items():  # sections merge key by key; this file's values win
+        if isinstance(body, dict) and isinstance(under.get(name), dict):
+            body = {**under[name], **body}
+        elif body is None and name in under:
+            continue
+        under[name] = body
+    return under
 
 
 # Keys that name files or directories. Relative values resolve against the config file's
@@ -633,6 +677,12 @@ def config_markdown() -> str:
         "command line (`--set section.key=value`, the value read as YAML). Defaults are the",
         "paper's (train.sh of the official implementation: Qwen3-8B-Base on DAPO-Math-17k).",
         "Unknown keys and bad values stop the run before any work, naming the key.",
+        "",
+        "A file can start from another: `base: other.yaml` (relative to the including file; the",
+        "base must be a valid config itself) takes every key of `other.yaml`, then this file's",
+        "keys replace the base's one by one (a section is merged, not replaced). Relative paths",
+        "resolve against the directory of the file that wrote them. `configs/dapo_baseline.yaml`",
+        "is the paper run with `base:` and three keys.",
         "",
     ]
     for name, cls in SECTIONS.items():

@@ -44,6 +44,21 @@ GROUP_NAMES = (
 )
 
 
+# The loss's hyper-parameter bounds, one (predicate, "must be ...") per numeric field of
+# LossConfig. They live here only: LossConfig checks them, and the run config (htpo_jax.config)
+# uses the same entries for its `algorithm.<field>` keys, so `--set` and a direct LossConfig
+# agree on what is allowed.
+_SHARE = (lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]")
+LOSS_BOUNDS = {
+    "clip_ratio_low": (lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
+    "clip_ratio_high": (lambda v: v >= 0.0, "must be >= 0"),
+    "clip_ratio_c": (lambda v: v > 1.0, "must be > 1"),
+    "high_entropy_ratio": _SHARE,
+    "drop_low_entropy_ratio": _SHARE,
+    "drop_high_entropy_ratio": _SHARE,
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
     """Hyper-parameters of the clipped objectives; defaults are the paper's."""
@@ -57,16 +72,10 @@ class LossConfig:
     loss_agg_mode: str = "token-mean"
 
     def __post_init__(self):
-        def check(name, ok, want):
+        for name, (ok, want) in LOSS_BOUNDS.items():
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int | float) or not ok(v):
-                raise ValueError(f"LossConfig.{name} must be {want}, got {v!r}")
-
-        check("clip_ratio_low", lambda v: 0.0 <= v < 1.0, "in [0, 1)")
-        check("clip_ratio_high", lambda v: v >= 0.0, ">= 0")
-        check("clip_ratio_c", lambda v: v > 1.0, "> 1")
-        for name in ("high_entropy_ratio", "drop_low_entropy_ratio", "drop_high_entropy_ratio"):
-            check(name, lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
+                raise ValueError(f"LossConfig.{name} {want}, got {v!r}")
         if self.loss_agg_mode not in AGG_MODES:
             raise ValueError(
                 f"LossConfig.loss_agg_mode must be one of {AGG_MODES}, got {self.loss_agg_mode!r}"

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -148,6 +149,11 @@ def test_checkpoint_dir_default():
         ("optim.micro_batch_size=7", "optim.micro_batch_size: must divide"),
         ("algorithm.overlong_buffer_len=30000", "algorithm.overlong_buffer_len: must be <"),
         ("nosuchthing", "not of the form section.key=value"),
+        # the loss's own bounds (loss.LOSS_BOUNDS), not looser ones of the config's
+        ("algorithm.clip_ratio_c=0.5", "algorithm.clip_ratio_c: must be > 1, got 0.5"),
+        ("algorithm.clip_ratio_low=1", "algorithm.clip_ratio_low: must be in [0, 1), got 1.0"),
+        ("algorithm.high_entropy_ratio=2", "algorithm.high_entropy_ratio: must be in [0, 1]"),
+        ("algorithm.loss_agg_mode=sum", "algorithm.loss_agg_mode: 'sum' is not allowed"),
     ],
 )
 def test_bad_values_name_the_key(override, expected):
@@ -156,6 +162,99 @@ def test_bad_values_name_the_key(override, expected):
     msg = str(e.value)
     assert expected in msg
     assert "\n" not in msg
+
+
+def test_loss_keys_use_the_loss_bounds():
+    """One validator per hyperparameter: every LossConfig field is an `algorithm` key checked by
+    the very entry LossConfig itself uses, so a value the config accepts never makes
+    LossConfig raise later (the old config allowed clip_ratio_c=0.5, LossConfig did not)."""
+    from htpo_jax.config import AlgorithmConfig
+    from htpo_jax.loss import AGG_MODES, LOSS_BOUNDS, LossConfig
+
+    algo = {f.name: f for f in dataclasses.fields(AlgorithmConfig)}
+    loss_fields = [f.name for f in dataclasses.fields(LossConfig)]
+    assert set(LOSS_BOUNDS) == set(loss_fields) - {"loss_agg_mode"}
+    for name in LOSS_BOUNDS:
+        assert algo[name].metadata["check"] is LOSS_BOUNDS[name], name
+    assert typing.get_args(typing.get_type_hints(AlgorithmConfig)["loss_agg_mode"]) == AGG_MODES
+    # Accepted values build a LossConfig; the edges of each range agree on both sides.
+    for override in [
+        "algorithm.clip_ratio_low=0",
+        "algorithm.clip_ratio_high=0",
+        "algorithm.clip_ratio_c=1.0001",
+        "algorithm.drop_high_entropy_ratio=1",
+    ]:
+        a = load_config(overrides=[override]).algorithm
+        LossConfig(**{n: getattr(a, n) for n in loss_fields})
+    with pytest.raises(ValueError, match="LossConfig.clip_ratio_c must be > 1"):
+        LossConfig(clip_ratio_c=1.0)
+
+
+def test_trainer_bad_loss_bound_exits_2_with_one_line(capsys):
+    """The README's promise for `python -m htpo_jax.train --set algorithm.clip_ratio_c=0.5`."""
+    from htpo_jax.train import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--set", "algorithm.clip_ratio_c=0.5"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err == "config error: algorithm.clip_ratio_c: must be > 1, got 0.5\n"
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_base_file_merges_sections_key_by_key(tmp_path):
+    _write(
+        tmp_path / "base" / "paper.yaml",
+        "model:\n  path: models/m\n  remat: false\n"
+        "optim:\n  learning_rate: 2e-6\n  mini_batch_size: 16\n"
+        "trainer:\n  output_dir: runs/paper\n",
+    )
+    child = _write(
+        tmp_path / "exp" / "child.yaml",
+        "base: ../base/paper.yaml\n"
+        "optim:\n  learning_rate: 5e-6\n"  # one key of a section: the others stay the base's
+        "algorithm:\n  loss: dapo\n"
+        "data:\n  train_files: [d.jsonl]\n",
+    )
+    c = load_config(child, ["optim.warmup_steps=3"])
+    assert c.optim.learning_rate == 5e-6 and c.optim.mini_batch_size == 16
+    assert c.optim.warmup_steps == 3 and c.model.remat is False
+    assert c.algorithm.loss == "dapo"
+    # relative paths: against the directory of the file that wrote them
+    assert c.model.path == str(tmp_path / "base" / "models" / "m")
+    assert c.trainer.output_dir == str(tmp_path / "base" / "runs" / "paper")
+    assert c.data.train_files == (str(tmp_path / "exp" / "d.jsonl"),)
+    # a chain of bases: grandchild over child over paper
+    grand = _write(tmp_path / "g.yaml", "base: exp/child.yaml\noptim:\n  mini_batch_size: 8\n")
+    g = load_config(grand)
+    assert (g.optim.learning_rate, g.optim.mini_batch_size, g.algorithm.loss) == (5e-6, 8, "dapo")
+
+
+@pytest.mark.parametrize(
+    "files, expected",
+    [
+        ({"a.yaml": "base: nope.yaml\n"}, "a.yaml: base file not found: .*nope.yaml"),
+        (
+            {"a.yaml": "base: b.yaml\n", "b.yaml": "base: a.yaml\n"},
+            "a.yaml -> .*b.yaml -> .*a.yaml",
+        ),
+        ({"a.yaml": "base: a.yaml\n"}, "base files form a cycle"),
+        ({"a.yaml": "base: [b.yaml]\n"}, "a.yaml: base: expected a YAML file name"),
+        # a problem in the base file names that file and the key
+        ({"a.yaml": "base: b.yaml\n", "b.yaml": "optim:\n  lr: 1\n"}, "b.yaml: unknown .*optim.lr"),
+    ],
+)
+def test_base_file_errors_are_one_line(tmp_path, files, expected):
+    for name, text in files.items():
+        _write(tmp_path / name, text)
+    with pytest.raises(ConfigError, match=expected) as e:
+        load_config(tmp_path / "a.yaml")
+    assert "\n" not in str(e.value)
 
 
 def test_bad_yaml_file(tmp_path):

@@ -4,6 +4,7 @@ official train.sh values; the DAPO baseline differs from it only in the loss and
 from pathlib import Path
 
 import pytest
+import yaml
 
 from htpo_jax.config import load_config
 
@@ -63,6 +64,18 @@ def test_dapo_baseline_is_the_paper_run_with_dapo_loss():
     paper, base = load_config(PAPER), load_config(CONFIGS / "dapo_baseline.yaml")
     assert base.checkpoint_dir != paper.checkpoint_dir
     assert base.trainer.output_dir != paper.trainer.output_dir
+
+
+def test_dapo_baseline_resolves_to_the_file_it_replaced():
+    """configs/dapo_baseline.yaml is a few lines on top of the paper config (`base:`); resolved,
+    it is the full file it replaced (tests/golden/dapo_baseline_resolved.yaml, the output of
+    `python -m htpo_jax.config --config configs/dapo_baseline.yaml` before the rewrite)."""
+    text = (CONFIGS / "dapo_baseline.yaml").read_text()
+    assert "base: qwen3_8b_dapo_math17k.yaml" in text
+    old = yaml.safe_load(
+        (Path(__file__).parent / "golden" / "dapo_baseline_resolved.yaml").read_text()
+    )
+    assert load_config(CONFIGS / "dapo_baseline.yaml").to_dict() == old
 
 
 def test_paper_config_with_baseline_override():

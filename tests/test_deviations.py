@@ -44,6 +44,7 @@ def _mini(batch, micro=4):  # [N, ...] -> [N / micro, micro, ...]
 
 
 # ---------------------------------------------------------------- warmup in RL steps
+@pytest.mark.slow
 def test_every_update_of_rl_step_s_uses_the_step_s_lr():
     cfg = load_config(None, ["optim.learning_rate=1e-3", "optim.warmup_steps=3"])
     updates_per_step, steps = 4, 5
@@ -85,6 +86,7 @@ def test_nan_gradient_skips_the_update_and_counts_it():
     assert float(metrics["nonfinite_skipped"]) == 0
 
 
+@pytest.mark.slow
 def test_rl_step_reports_the_number_of_skipped_updates():
     cfg = load_config(
         None,

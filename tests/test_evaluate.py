@@ -110,6 +110,7 @@ def _check_outputs(out: Path, n_problems: int, n: int):
     return recs, summary
 
 
+@pytest.mark.slow
 def test_evaluate_the_shipped_model(tmp_path):
     data, out = _small_data(tmp_path), tmp_path / "eval"
     argv = ["--model", str(MODEL), "--config", str(DEFAULT), "--data", str(data)]

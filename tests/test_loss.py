@@ -333,5 +333,6 @@ print("OK")
 """
 
 
+@pytest.mark.slow  # a fresh process with fake devices
 def test_sharded_batch_matches_unsharded():
     run_on_fake_devices(SHARDED, 8)

@@ -182,6 +182,7 @@ def test_config_styles_agree_and_export_both():
     assert llama.rope_scaling == RopeScaling(8.0, 1.0, 4.0, 64)
 
 
+@pytest.mark.slow
 def test_remat_and_attention_chunks_give_same_values_and_gradients():
     ids, mask = left_padded_batch(5, t=11)
 
@@ -209,6 +210,7 @@ def _by_layer(grads_state, num_layers):
     return out
 
 
+@pytest.mark.slow
 def test_scanned_and_looped_layers_give_same_values_and_gradients(tmp_path):
     ids, mask = left_padded_batch(7, t=11)
     looped = random_decoder("qwen3", False, scan_layers=False)
@@ -296,7 +298,13 @@ def test_forward_kv_with_a_per_layer_kv_fn_equals_forward_cached(scan_layers):
 
 
 @pytest.mark.parametrize(
-    "family,scan_layers", [("qwen3", True), ("qwen2", True), ("llama", True), ("qwen3", False)]
+    "family,scan_layers",
+    [
+        ("qwen3", True),
+        ("qwen2", True),
+        ("llama", True),
+        pytest.param("qwen3", False, marks=pytest.mark.slow),  # ~14 s loaded: looped layers
+    ],
 )
 def test_prefill_then_decode_matches_full_forward(family, scan_layers):
     """Prefill a left-padded prompt, decode token by token in lax.fori_loop: same logits."""

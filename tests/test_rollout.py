@@ -51,8 +51,8 @@ def trainer_log_probs(model, ids, mask, r, temperature):
     "kw",
     [
         dict(temperature=0.7, top_p=0.9, top_k=20),
-        dict(temperature=1.3),
-        dict(temperature=0.8, greedy=True),
+        pytest.param(dict(temperature=1.3), marks=pytest.mark.slow),
+        pytest.param(dict(temperature=0.8, greedy=True), marks=pytest.mark.slow),
     ],
 )
 def test_log_probs_match_trainer(model, prompts, kw):
@@ -107,6 +107,7 @@ def test_same_rng_same_output_and_independent_samples(model, prompts):
     np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(d.tokens))
 
 
+@pytest.mark.slow
 def test_rows_do_not_depend_on_batch_bucket_or_padding(model, prompts):
     ids, mask = prompts
     kw = dict(max_new_tokens=6, rng=jax.random.key(5), temperature=0.9)
@@ -122,6 +123,7 @@ def test_rows_do_not_depend_on_batch_bucket_or_padding(model, prompts):
     np.testing.assert_allclose(padded.log_probs, full.log_probs, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_compiles_once_per_bucket(model):
     """The static sampler: one program per bucket (the engine's: test_rollout_engine.py)."""
     ids, mask = left_padded_batch(1, b=5, t=13)
@@ -165,7 +167,13 @@ def truncated_probs(logits, temperature, top_k, top_p):
 
 @pytest.mark.parametrize(
     "temperature,top_k,top_p",
-    [(1.0, -1, 1.0), (0.5, -1, 1.0), (1.0, 5, 1.0), (0.6, -1, 0.4), (0.8, 12, 0.5)],
+    [
+        (1.0, -1, 1.0),
+        (0.5, -1, 1.0),
+        pytest.param(1.0, 5, 1.0, marks=pytest.mark.slow),
+        pytest.param(0.6, -1, 0.4, marks=pytest.mark.slow),
+        pytest.param(0.8, 12, 0.5, marks=pytest.mark.slow),
+    ],
 )
 def test_sampling_distribution_matches_exact(model, temperature, top_k, top_p):
     """One decode step, 16384 samples of one prompt: a chi-square test against the exact
@@ -210,6 +218,7 @@ def test_sample_logits_top_p_boundary():
     assert (np.asarray(tok) == 0).all()
 
 
+@pytest.mark.slow
 def test_greedy_is_temperature_zero_and_bf16_runs(prompts):
     ids, mask = prompts
     model = random_decoder("llama", True)
@@ -233,7 +242,14 @@ def test_argument_errors(model, prompts):
 
 
 @pytest.mark.parity
-@pytest.mark.parametrize("family,tied", [("qwen3", False), ("qwen2", True), ("llama", False)])
+@pytest.mark.parametrize(
+    "family,tied",
+    [
+        pytest.param("qwen3", False, marks=pytest.mark.slow),
+        ("qwen2", True),
+        pytest.param("llama", False, marks=pytest.mark.slow),
+    ],
+)
 def test_greedy_matches_transformers(tmp_path, family, tied):
     """Token for token on left-padded prompts, with and without EOS, against `do_sample=False`."""
     torch = pytest.importorskip("torch")
@@ -267,6 +283,7 @@ def test_greedy_matches_transformers(tmp_path, family, tied):
     assert int(ours.lengths[0]) <= 5 and bool(ours.finished[0])
 
 
+@pytest.mark.slow
 def test_sharded_generation_on_8_fake_devices():
     """tests/rollout_sharded_check.py in a fresh process (XLA_FLAGS must precede importing jax)."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")

@@ -34,7 +34,12 @@ def assert_same(a, b, atol=1e-5):
 
 
 @pytest.mark.parametrize(
-    "kw", [dict(greedy=True), dict(temperature=0.9, top_p=0.8, top_k=30), dict(temperature=1.2)]
+    "kw",
+    [
+        dict(greedy=True),  # the quick suite's case; the others with the slow tests (~25 s each)
+        pytest.param(dict(temperature=0.9, top_p=0.8, top_k=30), marks=pytest.mark.slow),
+        pytest.param(dict(temperature=1.2), marks=pytest.mark.slow),
+    ],
 )
 def test_engine_equals_static_sampler(model, prompts, kw):
     """Same rng, same rows: the engine and the dense reference sample the same tokens."""
@@ -51,9 +56,18 @@ def test_engine_equals_static_sampler(model, prompts, kw):
 @pytest.mark.parametrize(
     "cfg",
     [
-        EngineConfig(max_num_seqs=1, page_size=4, steps_per_call=5, min_slots=1),
-        EngineConfig(max_num_seqs=3, page_size=8, steps_per_call=1, min_slots=2),
-        EngineConfig(max_num_seqs=5, page_size=16, steps_per_call=3),
+        # slow: ~25-33 s each on a loaded 2-core box; the quick suite keeps the last one
+        pytest.param(
+            EngineConfig(max_num_seqs=1, page_size=4, steps_per_call=5, min_slots=1),
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            EngineConfig(max_num_seqs=3, page_size=8, steps_per_call=1, min_slots=2),
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            EngineConfig(max_num_seqs=5, page_size=16, steps_per_call=3), marks=pytest.mark.slow
+        ),
         EngineConfig(max_num_seqs=16, page_size=2, steps_per_call=64),
     ],
 )
@@ -73,6 +87,7 @@ def test_slots_admission_order_and_page_size_do_not_change_rows(model, prompts, 
         assert stats["rounds"] >= int(np.ceil(np.asarray(ref.lengths) / 5).sum())
 
 
+@pytest.mark.slow
 def test_page_reuse_and_preemption_in_a_small_pool(model, prompts):
     """A pool that holds ~2 rows: pages are reused after rows end (and rows are preempted and
     recomputed when the pool runs dry); the output is unchanged."""
@@ -98,6 +113,7 @@ def test_pool_too_small_is_a_clear_error(model, prompts):
                  engine=EngineConfig(page_size=4, num_pages=5))  # fmt: skip
 
 
+@pytest.mark.slow
 def test_eos_on_the_first_token_and_max_new_tokens(model, prompts):
     ids, mask = prompts
     kw = dict(max_new_tokens=7, greedy=True, pad_token_id=2)
@@ -113,6 +129,7 @@ def test_eos_on_the_first_token_and_max_new_tokens(model, prompts):
     assert not np.asarray(free.finished).any() and (np.asarray(free.lengths) == 7).all()
 
 
+@pytest.mark.slow
 def test_one_token_prompt_and_one_new_token(model):
     ids = np.array([[0, 0, 17], [3, 4, 5]])
     mask = np.array([[0, 0, 1], [1, 1, 1]])

@@ -72,6 +72,7 @@ def test_constrain_is_a_no_op_without_a_mesh():
     assert constrain(x, ("act_batch", "act_embed")) is x
 
 
+@pytest.mark.slow
 def test_sharded_model_on_8_fake_devices():
     """Runs tests/sharded_check.py in a fresh process: XLA_FLAGS must precede the jax import."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")

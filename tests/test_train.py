@@ -68,6 +68,7 @@ def overrides(root: Path, out: Path, **extra):
     return ["--set", *(f"{k}={v}" for k, v in sets.items())]
 
 
+@pytest.mark.slow
 def test_two_step_smoke(tiny_run_dir, tmp_path):
     out = tmp_path / "run"
     summary = main(overrides(tiny_run_dir, out))
@@ -120,6 +121,7 @@ def test_val_only_validates_and_exits(tiny_run_dir, tmp_path):
     assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
 
 
+@pytest.mark.slow
 def test_resume_reproduces_straight_run(tiny_run_dir, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     main(overrides(tiny_run_dir, straight, **{"trainer.total_steps": 4}))
@@ -135,6 +137,7 @@ def test_resume_reproduces_straight_run(tiny_run_dir, tmp_path):
             assert b[step][k] == pytest.approx(v, rel=1e-6, abs=1e-7), (step, k)
 
 
+@pytest.mark.slow
 def test_dapo_and_accumulation_run(tiny_run_dir, tmp_path):
     """Baseline loss plus micro-batching: 4 micro-batches of 2 rows in the mini-batch of 8 give
     the loss and gradient of one micro-batch of 8 (the same rollouts: micro_batch_size does not
@@ -161,6 +164,28 @@ def test_dapo_and_accumulation_run(tiny_run_dir, tmp_path):
     assert 0 <= acc["train/kl_loss"] < 1e-6
 
 
+@pytest.mark.slow
+def test_resumed_run_prints_resumed_from(tiny_run_dir, tmp_path):
+    """The trainer's own INFO lines show in a real process, where importing orbax installs a
+    logging handler before the trainer configures logging (they used to be dropped)."""
+    out = tmp_path / "run"
+
+    def run(steps):
+        argv = overrides(tiny_run_dir, out, **{"trainer.total_steps": steps})
+        proc = subprocess.run(
+            [sys.executable, "-m", "htpo_jax.train", *argv],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stderr
+
+    assert "resumed from" not in run(1)
+    assert f"resumed from {out / 'checkpoints'} at step 1" in run(2)
+
+
 @pytest.mark.parametrize(
     "arg,needle",
     [
@@ -180,6 +205,7 @@ def test_bad_config_exits_2_with_one_line(arg, needle):
     assert len(out.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_config_yaml_written_is_loadable(tiny_run_dir, tmp_path):
     out = tmp_path / "cfgcheck"
     main(overrides(tiny_run_dir, out, **{"trainer.total_steps": 1, "checkpoint.save_every": 0}))

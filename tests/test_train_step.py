@@ -34,6 +34,7 @@ def random_batch(n=8, p=6, r=10, seed=0):
     )
 
 
+@pytest.mark.slow  # ~50-65 s per loss on a loaded 2-core box; test_loss checks the loss's part
 @pytest.mark.parametrize("loss", ["htpo", "dapo", "grpo"])
 def test_micro_batch_accumulation_equals_one_batch(loss):
     # A large Adam eps: the first Adam step is ~sign(g), which amplifies float noise in tiny g.
@@ -103,5 +104,6 @@ print("OK")
 """
 
 
+@pytest.mark.slow
 def test_update_sharded_on_four_devices_matches_one():
     run_on_fake_devices(SHARDED, 4)

@@ -90,6 +90,18 @@ def _init(rngs: nnx.Rngs, shape, dtype, std=0.02):
     return std * jax.random.normal(rngs.params(), shape, dtype)
 
 
+def compute_copy(param: nnx.Param, dtype) -> jax.Array:
+    """`param` in the compute dtype, cast on its own shards: the constraint keeps the cast value
+    sharded like the parameter, so FSDP's all-gather that follows moves `dtype` (bf16), not the
+    float32 master copy, and the gradient comes back reduce-scattered before it is upcast."""
+    x = param[...]
+    y = x.astype(dtype)
+    axes = param.get_metadata().get("logical_axes")
+    if axes is None or y.dtype == x.dtype:
+        return y
+    return constrain(y, tuple(axes)[len(axes) - x.ndim :])  # in the layer scan: no stacked axis
+
+
 class DenseGeneral(nnx.Module):
     """`y = einsum(spec, x, kernel) + bias` with a multi-axis kernel [*in_shape, *out_shape].
 
@@ -108,7 +120,7 @@ class DenseGeneral(nnx.Module):
         )
 
     def __call__(self, x):
-        y = jnp.einsum(self.spec, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        y = jnp.einsum(self.spec, x.astype(self.dtype), compute_copy(self.kernel, self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
@@ -342,15 +354,15 @@ class Decoder(nnx.Module):
     def _embed(self, input_ids_bt):
         # All-gather the table first (as FSDP does for every weight): a gather from a table split
         # over both vocab and embed makes the SPMD partitioner replicate its output instead.
-        table_vd = constrain(self.embed_tokens[...], (None, None))
-        x = jnp.take(table_vd, input_ids_bt, axis=0).astype(self.dtype)
+        table_vd = constrain(compute_copy(self.embed_tokens, self.dtype), (None, None))
+        x = jnp.take(table_vd, input_ids_bt, axis=0)
         return constrain(x, ("act_batch", "act_seq", "act_embed"))  # [B, T, D]
 
     def unembed_weight(self):
         """The unembedding matrix [D, V] in the compute dtype (embedding transposed if tied)."""
         if self.lm_head is None:
-            return self.embed_tokens[...].T.astype(self.dtype)
-        return self.lm_head[...].astype(self.dtype)
+            return compute_copy(self.embed_tokens, self.dtype).T
+        return compute_copy(self.lm_head, self.dtype)
 
     def unembed(self, hidden_xd):
         """Final-normed hidden states [..., D] -> float32 logits [..., V]."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 
 import jax
@@ -57,46 +58,37 @@ def _submodule(model: nnx.Module, path: tuple):
     return model
 
 
-def _perms(shape: tuple[int, ...], in_ndim: int):
-    """(HF-side shape, axes order to reach ours, axes order back) for a kernel [*in, *out]."""
-    in_shape, out_shape = shape[:in_ndim], shape[in_ndim:]
-    n_out = len(out_shape)
-    to_ours = tuple(range(n_out, n_out + in_ndim)) + tuple(range(n_out))
-    to_hf = tuple(range(in_ndim, in_ndim + n_out)) + tuple(range(in_ndim))
-    return out_shape + in_shape, to_ours, to_hf
+def _layout(model: nnx.Module, path: tuple, shape) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The one table of layout rules: (perm, HF shape) such that the HF tensor of our parameter
+    at `path` (of `shape`) is `ours.transpose(perm).reshape(HF shape)`. The three conversions
+    below are derived from it."""
+    shape, n = tuple(shape), len(shape)
+    if path == ("lm_head",):  # ours [D, V], HF [V, D]
+        return (1, 0), shape[::-1]
+    if path[-1] == "kernel" and isinstance(mod := _submodule(model, path[:-1]), DenseGeneral):
+        k = mod.in_ndim  # ours [*in, *out], HF [prod(out), prod(in)]
+        return (*range(k, n), *range(k)), (math.prod(shape[k:]), math.prod(shape[:k]))
+    if path[-1] == "bias":  # ours [*out], HF [prod(out)]
+        return tuple(range(n)), (math.prod(shape),)
+    return tuple(range(n)), shape  # embeddings, norms: the same layout
 
 
 def hf_to_ours(model: nnx.Module, path: tuple, hf: np.ndarray, shape) -> np.ndarray:
     """A view of HF tensor `hf` in our layout (no copy for contiguous inputs)."""
-    if path == ("lm_head",):
-        return hf.T  # [V, D] -> [D, V]
-    if path[-1] == "kernel" and isinstance(mod := _submodule(model, path[:-1]), DenseGeneral):
-        hf_shape, to_ours, _ = _perms(tuple(shape), mod.in_ndim)
-        return hf.reshape(hf_shape).transpose(to_ours)  # [*out, *in] -> [*in, *out]
-    return hf.reshape(shape)  # embeddings, norms, biases: same layout
+    perm, _ = _layout(model, path, shape)
+    permuted = tuple(shape[i] for i in perm)  # our axes in HF's order, before HF's flattening
+    return hf.reshape(permuted).transpose(np.argsort(perm))
 
 
 def ours_to_hf(model: nnx.Module, path: tuple, x):
-    if path == ("lm_head",):
-        return x.T
-    if path[-1] == "kernel" and isinstance(mod := _submodule(model, path[:-1]), DenseGeneral):
-        _, _, to_hf = _perms(tuple(x.shape), mod.in_ndim)
-        in_size = int(np.prod(x.shape[: mod.in_ndim]))
-        return x.transpose(to_hf).reshape(-1, in_size)  # [*in, *out] -> [prod(out), prod(in)]
-    if path[-1] == "bias":
-        return x.reshape(-1)
-    return x
+    """Our parameter `x` at `path` in HF's layout."""
+    perm, shape = _layout(model, path, x.shape)
+    return x.transpose(perm).reshape(shape)
 
 
 def hf_shape(model: nnx.Module, path: tuple, shape) -> tuple[int, ...]:
     """Shape of the HF tensor for our parameter of `shape` at `path`."""
-    if path == ("lm_head",):
-        return tuple(shape[::-1])
-    if path[-1] == "kernel" and isinstance(mod := _submodule(model, path[:-1]), DenseGeneral):
-        return int(np.prod(shape[mod.in_ndim :])), int(np.prod(shape[: mod.in_ndim]))
-    if path[-1] == "bias":
-        return (int(np.prod(shape)),)
-    return tuple(shape)
+    return _layout(model, path, shape)[1]
 
 
 def decoder_options(model_cfg) -> dict:
@@ -107,10 +99,6 @@ def decoder_options(model_cfg) -> dict:
         attention_impl=model_cfg.attention_impl,
         scan_layers=model_cfg.scan_layers,
     )
-
-
-def load_config(path: str | os.PathLike) -> ModelConfig:
-    return ModelConfig.from_pretrained(path)
 
 
 def from_pretrained(
@@ -134,18 +122,14 @@ def from_pretrained(
     cfg = ModelConfig.from_pretrained(path)
     param_dtype = dtype if param_dtype is None else param_dtype
     np_dtype = np.dtype(param_dtype)
-    abstract = nnx.eval_shape(
-        lambda: Decoder(
-            cfg,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            remat=remat,
-            attention_chunk_size=attention_chunk_size,
-            attention_impl=attention_impl,
-            scan_layers=scan_layers,
-            rngs=nnx.Rngs(0),
-        )
+    options = dict(
+        remat=remat,
+        attention_chunk_size=attention_chunk_size,
+        attention_impl=attention_impl,
+        scan_layers=scan_layers,
     )
+    make = lambda: Decoder(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0), **options)
+    abstract = nnx.eval_shape(make)
     graphdef, abstract_state = nnx.split(abstract)
     ckpt = LazyCheckpoint(path)
     names = set(ckpt.keys())
