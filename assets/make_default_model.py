@@ -11,12 +11,20 @@ calibrated per-step error rate, so a sample at temperature 1.0 is right only a t
 while the right answer stays well inside its sampling distribution (high pass@8). That is the
 weakness RL removes quickly: sharpening the result tokens toward their mode. At the end the
 script prints the model's validation numbers (accuracy at T=1.0, greedy, pass@8, length, format).
+
+Built on the library: the SFT step is the trainer's update (`train_step.jit_update` with the
+`sft` loss, the mean NLL of the response tokens, and `make_optimizer`'s AdamW + cosine schedule),
+and the evaluation samples and scores with `sample.sample_and_score` (the trainer's prompts,
+sampler and reward) and estimates pass@n with `evaluate.pass_at_k`. The shipped weights were made
+by an earlier version of this script with the same recipe written out by hand (same optimizer,
+schedule and data order); rerunning it now gives a model of the same quality, not the same bytes.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import json
 import math
 import random
@@ -26,16 +34,18 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
-from htpo_jax.data import read_rows
+from htpo_jax.config import load_config
+from htpo_jax.data import PromptDataset, read_rows
+from htpo_jax.evaluate import pass_at_k
 from htpo_jax.models.decoder import Decoder
 from htpo_jax.models.hf_io import from_pretrained, save_pretrained
 from htpo_jax.models.model_config import ModelConfig
-from htpo_jax.rewards.dapo_math import dapo_math_score
-from htpo_jax.rollout import generate
+from htpo_jax.rollout import Sampler
+from htpo_jax.sample import sample_and_score
 from htpo_jax.tasks import arith
+from htpo_jax.train_step import StepConfig, TrainState, UpdateBatch, jit_update, make_optimizer
 
 ASSETS = Path(__file__).resolve().parent
 _OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*"}
@@ -132,31 +142,34 @@ def model_config(tok, args) -> ModelConfig:
 def sft(model: Decoder, phases, args) -> None:
     """AdamW on the masked next-token loss, one LR schedule over all phases; updates `model`.
 
-    `phases`: a list of (input_ids [N, L], loss_mask [N, L], steps), trained in order.
+    `phases`: a list of (input_ids [N, L], loss_mask [N, L], steps), trained in order. Each step
+    is the trainer's update (`jit_update`, TrainState donated) with the `sft` loss: rows are
+    whole sequences (prompt_len 1, so "response" token j is token 1 + j and its mask is
+    loss_mask[:, j]); warmup + cosine to 5% of the peak, clipping at 1.0, b2 0.98, wd 0.01.
     """
     steps = sum(p[2] for p in phases)
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, args.lr, min(100, steps // 10), steps, end_value=args.lr * 0.05
-    )
-    tx = optax.chain(
-        optax.clip_by_global_norm(1.0), optax.adamw(schedule, b2=0.98, weight_decay=0.01)
-    )
-    graphdef, params = nnx.split(model, nnx.Param)
-    opt_state = tx.init(params)
+    cfg = load_config(None, [
+        f"optim.learning_rate={args.lr}", "optim.lr_schedule=cosine", "optim.min_lr_ratio=0.05",
+        f"optim.warmup_steps={min(100, steps // 10)}", "optim.grad_clip=1.0", "optim.b2=0.98",
+        "optim.weight_decay=0.01",
+    ])  # fmt: skip
+    tx = make_optimizer(cfg.optim, steps)
+    step_cfg = StepConfig.from_config(cfg)
+    step_cfg = dataclasses.replace(step_cfg, loss="sft", temperature=1.0)
+    graphdef, params = nnx.split(model)
+    state = TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), jax.random.key(0))
+    update = jit_update(graphdef, tx, step_cfg)
 
-    def loss_fn(params, ids_bt, mask_bt):
-        logits = nnx.merge(graphdef, params)(ids_bt)  # [B, T, V] float32
-        logp = jax.nn.log_softmax(logits[:, :-1])
-        nll = -jnp.take_along_axis(logp, ids_bt[:, 1:, None], axis=-1)[..., 0]  # [B, T-1]
-        m = mask_bt[:, :-1]
-        return jnp.sum(nll * m) / jnp.sum(m)
-
-    # params and opt_state are donated: the old buffers are dead after each step.
-    @jax.jit(donate_argnums=(0, 1))
-    def step(params, opt_state, ids_bt, mask_bt):
-        loss, grads = jax.value_and_grad(loss_fn)(params, ids_bt, mask_bt)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+    def step(state, ids_bt, mask_bt):
+        b = ids_bt.shape[0]
+        zeros = np.zeros((b, ids_bt.shape[1] - 1), np.float32)
+        batch = UpdateBatch(
+            input_ids=ids_bt, attention_mask=np.ones_like(ids_bt), response_mask=mask_bt[:, :-1],
+            old_log_prob=zeros, ref_log_prob=zeros, advantages=zeros,
+            hard=np.zeros(b, bool), correct=np.ones(b, bool), prompt_len=1,
+        )  # fmt: skip
+        state, metrics = update(state, jax.tree.map(lambda x: x[None], batch))  # [1, B, ...]
+        return state, metrics["loss"]
 
     order_rng = np.random.default_rng(args.seed)
     i, t0, losses = 0, time.perf_counter(), []
@@ -171,7 +184,7 @@ def sft(model: Decoder, phases, args) -> None:
             pos += args.batch
             # trim the batch to its longest row (rounded up to 16): few shapes, less padding
             width = min(ids.shape[1], 16 * math.ceil(int(lengths[idx].max()) / 16))
-            params, opt_state, loss = step(params, opt_state, ids[idx, :width], mask[idx, :width])
+            state, loss = step(state, ids[idx, :width], mask[idx, :width])
             losses.append(loss)
             i += 1
             if i % args.log_every == 0 or i == steps:
@@ -179,71 +192,46 @@ def sft(model: Decoder, phases, args) -> None:
                 losses = []
                 dt = time.perf_counter() - t0
                 print(f"  sft step {i}/{steps}  loss {mean:.4f}  {dt:.0f}s", flush=True)
-    nnx.update(model, params)
+    nnx.update(model, state.params)
 
 
 # ---------------------------------------------------------------------------------------------
 # Evaluation
 
 
-def evaluate(model, tok, rows, *, n_samples, max_new, seed, batch=400) -> dict:
+def evaluate(model, tok, val_file, *, n_samples, max_new, seed, batch=400) -> dict:
     """Accuracy at T=1.0 (mean over samples), greedy accuracy, pass@n, length, format rate.
 
-    `rows`: `htpo_jax.data.Row`s. Responses are scored with `dapo_math_score`, as in training.
+    The trainer's validation path: `val_file`'s prompts as `PromptDataset` builds them, sampled
+    and scored (`dapo_math` for the `arith` source) by `sample.sample_and_score`.
     """
-    prompts = [
-        tok.apply_chat_template(
-            [{"role": r, "content": c} for r, c in row.messages],
-            add_generation_prompt=True,
-            tokenize=False,
-        )
-        for row in rows
-    ]
-    enc = tok(prompts, add_special_tokens=False, padding=True, return_tensors="np")
-    ids, mask = enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
-    eos, pad = tok.eos_token_id, tok.pad_token_id
+    # the sampler and the verifier's settings; the overlong shaping (not in `acc`) must just fit
+    sets = [f"rollout.max_response_length={max_new}", "algorithm.reward_timeout_s=0",
+            f"algorithm.overlong_buffer_len={max(1, max_new // 4)}"]  # fmt: skip
+    cfg = load_config(None, sets)
+    dataset = PromptDataset([val_file], tok, max_prompt_length=64)
+    sampler, params = Sampler.from_model(model), nnx.state(model)
 
-    def run(n, greedy, key):
-        prompts_per_call = max(1, batch // n)
-        outs = []
-        for s in range(0, len(ids), prompts_per_call):
-            rollout = generate(
-                model,
-                ids[s : s + prompts_per_call],
-                mask[s : s + prompts_per_call],
-                max_new_tokens=max_new,
-                rng=jax.random.fold_in(key, s),
-                n=n,
-                temperature=1.0,
-                greedy=greedy,
-                eos_token_id=eos,
-                pad_token_id=pad,
-            )
-            outs.append(np.asarray(rollout.tokens))
-        return np.concatenate(outs)  # [len(problems) * n, max_new], rows grouped by prompt
+    def run(n, temperature, key) -> tuple[np.ndarray, ...]:
+        parts = []
+        for i, b in enumerate(dataset.iter_batches(max(1, batch // n))):
+            s = sample_and_score(
+                sampler, params, tok, b, cfg, rng=jax.random.fold_in(key, i), n=n,
+                temperature=temperature, top_p=1.0, top_k=-1,
+            )  # fmt: skip
+            fmt = [("Answer:" in t) for t in s.texts]
+            parts.append((s.acc, s.lengths, np.array(fmt), s.finished))
+        return tuple(np.concatenate(x).astype(float) for x in zip(*parts, strict=True))
 
-    def score(tokens, truths):
-        accs, lens, fmts, ended = [], [], [], []
-        for row, gt in zip(tokens, truths, strict=True):
-            row = list(row)
-            n = row.index(eos) + 1 if eos in row else len(row)
-            text = tok.decode(row[:n], skip_special_tokens=True)
-            accs.append(dapo_math_score(text, gt)["acc"])
-            lens.append(n)
-            fmts.append("Answer:" in text)
-            ended.append(eos in row)
-        return tuple(np.array(x, float) for x in (accs, lens, fmts, ended))
-
-    truths = [row.ground_truth for row in rows]
     key = jax.random.key(seed)
-    g_acc, _, g_fmt, _ = score(run(1, True, key), truths)
-    s_tokens = run(n_samples, False, jax.random.fold_in(key, 1))
-    s_acc, s_len, s_fmt, s_eos = score(s_tokens, [t for t in truths for _ in range(n_samples)])
-    per_problem = s_acc.reshape(len(rows), n_samples)
+    g_acc, _, g_fmt, _ = run(1, 0.0, key)  # temperature 0: greedy
+    s_acc, s_len, s_fmt, s_eos = run(n_samples, 1.0, jax.random.fold_in(key, 1))
+    per_problem = s_acc.reshape(len(dataset), n_samples)
+    pass_n = [pass_at_k(n_samples, int(c), n_samples) for c in per_problem.sum(1)]
     return {
         "acc_t1": float(s_acc.mean()),
         "greedy_acc": float(g_acc.mean()),
-        f"pass@{n_samples}": float(per_problem.max(1).mean()),
+        f"pass@{n_samples}": float(np.mean(pass_n)),
         "mean_len_t1": float(s_len.mean()),
         "max_len_t1": int(s_len.max()),
         "format_t1": float(s_fmt.mean()),
@@ -327,7 +315,10 @@ def main(argv=None) -> None:
 
     model = from_pretrained(model_dir, dtype=jnp.float32)
     t0 = time.perf_counter()
-    res = evaluate(model, tok, val, n_samples=args.n_samples, max_new=args.max_new, seed=args.seed)
+    res = evaluate(
+        model, tok, data_dir / "val.jsonl", n_samples=args.n_samples, max_new=args.max_new,
+        seed=args.seed,
+    )  # fmt: skip
     print(f"eval ({len(val)} val problems, {time.perf_counter() - t0:.0f}s):")
     print(json.dumps(res, indent=2))
     print(f"total wall time: {time.perf_counter() - t_start:.0f}s")

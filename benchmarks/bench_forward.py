@@ -1,10 +1,14 @@
-"""Training-path throughput: forward + backward through `logprobs_and_entropy` and the HTPO loss.
+"""Training-path throughput of the trainer's own update (`train_step.py`): forward + backward
+through `logprobs_and_entropy` and the HTPO loss, and the whole optimizer update.
 
     python benchmarks/bench_forward.py                 # CPU-sized model (default without a GPU)
     python benchmarks/bench_forward.py --shape 0.6b    # Qwen3-0.6B shape, batch 8 x 4096, remat
 
 Random weights (throughput does not depend on them). Compute in bfloat16 (`--dtype`) over float32
-parameters. Two rows: fwd+bwd (the loss gradient), and fwd+bwd+AdamW (optax, state donated).
+parameters. Two rows, both the trainer's jitted functions on one `UpdateBatch` (prompt = the first
+quarter of each row, left padded; response = the rest): fwd+bwd is `jit_micro_grads` (the
+gradient of `micro_loss`, added into a donated accumulator), fwd+bwd+adamw is `jit_update` (the
+same gradient, global-norm clipping, AdamW, the non-finite check; TrainState donated).
 
 Counted FLOPs per step (the usual MFU convention; remat's recomputed forward is NOT counted):
     6 * N_matmul * tokens               N_matmul = layer weights + the unembedding (V x D; the
@@ -17,6 +21,7 @@ Prints a table, writes JSON to benchmarks/results/bench_forward_<platform>_<shap
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -25,20 +30,22 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
+from htpo_jax.config import load_config
 from htpo_jax.models.decoder import Decoder
-from htpo_jax.models.logprobs import logprobs_and_entropy
 from htpo_jax.models.model_config import ModelConfig
+from htpo_jax.train_step import (
+    StepConfig,
+    TrainState,
+    UpdateBatch,
+    jit_micro_grads,
+    jit_update,
+    make_optimizer,
+    score_responses,
+)
 
-try:
-    from htpo_jax.loss import htpo_loss
-
-    LOSS_NAME = "htpo_loss"
-except ImportError:  # the loss module is written concurrently; keep the benchmark usable
-    htpo_loss = None
-    LOSS_NAME = "mean log-prob (placeholder)"
+LOSS_NAME = "htpo_loss (train_step.micro_loss)"
 
 SHAPES = {
     # Qwen3-0.6B: 28 layers, D 1024, F 3072, 16 q / 8 kv heads of 128, vocab 151936, tied.
@@ -66,30 +73,26 @@ def count_flops(cfg: ModelConfig, batch: int, seq: int) -> dict:
                 flops=6 * n_matmul * tokens + attention, attention_flops=attention)  # fmt: skip
 
 
-def make_batch(cfg: ModelConfig, b: int, t: int, seed: int = 0):
-    """Left-padded prompts (first quarter) + responses of random lengths."""
+def make_batch(cfg: ModelConfig, b: int, t: int, graphdef, params, chunk: int, seed: int = 0):
+    """An `UpdateBatch` laid out [1 micro-batch, b, ...]: left-padded prompts (the first quarter)
+    + responses of random lengths; old log-probs slightly off the policy's (ratios != 1)."""
     k = jax.random.split(jax.random.key(seed), 4)
     ids = jax.random.randint(k[0], (b, t), 0, cfg.vocab_size)
     prompt = t // 4
     pad = jax.random.randint(k[1], (b, 1), 0, prompt // 2)
     resp_len = jax.random.randint(k[2], (b, 1), t // 4, t - prompt + 1)
     pos = jnp.arange(t)[None]
-    mask = (pos >= pad) & (pos < prompt + resp_len)
-    response_mask = (pos[:, 1:] >= prompt) & mask[:, 1:]  # targets t+1 in the response
+    mask = ((pos >= pad) & (pos < prompt + resp_len)).astype(jnp.int32)
+    response_mask = mask[:, prompt:].astype(jnp.float32)  # [b, R = t - P]
     flags = jax.random.bernoulli(k[3], 0.5, (2, b))
-    return dict(ids=ids, mask=mask, response_mask=response_mask.astype(jnp.float32),
-                advantages=jnp.where(flags[1], 1.0, -1.0)[:, None] * jnp.ones((b, t - 1)),
-                hard=flags[0], correct=flags[1])  # fmt: skip
-
-
-def loss_fn(model, batch, chunk):
-    lp, ent = logprobs_and_entropy(model, batch["ids"], batch["mask"], chunk_size=chunk)
-    m = batch["response_mask"]
-    if htpo_loss is None:
-        return -(lp * m).sum() / m.sum()
-    old = jax.lax.stop_gradient(lp) + 0.01  # a slightly stale policy: ratios != 1
-    b = batch
-    return htpo_loss(lp, old, ent, b["advantages"], m, b["hard"], b["correct"])[0]
+    lp, _ = score_responses(graphdef, params, ids, mask, prompt, 1.0, chunk)
+    batch = UpdateBatch(
+        input_ids=ids, attention_mask=mask, response_mask=response_mask,
+        old_log_prob=(lp + 0.01) * response_mask, ref_log_prob=jnp.zeros_like(response_mask),
+        advantages=jnp.where(flags[1], 1.0, -1.0)[:, None] * response_mask,
+        hard=flags[0], correct=flags[1], prompt_len=prompt,
+    )  # fmt: skip
+    return jax.tree.map(lambda x: x[None], batch)  # [b, ...] -> [1, b, ...]
 
 
 def timed(step, iters):
@@ -130,28 +133,35 @@ def main():
             rngs=nnx.Rngs(0),
         )
     )()
-    batch = make_batch(cfg, b, t)
     chunk = shape["chunk"]
+    graphdef, params = nnx.split(model)
+    del model
+    batch = make_batch(cfg, b, t, graphdef, params, chunk)
+    run_cfg = load_config(None, ["optim.learning_rate=1e-6", "optim.warmup_steps=0"])
+    step_cfg = StepConfig.from_config(run_cfg)
+    step_cfg = dataclasses.replace(step_cfg, chunk_size=chunk)
+    tx = make_optimizer(run_cfg.optim, total_steps=1)
+    own = jax.tree.map(jnp.copy, params)  # the update donates its state; fwd_bwd reads `params`
+    state = TrainState(own, tx.init(own), jnp.zeros((), jnp.int32), jax.random.key(0))
+    micro = jax.tree.map(lambda x: x[0], batch)
+    num_tokens = jnp.sum(micro.response_mask)
+    num_seqs = jnp.sum(jnp.any(micro.response_mask > 0, -1)).astype(jnp.float32)
+    grads_fn, update_fn = jit_micro_grads(graphdef, step_cfg), jit_update(graphdef, tx, step_cfg)
+    carry = {"grads": jax.tree.map(jnp.zeros_like, params), "state": state}
 
-    @nnx.jit
-    def fwd_bwd(model, batch):
-        return nnx.value_and_grad(loss_fn)(model, batch, chunk)
+    def fwd_bwd():  # the accumulator is donated: carry it from call to call
+        carry["grads"], metrics = grads_fn(carry["grads"], params, micro, num_tokens, num_seqs)
+        return metrics["policy_loss"]
 
-    optimizer = nnx.Optimizer(model, optax.adamw(1e-6), wrt=nnx.Param)
-
-    # nnx.jit writes the new parameters and optimizer state back into `model` / `optimizer`;
-    # their old buffers (arguments 0 and 1) are donated so the update happens in place.
-    @nnx.jit(donate_argnums=(0, 1))
-    def train_step(model, optimizer, batch):
-        loss, grads = nnx.value_and_grad(loss_fn)(model, batch, chunk)
-        optimizer.update(model, grads)
-        return loss
+    def train_step():  # the TrainState is donated: carry it from call to call
+        carry["state"], metrics = update_fn(carry["state"], batch)
+        return metrics["loss"]
 
     flops = count_flops(cfg, b, t)
     rows = []
     for name, step in [
-        ("fwd+bwd", lambda: fwd_bwd(model, batch)),
-        ("fwd+bwd+adamw", lambda: train_step(model, optimizer, batch)),
+        ("fwd+bwd", fwd_bwd),
+        ("fwd+bwd+adamw", train_step),
     ]:
         sec = timed(step, args.iters)
         rows.append(dict(step=name, ms=sec * 1e3, tokens_per_s=flops["tokens"] / sec,

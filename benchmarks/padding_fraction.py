@@ -35,11 +35,13 @@ def fractions(pmask_np, ext_n, r_cap, *, multiple, max_tokens, shards):
 
 def default_task(max_tokens: int):
     import jax
+    from flax import nnx
 
     from htpo_jax.config import load_config
     from htpo_jax.data import train_stream
-    from htpo_jax.eval import sample_and_score
     from htpo_jax.models.hf_io import from_pretrained, load_tokenizer
+    from htpo_jax.rollout import Sampler
+    from htpo_jax.sample import sample_and_score
 
     cfg = load_config("configs/default.yaml")
     tok = load_tokenizer(cfg.model.path)
@@ -47,8 +49,8 @@ def default_task(max_tokens: int):
     batch = train_stream(cfg, tok, None).next_batch(cfg.data.gen_batch_size)
     r = cfg.rollout
     s = sample_and_score(
-        model, tok, batch, cfg, rng=jax.random.key(0), n=r.n, temperature=r.temperature,
-        top_p=r.top_p, top_k=r.top_k,
+        Sampler.from_model(model), nnx.state(model), tok, batch, cfg, rng=jax.random.key(0),
+        n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
     )  # fmt: skip
     pmask = np.repeat(s.prompt_mask, r.n, axis=0)
     ext = packing.response_extent(s.response_mask)

@@ -219,14 +219,13 @@ def rollout_programs(ctx: Context) -> list[Program]:
     prompts, k = best
     p = prompt_width(c)
     eos = ctx.model_cfg.eos_token_id or (0,)
-    fn = static._compiled(
-        ctx.graphdef, k, r.max_response_length, False, r.top_k, r.top_p < 1.0, eos, 0,
-        jnp.dtype(c.model.dtype),
-    )  # fmt: skip
+    config = (k, r.max_response_length, False, r.top_k, r.top_p < 1.0, eos, 0,
+              jnp.dtype(c.model.dtype))  # fmt: skip
+    fn = static.generate_program
     ids = array(ctx, (prompts, p), jnp.int32)
     key = jax.eval_shape(lambda: jax.random.key(0))
     f32 = jax.ShapeDtypeStruct((), jnp.float32)
-    args = (ctx.params, ids, ids, key, f32, f32)
+    args = (sampling.StaticGraph(ctx.graphdef), config, ctx.params, ids, ids, key, f32, f32)
     shape = f"{prompts * k} rows x ({p}+{r.max_response_length})"
     note = "FLOPs count the decode loop body once"
     return [
@@ -313,7 +312,7 @@ def engine_programs(ctx: Context) -> list[Program]:
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from htpo_jax.rollout import engine
+    from htpo_jax.rollout import engine, sampling
     from htpo_jax.rollout import paged_attention as pa
     from htpo_jax.rollout.scheduler import pow2_at_least
     from htpo_jax.sharding import make_mesh
@@ -349,21 +348,23 @@ def engine_programs(ctx: Context) -> list[Program]:
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=one)
     f32 = jax.ShapeDtypeStruct((), jnp.float32, sharding=one)
     eos = tuple(np.atleast_1d(m.eos_token_id or 0).tolist())
-    decode = engine._decode_fn(ctx.graphdef, ps, k_steps, r.max_response_length, False, r.top_k,
-                               r.top_p < 1.0, eos, 0, impl)  # fmt: skip
+    graph = sampling.StaticGraph(ctx.graphdef)
+    decode_key = (ps, k_steps, r.max_response_length, False, r.top_k, r.top_p < 1.0, eos, 0, impl)
     table = jax.ShapeDtypeStruct((rows, pb), jnp.int32, sharding=one)
     active = vec(rows, jnp.bool_)
-    args = (state, pools, table, vec(rows), vec(rows), vec(rows), vec(rows), active, vec(rows),
-            vec(rows), key, f32, f32)  # fmt: skip
+    args = (graph, decode_key, state, pools, table, vec(rows), vec(rows), vec(rows), vec(rows),
+            active, vec(rows), vec(rows), key, f32, f32)  # fmt: skip
     note = f"one chip, {impl} attention, {pages} pages of {ps} ({pages * per_page / 2**30:.1f} GiB)"
+    decode = engine.decode_program
     out = [Program("engine_decode", f"{rows} rows x {pb} pages, {k_steps} steps", decode, args,
                    resident, note + "; FLOPs count the loop body once", mesh)]  # fmt: skip
     bp = pow2_at_least(-(-rows // r.n))
     tp = -(-pow2_at_least(prompt - 1, 16) // ps) * ps
-    prefill = engine._prefill_fn(ctx.graphdef, ps, c.model.attention_chunk_size or 1024)
+    prefill = engine.prefill_program
+    prefill_key = (ps, c.model.attention_chunk_size or 1024)
     ids = jax.ShapeDtypeStruct((bp, tp), jnp.int32, sharding=one)
     ptable = jax.ShapeDtypeStruct((bp, tp // ps), jnp.int32, sharding=one)
-    args = (state, pools, ids, vec(bp), ptable)
+    args = (graph, prefill_key, state, pools, ids, vec(bp), ptable)
     out.append(Program("engine_prefill", f"{bp} prompts x {tp}", prefill, args, resident, note,
                        mesh))  # fmt: skip
     return out

@@ -181,6 +181,16 @@ def read_rows(path: str | Path, prompt_key: str = "prompt") -> tuple[list[Row], 
 # The dataset
 
 
+def pad_id(tokenizer) -> int:
+    """The one padding id of the run: prompts' left padding and response slots after the end.
+    The tokenizer's pad token, else its EOS, else 0 (padding is always masked; it only has to be
+    a valid token id)."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(tokenizer, "eos_token_id", None)
+    return int(pad) if pad is not None else 0
+
+
 class PromptDataset:
     """All rows of some files, tokenized on demand, collated into left-padded PromptBatches."""
 
@@ -210,10 +220,7 @@ class PromptDataset:
         self.use_chat_template = apply_chat_template and bool(
             getattr(tokenizer, "chat_template", None)
         )
-        pad = getattr(tokenizer, "pad_token_id", None)
-        if pad is None:
-            pad = getattr(tokenizer, "eos_token_id", None)
-        self.pad_id = int(pad) if pad is not None else 0
+        self.pad_id = pad_id(tokenizer)
 
     @property
     def n_skipped(self) -> int:
@@ -360,6 +367,7 @@ __all__ = [
     "PromptDataset",
     "PromptStream",
     "Row",
+    "pad_id",
     "read_rows",
     "train_stream",
     "val_dataset",

@@ -20,6 +20,9 @@ pass@k is the unbiased estimator of Chen et al. (2021): per problem with c of n 
 floor(n / k) disjoint groups of k (in sampling order), takes each group's most frequent extracted
 answer (ties: the answer seen first; responses without an answer do not vote) and averages its
 correctness: an unbiased estimate of the majority-vote accuracy of k samples.
+
+`validate` is the trainer's validation (stage 8): `val/accuracy`, `val/pass@n` (the same
+estimator at k = n) and per-source `val/<source>/mean@n`, with the same sampling settings.
 """
 
 from __future__ import annotations
@@ -41,9 +44,10 @@ from flax import nnx
 from htpo_jax.checkpoint import Checkpointer
 from htpo_jax.config import Config, ConfigError, load_config
 from htpo_jax.data import DataError, val_dataset
-from htpo_jax.eval import sample_and_score
 from htpo_jax.models.hf_io import decoder_options, from_pretrained, load_tokenizer
 from htpo_jax.rewards.routing import UnknownDataSource, check_sources
+from htpo_jax.rollout import Sampler
+from htpo_jax.sample import Scored, sample_and_score
 from htpo_jax.train_step import TrainState, make_optimizer
 
 log = logging.getLogger("htpo_jax.evaluate")
@@ -177,22 +181,13 @@ def evaluate(model, tokenizer, cfg: Config, files: Sequence[str], n: int, ks, *,
         ds = val_dataset(one, tokenizer)
         check_sources([r.data_source for r in ds.rows], cfg, f)
         datasets.append((f, ds))
-    r = cfg.rollout
     key = jax.random.key(seed)
+    sampler, params = Sampler.from_model(model), nnx.state(model)
     records: list[dict] = []
     for fi, (f, ds) in enumerate(datasets):
         for bi, batch in enumerate(ds.iter_batches(cfg.data.val_batch_size)):
-            s = sample_and_score(
-                model,
-                tokenizer,
-                batch,
-                cfg,
-                rng=jax.random.fold_in(jax.random.fold_in(key, fi), bi),
-                n=n,
-                temperature=r.val_temperature,
-                top_p=r.val_top_p,
-                top_k=r.val_top_k,
-            )
+            rng = jax.random.fold_in(jax.random.fold_in(key, fi), bi)
+            s = sample_val(sampler, params, tokenizer, batch, cfg, rng=rng, n=n)
             for i in range(len(batch) * n):
                 records.append(
                     {
@@ -214,7 +209,51 @@ def evaluate(model, tokenizer, cfg: Config, files: Sequence[str], n: int, ks, *,
     return records, summarize(records, ks)
 
 
+# ---------------------------------------------------------------- validation during training
+def sample_val(sampler, params, tokenizer, batch, cfg, *, rng, n, pool=None) -> Scored:
+    """`sample_and_score` with the validation sampling settings (`rollout.val_temperature`,
+    `val_top_p`, `val_top_k`): the evaluation command and the trainer's validation both."""
+    r = cfg.rollout
+    return sample_and_score(
+        sampler, params, tokenizer, batch, cfg, rng=rng, n=n, temperature=r.val_temperature,
+        top_p=r.val_top_p, top_k=r.val_top_k, pool=pool,
+    )  # fmt: skip
+
+
+def validate(sampler, params, tokenizer, dataset, cfg, *, rng, pool=None) -> dict[str, float]:
+    """The trainer's validation (stage 8) of `params` on `dataset` (data.PromptDataset):
+    val/accuracy (mean over prompts and their val_n samples), val/pass@val_n,
+    val/response_length, and per data source val/<source>/mean@n (and pass@n when n > 1), with
+    the sampling settings `rollout.val_*` (verl reports `val-core/<source>/acc/mean@n`)."""
+    r = cfg.rollout
+    accs, lengths, sources = [], [], []
+    for i, batch in enumerate(dataset.iter_batches(cfg.data.val_batch_size)):
+        s = sample_val(
+            sampler, params, tokenizer, batch, cfg, rng=jax.random.fold_in(rng, i), n=r.val_n,
+            pool=pool,
+        )  # fmt: skip
+        accs.append(s.acc.reshape(-1, r.val_n))
+        lengths.append(s.lengths)
+        sources += batch.data_source
+    acc = np.concatenate(accs)  # [prompts, val_n]
+    pass_n = lambda a: float(np.mean([pass_at_k(r.val_n, int(c), r.val_n) for c in a.sum(-1)]))
+    out = {
+        "val/accuracy": float(acc.mean()),
+        "val/response_length": float(np.concatenate(lengths).mean()),
+    }
+    if r.val_n > 1:
+        out[f"val/pass@{r.val_n}"] = pass_n(acc)
+    sources = np.asarray(sources)
+    for source in sorted(set(sources.tolist())):
+        a = acc[sources == source]
+        out[f"val/{source}/mean@{r.val_n}"] = float(a.mean())
+        if r.val_n > 1:
+            out[f"val/{source}/pass@{r.val_n}"] = pass_n(a)
+    return out
+
+
 def write(out: Path, records: list[dict], summary: dict) -> None:
+    """responses.jsonl and summary.json into `out`."""
     out.mkdir(parents=True, exist_ok=True)
     with (out / "responses.jsonl").open("w") as fh:
         for rec in records:

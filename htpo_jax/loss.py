@@ -355,23 +355,78 @@ def htpo_loss(
     return loss, metrics
 
 
+def nll_loss(log_prob, response_mask, *, config=LossConfig(), num_tokens=None, num_sequences=None):
+    """Supervised fine-tuning: the negative log-likelihood of the response tokens, aggregated as
+    the clipped losses are (`config.loss_agg_mode`). Not an RL objective (no config name): the
+    assets script trains the default model with it through the trainer's update."""
+    valid = response_mask > 0
+    loss = aggregate(-log_prob, valid, config.loss_agg_mode, num_tokens, num_sequences)
+    return loss, {}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LossInputs:
+    """What any loss of `LOSSES` may read, so that every entry has one signature:
+    `LOSSES[name](inputs, config=..., num_tokens=..., num_sequences=...)` -> (loss, metrics).
+    Each loss reads the fields it needs (entropy: htpo, high_entropy_only; hard / correct: htpo)."""
+
+    log_prob: jax.Array  # [B, T] current policy (differentiated)
+    old_log_prob: jax.Array  # [B, T] rollout policy
+    advantages: jax.Array  # [B, T]
+    response_mask: jax.Array  # [B, T] 1 = counts
+    entropy: jax.Array | None = None  # [B, T] current policy's entropy
+    hard: jax.Array | None = None  # [B] bool: prompt accuracy < difficulty threshold
+    correct: jax.Array | None = None  # [B] bool: the verifier's verdict
+
+
+def _on_inputs(fn, *fields: str):
+    """`fn` called with the named `LossInputs` fields as its positional arguments."""
+
+    def entry(inputs: LossInputs, *, config=LossConfig(), num_tokens=None, num_sequences=None):
+        args = (getattr(inputs, f) for f in fields)
+        return fn(*args, config=config, num_tokens=num_tokens, num_sequences=num_sequences)
+
+    entry.__name__ = entry.__qualname__ = fn.__name__
+    entry.__doc__ = f"`{fn.__name__}({', '.join(fields)})` on a `LossInputs`."
+    return entry
+
+
+_CLIPPED = ("log_prob", "old_log_prob", "advantages", "response_mask")
 LOSSES = {
-    "htpo": htpo_loss,
-    "dapo": dapo_loss,
-    "grpo": grpo_loss,
-    "dr_grpo": dr_grpo_loss,
-    "high_entropy_only": high_entropy_only_loss,
+    "htpo": _on_inputs(
+        htpo_loss,
+        "log_prob",
+        "old_log_prob",
+        "entropy",
+        "advantages",
+        "response_mask",
+        "hard",
+        "correct",
+    ),
+    "dapo": _on_inputs(dapo_loss, *_CLIPPED),
+    "grpo": _on_inputs(grpo_loss, *_CLIPPED),
+    "dr_grpo": _on_inputs(dr_grpo_loss, *_CLIPPED),
+    "high_entropy_only": _on_inputs(
+        high_entropy_only_loss,
+        "log_prob",
+        "old_log_prob",
+        "entropy",
+        "advantages",
+        "response_mask",
+    ),
+    "sft": _on_inputs(nll_loss, "log_prob", "response_mask"),
 }
-NEEDS_ENTROPY = ("htpo", "high_entropy_only")
-NEEDS_FLAGS = ("htpo",)
 
 __all__ = [
     "LossConfig",
+    "LossInputs",
     "htpo_loss",
     "dapo_loss",
     "grpo_loss",
     "dr_grpo_loss",
     "high_entropy_only_loss",
+    "nll_loss",
     "entropy_split",
     "aggregate",
     "LOSSES",

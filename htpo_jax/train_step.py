@@ -21,12 +21,15 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from htpo_jax.loss import LOSSES, LossConfig, aggregate
+from htpo_jax.loss import LOSSES, LossConfig, LossInputs, aggregate
 from htpo_jax.models.logprobs import logprobs_and_entropy
 
 
 @struct.dataclass
 class TrainState:
+    """What an RL step changes: the policy, its optimizer state, the update count, the run key.
+    The only live copy of the parameters (the sampler and the scorer are called with them)."""
+
     params: nnx.State
     opt_state: optax.OptState
     step: jax.Array  # int32 scalar: optimizer updates done (non-finite skips included)
@@ -66,18 +69,13 @@ class StepConfig:
 
     @classmethod
     def from_config(cls, cfg) -> StepConfig:
+        """The update's settings from a run `Config` (`algorithm`, `rollout.temperature`)."""
         a = cfg.algorithm
+        # LossConfig's own fields, read by name from `algorithm` (the config declares them all).
+        loss_fields = {f.name: getattr(a, f.name) for f in dataclasses.fields(LossConfig)}
         return cls(
             loss=a.loss,
-            loss_config=LossConfig(
-                clip_ratio_low=a.clip_ratio_low,
-                clip_ratio_high=a.clip_ratio_high,
-                clip_ratio_c=a.clip_ratio_c,
-                high_entropy_ratio=a.high_entropy_ratio,
-                drop_low_entropy_ratio=a.drop_low_entropy_ratio,
-                drop_high_entropy_ratio=a.drop_high_entropy_ratio,
-                loss_agg_mode=a.loss_agg_mode,
-            ),
+            loss_config=LossConfig(**loss_fields),
             temperature=cfg.rollout.temperature,
             use_kl_loss=a.use_kl_loss,
             kl_coef=a.kl_coef,
@@ -164,6 +162,8 @@ SUMMED = ("policy_loss", "kl_loss")
 
 
 def micro_loss(params, graphdef, micro: UpdateBatch, num_tokens, num_seqs, sc: StepConfig):
+    """(loss, metrics) of one micro-batch under `params`: the configured policy loss (divided by
+    the whole mini-batch's `num_tokens` / `num_seqs`) plus the KL term when it is on."""
     lp, ent = response_logprobs(
         graphdef,
         params,
@@ -173,17 +173,14 @@ def micro_loss(params, graphdef, micro: UpdateBatch, num_tokens, num_seqs, sc: S
         sc.temperature,
         sc.chunk_size,
     )
-    fn = LOSSES[sc.loss]
-    kw = dict(config=sc.loss_config, num_tokens=num_tokens, num_sequences=num_seqs)
     m = micro.response_mask
-    if sc.loss == "htpo":
-        loss, metrics = fn(
-            lp, micro.old_log_prob, ent, micro.advantages, m, micro.hard, micro.correct, **kw
-        )
-    elif sc.loss == "high_entropy_only":
-        loss, metrics = fn(lp, micro.old_log_prob, ent, micro.advantages, m, **kw)
-    else:
-        loss, metrics = fn(lp, micro.old_log_prob, micro.advantages, m, **kw)
+    inputs = LossInputs(
+        log_prob=lp, old_log_prob=micro.old_log_prob, advantages=micro.advantages,
+        response_mask=m, entropy=ent, hard=micro.hard, correct=micro.correct,
+    )  # fmt: skip
+    loss, metrics = LOSSES[sc.loss](
+        inputs, config=sc.loss_config, num_tokens=num_tokens, num_sequences=num_seqs
+    )
     if sc.use_kl_loss:
         kl = kl_penalty(lp, micro.ref_log_prob, sc.kl_loss_type)
         kl_loss = aggregate(kl, m > 0, sc.loss_config.loss_agg_mode, num_tokens, num_seqs)

@@ -35,31 +35,32 @@ def _trace(record: dict) -> None:
 def _install_hooks() -> None:
     import jax
 
+    import htpo_jax.stages as S
     import htpo_jax.train as T
     from htpo_jax.rewards import scoring
 
-    rl_step, collect = T.rl_step, T.collect
+    rl_step, collect = T.rl_step, S.collect
 
-    def traced_step(run, step):
+    def traced_step(c, state, step):
         _trace({"event": "step", "step": step})
-        return rl_step(run, step)
+        return rl_step(c, state, step)
 
-    def traced_collect(run, key):
-        kept, stats = collect(run, key)
+    def traced_collect(c, params, key):
+        kept, stats = collect(c, params, key)
         _trace(
             {
                 "event": "collect",
                 "rounds": int(stats["filter/gen_batches"]),
                 "accuracy": float(stats["train/accuracy"]),
-                "acc_rows": np.asarray(kept["acc"]).astype(int).tolist(),
-                "reward": np.round(np.asarray(kept["reward"]), 6).tolist(),
+                "acc_rows": np.asarray(kept.acc).astype(int).tolist(),
+                "reward": np.round(np.asarray(kept.reward), 6).tolist(),
             }
         )
         return kept, stats
 
-    T.rl_step, T.collect = traced_step, traced_collect
+    T.rl_step, S.collect = traced_step, traced_collect
 
-    import htpo_jax.eval as E
+    import htpo_jax.sample as E
 
     score = E.score_lockstep
 

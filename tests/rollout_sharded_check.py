@@ -15,6 +15,7 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from tiny_models import left_padded_batch, random_decoder  # noqa: E402
@@ -58,10 +59,11 @@ def main():
     # = 16.8 MB on one device; batch over 4 and kv heads over 2 leaves 2.1 MB per device.
     def temp_bytes(m):
         static = (1, 4096, True, -1, False, (), 0, jnp.dtype(jnp.float32))
-        fn, state = rollout.static._jitted(m, static)
+        graph, state = rollout.StaticGraph(nnx.graphdef(m)), nnx.state(m)
         pad = ((0, 0), (5, 0))  # 11 -> 16 columns, as generate pads them
         args = (np.pad(ids, pad), np.pad(mask, pad).astype(np.int32), jax.random.key(0))
-        return fn.lower(state, *args, jnp.float32(1), jnp.float32(1)).compile()
+        fn = rollout.static.generate_program
+        return fn.lower(graph, static, state, *args, jnp.float32(1), jnp.float32(1)).compile()
 
     one = temp_bytes(reference).memory_analysis().temp_size_in_bytes
     with jax.set_mesh(mesh):

@@ -1,6 +1,7 @@
 """The embedded default model under assets/: it loads, its tokenizer and data read, it has
 learned the answer format."""
 
+import json
 from pathlib import Path
 
 import jax
@@ -79,3 +80,29 @@ def test_greedy_decoding_has_learned_the_format(model, tok):
     truths = batch.ground_truth
     correct = [dapo_math_score(t, gt)["acc"] for t, gt in zip(texts, truths, strict=True)]
     assert sum(correct) >= 4  # greedy accuracy on val is ~0.85
+
+
+@pytest.mark.slow
+def test_make_default_model_script_runs_on_the_library(tmp_path, capsys):
+    """The assets script end to end at a tiny size: SFT through the trainer's update, then the
+    evaluation through sample_and_score / pass_at_k (the shipped files are not touched)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "make_default_model", ASSETS / "make_default_model.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(
+        [
+            "--data-dir", str(tmp_path / "arith"), "--model-dir", str(tmp_path / "model"),
+            "--n-train", "16", "--n-val", "4", "--n-sft", "32", "--clean-steps", "2",
+            "--noisy-steps", "1", "--batch", "8", "--n-samples", "2", "--max-new", "16",
+            "--log-every", "1", "--layers", "1", "--hidden", "32", "--mlp", "64",
+        ]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert "sft step 3/3" in out and (tmp_path / "model" / "model.safetensors").is_file()
+    res = json.loads(out[out.index("{") : out.rindex("}") + 1])
+    assert set(res) >= {"acc_t1", "greedy_acc", "pass@2", "format_t1", "eos_t1"}
+    assert 0 <= res["acc_t1"] <= res["pass@2"] <= 1

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from test_train_step import random_batch, tiny_model
 
 from htpo_jax import balance
-from htpo_jax import eval as eval_lib
+from htpo_jax import evaluate as eval_lib
 from htpo_jax.config import load_config
 from htpo_jax.rewards.routing import (
     UnknownDataSource,
@@ -23,7 +23,7 @@ from htpo_jax.rewards.routing import (
 )
 from htpo_jax.rewards.scoring import compute_rewards
 from htpo_jax.sharding import make_mesh
-from htpo_jax.train import update_all
+from htpo_jax.stages import update_all
 from htpo_jax.train_step import (
     StepConfig,
     TrainState,
@@ -104,16 +104,13 @@ def test_rl_step_reports_the_number_of_skipped_updates():
     nan_second = np.where(np.arange(8)[:, None] >= 4, np.nan, batch.old_log_prob)
     batch = batch.replace(old_log_prob=nan_second.astype(np.float32))
     mesh = make_mesh(1, -1, 1)
-    run = types.SimpleNamespace(
-        cfg=cfg,
-        mesh=mesh,
-        state=_state(params, tx),
-        update_fn=jit_update(graphdef, tx, StepConfig.from_config(cfg)),
+    c = types.SimpleNamespace(
+        cfg=cfg, mesh=mesh, update_fn=jit_update(graphdef, tx, StepConfig.from_config(cfg))
     )
     with jax.set_mesh(mesh):
-        metrics = update_all(run, batch)
+        state, metrics = update_all(c, _state(params, tx), batch)
     assert metrics["train/nonfinite_skipped"] == 1
-    assert int(run.state.step) == 2
+    assert int(state.step) == 2
 
 
 # ---------------------------------------------------------------- reward routing
@@ -195,12 +192,12 @@ def test_validation_reports_each_data_source(monkeypatch):
                     ids=[p for p, _ in part], data_source=tuple(s for _, s in part)
                 )
 
-    def fake_sample(model, tok, batch, cfg, **kw):
+    def fake_sample(sampler, params, tok, batch, cfg, **kw):
         a = np.array([acc[p] for p in batch.ids], bool).reshape(-1)
         return types.SimpleNamespace(acc=a, lengths=np.full(a.shape, 5))
 
     monkeypatch.setattr(eval_lib, "sample_and_score", fake_sample)
-    out = eval_lib.validate(None, None, DS(), cfg, rng=jax.random.key(0))
+    out = eval_lib.validate(None, None, None, DS(), cfg, rng=jax.random.key(0))
     assert out["val/accuracy"] == pytest.approx(0.5)
     assert out["val/aime24/mean@2"] == pytest.approx(0.5)
     assert out["val/aime24/pass@2"] == pytest.approx(0.5)

@@ -1,5 +1,6 @@
 """htpo_loss and the baselines: official golden cases, spec properties, edge rows, accumulation."""
 
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -14,6 +15,7 @@ from htpo_jax.loss import (
     GROUP_NAMES,
     LOSSES,
     LossConfig,
+    LossInputs,
     dapo_loss,
     entropy_split,
     high_entropy_only_loss,
@@ -210,29 +212,62 @@ def test_group_fractions_sum_to_one_and_entropy_means():
     assert float(m["entropy_high_mean"]) > float(m["entropy_low_mean"])
 
 
+def batch_top_fraction(ent, valid, ratio=0.2):
+    """high_entropy_only's selection by hand: valid & H >= the k-th largest valid H of the batch,
+    k = max(floor(ratio n), 1)."""
+    k = max(int(ratio * valid.sum()), 1)
+    tau = np.sort(ent[valid])[::-1][k - 1]
+    return valid & (ent >= tau)
+
+
 @pytest.mark.parametrize("name", list(LOSSES))
 def test_accumulation_over_micro_batches_equals_one_batch(name):
+    """Every LOSSES entry takes one `LossInputs`; halves with the whole batch's counts add up to
+    the whole batch. high_entropy_only selects per (micro-)batch, so its halves add up to the
+    clipped loss over the union of the halves' selections, normalized by the selected count."""
     lp, old, ent, adv, mask, hard, correct = random_batch(8, 40, 5)
     fn = LOSSES[name]
 
-    def call(sl, **kw):
-        args = [jnp.asarray(x[sl]) for x in (lp, old, ent, adv, mask, hard, correct)]
-        if name != "htpo":
-            args = args[:5] if name == "high_entropy_only" else [args[i] for i in (0, 1, 3, 4)]
-        return jax.grad(lambda p: fn(p, *args[1:], **kw)[0])(args[0]), fn(*args, **kw)[0]
+    def call(sl, mask=mask, **kw):
+        x = LossInputs(*(jnp.asarray(a[sl]) for a in (lp, old, adv, mask, ent, hard, correct)))
+        f = lambda p: fn(dataclasses.replace(x, log_prob=p), **kw)[0]
+        return jax.value_and_grad(f)(x.log_prob)
 
-    full_grad, full_loss = call(slice(None))
-    if name == "high_entropy_only":  # its selection is per (micro-)batch; check one micro-batch
-        return
     n_tok = mask.sum()
+    if name == "high_entropy_only":
+        valid = mask > 0
+        union = np.concatenate(
+            [batch_top_fraction(ent[s], valid[s]) for s in (slice(0, 4), slice(4, 8))]
+        )
+        n_sel = union.sum()
+        assert 0 < n_sel < valid.sum()
+        want_loss, want_grad = jax.value_and_grad(
+            lambda p: dapo_loss(p, *map(jnp.asarray, (old, adv, union.astype(mask.dtype))))[0]
+        )(jnp.asarray(lp))
+        n_tok = n_sel
+    else:
+        want_loss, want_grad = call(slice(None))
     halves = [
         call(slice(0, 4), num_tokens=n_tok, num_sequences=8),
         call(slice(4, 8), num_tokens=n_tok, num_sequences=8),
     ]
-    np.testing.assert_allclose(halves[0][1] + halves[1][1], full_loss, rtol=1e-5)
+    np.testing.assert_allclose(halves[0][0] + halves[1][0], want_loss, rtol=1e-5)
     np.testing.assert_allclose(
-        np.concatenate([halves[0][0], halves[1][0]]), full_grad, rtol=1e-5, atol=1e-8
+        np.concatenate([halves[0][1], halves[1][1]]), want_grad, rtol=1e-5, atol=1e-8
     )
+
+
+def test_registry_entries_equal_the_public_functions():
+    """LOSSES["htpo"](LossInputs) is htpo_loss with its documented positional arguments."""
+    lp, old, ent, adv, mask, hard, correct = map(jnp.asarray, random_batch(6, 30, 4))
+    x = LossInputs(lp, old, adv, mask, entropy=ent, hard=hard, correct=correct)
+    got, got_m = LOSSES["htpo"](x, num_tokens=jnp.sum(mask))
+    want, want_m = htpo_loss(lp, old, ent, adv, mask, hard, correct, num_tokens=jnp.sum(mask))
+    assert float(got) == float(want) and got_m.keys() == want_m.keys()
+    got, _ = LOSSES["dapo"](x)
+    assert float(got) == float(dapo_loss(lp, old, adv, mask)[0])
+    got, _ = LOSSES["sft"](x)  # the assets script's SFT: mean NLL of the response tokens
+    np.testing.assert_allclose(got, -(lp * mask).sum() / mask.sum(), rtol=1e-6)
 
 
 def test_dapo_is_htpo_without_groups():

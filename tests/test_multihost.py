@@ -346,6 +346,7 @@ def test_reward_timeouts_on_one_host_keep_hosts_in_step(tmp_path):
     for r in run.events("reward"):
         timeouts[r["process"]].append(r["timed_out"])
     assert timeouts[0] == timeouts[1] and sum(timeouts[0]) > 0, timeouts
+    assert "metrics:" in run.log_text(0) and "metrics:" not in run.log_text(1)  # one summary
 
 
 @pytest.mark.slow

@@ -19,11 +19,11 @@ from tiny_models import left_padded_batch, random_decoder
 from htpo_jax.models.logprobs import logprobs_and_entropy
 from htpo_jax.rollout import (
     bucket,
+    compile_count,
     full_sequences,
     generate,
     repeat_prompts,
     sample_logits,
-    trace_count,
 )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -128,20 +128,20 @@ def test_compiles_once_per_bucket(model):
     """The static sampler: one program per bucket (the engine's: test_rollout_engine.py)."""
     ids, mask = left_padded_batch(1, b=5, t=13)
     kw = dict(max_new_tokens=5, rng=jax.random.key(0), top_k=7, engine="static")
-    before = trace_count()
+    before = compile_count()
     generate(model, ids, mask, temperature=1.0, **kw)
-    assert trace_count() == before + 1
+    assert compile_count() == before + 1
     # Other batch sizes / prompt lengths in the same buckets (8 rows, 16 columns), another
     # temperature / top_p / rng: no retrace.
     generate(model, ids[:3, 2:], mask[:3, 2:], temperature=0.5, **kw)
     generate(model, ids[:4], mask[:4], temperature=2.0, **{**kw, "rng": jax.random.key(9)})
     generate(model, ids, mask, temperature=1.0, top_p=0.5, **kw)  # top_p on: one new program
     generate(model, ids, mask, temperature=0.7, top_p=0.9, **kw)
-    assert trace_count() == before + 2
+    assert compile_count() == before + 2
     # A new batch bucket compiles again.
     big_ids, big_mask = repeat_prompts(ids, mask, 2)  # 10 rows -> bucket 16
     generate(model, big_ids, big_mask, temperature=1.0, **kw)
-    assert trace_count() == before + 3
+    assert compile_count() == before + 3
 
 
 @given(st.integers(1, 5000))

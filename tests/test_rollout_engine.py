@@ -9,7 +9,7 @@ import pytest
 from tiny_models import left_padded_batch, random_decoder
 
 from htpo_jax.models.attention import attend_one_query
-from htpo_jax.rollout import EngineConfig, generate, trace_count
+from htpo_jax.rollout import EngineConfig, compile_count, generate
 from htpo_jax.rollout import paged_attention as pa
 from htpo_jax.rollout.scheduler import PageAllocator, Scheduler
 
@@ -143,10 +143,10 @@ def test_no_recompile_within_buckets(model):
     cfg = EngineConfig(page_size=8)
     kw = dict(max_new_tokens=6, top_k=9, engine=cfg)  # a configuration of its own
     generate(model, ids, mask, rng=jax.random.key(0), **kw)
-    before = trace_count()
+    before = compile_count()
     generate(model, ids[:3], mask[:3], rng=jax.random.key(1), temperature=0.5, **kw)
     generate(model, ids, mask, rng=jax.random.key(2), temperature=2.0, **kw)
-    assert trace_count() == before
+    assert compile_count() == before
 
 
 def test_n_samples_share_the_prompt_pages():

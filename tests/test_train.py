@@ -139,23 +139,29 @@ def test_resume_reproduces_straight_run(tiny_run_dir, tmp_path):
 
 @pytest.mark.slow
 def test_dapo_and_accumulation_run(tiny_run_dir, tmp_path):
-    """Baseline loss plus micro-batching (4 micro-batches of 2 in each mini-batch of 8 rows)."""
-    out = tmp_path / "dapo"
-    main(
-        overrides(
-            tiny_run_dir,
-            out,
-            **{
-                "algorithm.loss": "dapo",
-                "trainer.total_steps": 1,
-                "optim.mini_batch_size": 2,
-                "optim.micro_batch_size": 2,
-                "algorithm.use_kl_loss": True,
-            },
-        )
-    )
-    rec = read_metrics(out / "metrics.jsonl")[-1]
-    assert np.isfinite(rec["train/loss"]) and "train/kl_loss" in rec
+    """Baseline loss plus micro-batching: 4 micro-batches of 2 rows in the mini-batch of 8 give
+    the loss and gradient of one micro-batch of 8 (the same rollouts: micro_batch_size does not
+    touch sampling), and at the first update the policy is the reference (KL 0)."""
+    recs = {}
+    for micro in (2, 8):
+        out = tmp_path / f"dapo_{micro}"
+        extra = {
+            "algorithm.loss": "dapo",
+            "trainer.total_steps": 1,
+            "optim.mini_batch_size": 2,
+            "optim.micro_batch_size": micro,
+            "algorithm.use_kl_loss": True,
+            "trainer.val_before_train": False,
+        }
+        main(overrides(tiny_run_dir, out, **extra))
+        recs[micro] = read_metrics(out / "metrics.jsonl")[-1]
+    acc, one = recs[2], recs[8]
+    assert acc["train/reward_mean"] == one["train/reward_mean"]  # the same rollouts
+    assert abs(acc["train/loss"]) > 1e-4  # a real loss, not a trivially equal zero
+    assert acc["train/loss"] == pytest.approx(one["train/loss"], rel=1e-5, abs=1e-7)
+    assert acc["train/grad_norm"] == pytest.approx(one["train/grad_norm"], rel=1e-4)
+    assert acc["train/grad_norm"] > 0
+    assert 0 <= acc["train/kl_loss"] < 1e-6
 
 
 @pytest.mark.slow
@@ -210,7 +216,7 @@ def test_config_yaml_written_is_loadable(tiny_run_dir, tmp_path):
 
 def fake_scored(acc_groups, g, width=4, r=5):
     """A Scored round with the given per-prompt correctness patterns ([P, G] bools)."""
-    from htpo_jax.eval import Scored
+    from htpo_jax.sample import Scored
 
     acc = np.asarray(acc_groups, bool).reshape(-1)
     p = len(acc_groups)
@@ -229,7 +235,7 @@ def fake_scored(acc_groups, g, width=4, r=5):
 
 
 def test_dynamic_sampling_keeps_mixed_groups_and_draws_more(monkeypatch):
-    import htpo_jax.train as T
+    import htpo_jax.stages as S
 
     cfg = load_config(
         None,
@@ -248,17 +254,17 @@ def test_dynamic_sampling_keeps_mixed_groups_and_draws_more(monkeypatch):
             [[0, 1], [1, 0]],  # keeps both: 3 kept, done
         ]
     )
-    monkeypatch.setattr(T, "sample_round", lambda run, key, n: fake_scored(next(rounds), 2))
-    run = type("R", (), {"cfg": cfg})()
-    kept, stats = T.collect(run, jax.random.key(0))
+    monkeypatch.setattr(S, "sample_round", lambda c, params, key, n: fake_scored(next(rounds), 2))
+    c = type("C", (), {"cfg": cfg})()
+    kept, stats = S.collect(c, None, jax.random.key(0))
     assert stats["filter/gen_batches"] == 3
     assert stats["filter/kept_prompt_frac"] == pytest.approx(3 / 6)
-    np.testing.assert_array_equal(kept["acc"], [1, 0, 0, 1, 1, 0])
+    np.testing.assert_array_equal(kept.acc, [1, 0, 0, 1, 1, 0])
     # the kept rows are those of round 0 prompt 1, then round 2 prompts 0 and 1
-    np.testing.assert_array_equal(kept["tokens"][:, 0], [2, 3, 0, 1, 2, 3])
+    np.testing.assert_array_equal(kept.tokens[:, 0], [2, 3, 0, 1, 2, 3])
     assert stats["train/accuracy"] == pytest.approx(5 / 12)
 
     rounds = iter([[[1, 1], [0, 0]]] * 10)
-    monkeypatch.setattr(T, "sample_round", lambda run, key, n: fake_scored(next(rounds), 2))
-    with pytest.raises(T.SamplingExhausted, match="max_num_gen_batches"):
-        T.collect(run, jax.random.key(0))
+    monkeypatch.setattr(S, "sample_round", lambda c, params, key, n: fake_scored(next(rounds), 2))
+    with pytest.raises(S.SamplingExhausted, match="max_num_gen_batches"):
+        S.collect(c, None, jax.random.key(0))

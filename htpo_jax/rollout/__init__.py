@@ -3,6 +3,11 @@
     rollout = generate(model, prompt_ids, prompt_mask, max_new_tokens=..., rng=key, n=16,
                        temperature=1.0, top_p=1.0, top_k=-1, eos_token_id=[...], pad_token_id=0)
 
+or, in a loop whose parameters change (the trainer), built once and called with the params:
+
+    sampler = Sampler.from_model(model)   # or Sampler(StaticGraph(graphdef), cfg, dtype)
+    rollout = sampler(params, prompt_ids, prompt_mask, max_new_tokens=..., ...)
+
 Prompts are left padded ([B, P], mask 1 on real tokens; every row needs at least one). With
 `n > 1` each prompt is sampled n times (rows `i*n .. i*n+n-1` belong to prompt i; the prompt is
 prefilled once). The result, a `Rollout`, holds per response row: `tokens [B, N]` (pad_token_id
@@ -36,88 +41,128 @@ which sampler ran it (engine and static sampler give the same tokens for the sam
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import jax
+from flax import nnx
 
+from htpo_jax.rollout import engine as engine_lib
 from htpo_jax.rollout import sampling, static
 from htpo_jax.rollout.engine import EngineConfig, generate_paged
 from htpo_jax.rollout.sampling import (
     Rollout,
+    StaticGraph,
     argmax_last,
     bucket,
     full_sequences,
     prompt_bucket,
     repeat_prompts,
     sample_logits,
-    trace_count,
 )
 
 __all__ = [
     "EngineConfig",
     "Rollout",
+    "Sampler",
     "argmax_last",
     "bucket",
+    "compile_count",
     "full_sequences",
     "generate",
     "prompt_bucket",
     "repeat_prompts",
     "sample_logits",
-    "trace_count",
 ]
 
 
-def generate(
-    model,
-    prompt_ids,
-    prompt_mask,
-    *,
-    max_new_tokens: int,
-    rng=None,
-    n: int = 1,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = -1,
-    greedy: bool = False,
-    eos_token_id: int | Sequence[int] | None = None,
-    pad_token_id: int = 0,
-    cache_dtype=None,
-    batch_bucket=bucket,
-    length_bucket=prompt_bucket,
-    engine: EngineConfig | str | None = None,
-    stats: dict | None = None,
-) -> Rollout:
-    """Samples `n` responses per left-padded prompt; see the package docstring.
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """A model's sampler in (graphdef, params) form: built once from the model's structure,
+    called with the current parameters (`sampler(params, prompt_ids, prompt_mask, ...)`), so a
+    trainer keeps one copy of its parameters and hands the sampler whichever are current.
+    The compiled programs live in jax's own jit cache, keyed by the graphdef (`StaticGraph`),
+    the static configuration and the shape bucket (`compile_count` counts them)."""
 
-    prompt_ids, prompt_mask: [B, P] (numpy or jax); rng: a PRNG key (ignored when greedy).
-    `cache_dtype` defaults to the model's compute dtype. `engine`: an `EngineConfig` (None: the
-    defaults, sized from free memory; the static sampler under a mesh whose data x fsdp axes
-    split the batch) or "static" for the dense reference sampler, whose shapes
-    `batch_bucket` / `length_bucket` round (the engine ignores them). `stats` (a dict, engine
-    only) receives the run's counters (rounds, preemptions, peak KV bytes). Returns a `Rollout`
-    of B * n rows.
-    """
-    kw = dict(max_new_tokens=max_new_tokens, rng=rng, n=n, temperature=temperature,
-              top_p=top_p, top_k=top_k, greedy=greedy, eos_token_id=eos_token_id,
-              pad_token_id=pad_token_id, cache_dtype=cache_dtype)  # fmt: skip
-    # The engine keeps one page pool on one device; a mesh that splits the batch (data x fsdp)
-    # is served by the static sampler, whose rows and cache shard over it, and so is a
-    # multi-process run (the engine's host loop reads arrays no single process holds whole).
-    multi_host = jax.process_count() > 1
-    if engine == "static" or multi_host or (engine is None and static._batch_shards() > 1):
-        return static.generate(
-            model, prompt_ids, prompt_mask, batch_bucket=batch_bucket, length_bucket=length_bucket,
-            **kw,
+    graph: StaticGraph
+    model_cfg: object  # the decoder's ModelConfig: layer / head sizes for the engine's KV pages
+    dtype: object  # the model's compute dtype: the default KV-cache dtype
+    attention_chunk_size: int | None = None  # the engine's prefill query block (None: 1024)
+
+    @classmethod
+    def from_model(cls, model) -> Sampler:
+        """The sampler of an NNX decoder (its structure only; pass its parameters per call)."""
+        chunk = getattr(model, "attention_chunk_size", None)
+        return cls(StaticGraph(nnx.graphdef(model)), model.cfg, model.dtype, chunk)
+
+    def __call__(
+        self,
+        params,
+        prompt_ids,
+        prompt_mask,
+        *,
+        max_new_tokens: int,
+        rng=None,
+        n: int = 1,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = -1,
+        greedy: bool = False,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int = 0,
+        cache_dtype=None,
+        batch_bucket=bucket,
+        length_bucket=prompt_bucket,
+        engine: EngineConfig | str | None = None,
+        stats: dict | None = None,
+    ) -> Rollout:
+        """Samples `n` responses per left-padded prompt under `params`; see the package docstring.
+
+        params: the model's `nnx.State` (as `nnx.split` gives it). prompt_ids, prompt_mask:
+        [B, P] (numpy or jax); rng: a PRNG key (ignored when greedy). `cache_dtype` defaults to
+        the model's compute dtype. `engine`: an `EngineConfig` (None: the defaults, sized from
+        free memory; the static sampler under a mesh whose data x fsdp axes split the batch) or
+        "static" for the dense reference sampler, whose shapes `batch_bucket` / `length_bucket`
+        round (the engine ignores them). `stats` (a dict, engine only) receives the run's
+        counters (rounds, preemptions, peak KV bytes). Returns a `Rollout` of B * n rows.
+        """
+        greedy, rng, eos = sampling.check_args(
+            prompt_mask, max_new_tokens=max_new_tokens, rng=rng, n=n, temperature=temperature,
+            top_p=top_p, greedy=greedy, eos_token_id=eos_token_id,
         )  # fmt: skip
-    if isinstance(engine, str):
-        raise ValueError(f"generate: engine must be an EngineConfig or 'static', got {engine!r}")
-    greedy, rng, eos = sampling.check_args(
-        prompt_mask, max_new_tokens=max_new_tokens, rng=rng, n=n, temperature=temperature,
-        top_p=top_p, greedy=greedy, eos_token_id=eos_token_id,
-    )  # fmt: skip
-    return generate_paged(
-        model, prompt_ids, prompt_mask, max_new_tokens=int(max_new_tokens), rng=rng, n=int(n),
-        temperature=float(temperature), top_p=float(top_p), top_k=int(top_k), greedy=greedy,
-        eos=eos, pad_token_id=int(pad_token_id), cache_dtype=cache_dtype,
-        config=engine or EngineConfig(), stats=stats,
-    )  # fmt: skip
+        kw = dict(max_new_tokens=int(max_new_tokens), rng=rng, n=int(n), greedy=greedy, eos=eos,
+                  top_p=top_p, top_k=int(top_k), pad_token_id=int(pad_token_id),
+                  cache_dtype=cache_dtype)  # fmt: skip
+        # The engine keeps one page pool on one device; a mesh that splits the batch (data x
+        # fsdp) is served by the static sampler, whose rows and cache shard over it, and so is a
+        # multi-process run (the engine's host loop reads arrays no single process holds whole).
+        multi_host = jax.process_count() > 1
+        if engine == "static" or multi_host or (engine is None and static._batch_shards() > 1):
+            return static.sample(
+                self, params, prompt_ids, prompt_mask, temperature=temperature,
+                batch_bucket=batch_bucket, length_bucket=length_bucket, **kw,
+            )  # fmt: skip
+        if isinstance(engine, str):
+            raise ValueError(
+                f"generate: engine must be an EngineConfig or 'static', got {engine!r}"
+            )
+        return generate_paged(
+            self, params, prompt_ids, prompt_mask, temperature=float(temperature),
+            config=engine or EngineConfig(), stats=stats, **{**kw, "top_p": float(top_p)},
+        )  # fmt: skip
+
+
+def generate(model, prompt_ids, prompt_mask, **kwargs) -> Rollout:
+    """`Sampler.from_model(model)` called with the model's current parameters: the same
+    keyword arguments and `Rollout` as `Sampler.__call__` (see the package docstring). A loop
+    that samples often builds its `Sampler` once instead."""
+    graphdef, params = nnx.split(model)
+    chunk = getattr(model, "attention_chunk_size", None)
+    sampler = Sampler(StaticGraph(graphdef), model.cfg, model.dtype, chunk)
+    return sampler(params, prompt_ids, prompt_mask, **kwargs)
+
+
+def compile_count() -> int:
+    """Programs in jax's cache for the samplers (static generate, engine prefill and decode)."""
+    programs = (static.generate_program, engine_lib.prefill_program, engine_lib.decode_program)
+    return sum(p._cache_size() for p in programs)

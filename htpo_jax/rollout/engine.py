@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import weakref
 
 import jax
 import jax.numpy as jnp
@@ -58,7 +57,6 @@ class EngineConfig:
 # kv_state); the pools are stacked over layers ([L, pages, ...]) like every decoder kv_state.
 def _prefill_fn(graphdef, page_size: int, chunk_size: int):
     def run(state, pools, ids_bt, len_b, table_bp):
-        sampling.note_trace()
         model = nnx.merge(graphdef, state)
         b, t = ids_bt.shape
         pos_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -78,14 +76,13 @@ def _prefill_fn(graphdef, page_size: int, chunk_size: int):
         _, pools = model.forward_kv(ids_bt, pos_bt, pools, kv_fn)
         return pools
 
-    return jax.jit(run, donate_argnums=1)
+    return run
 
 
 def _decode_fn(graphdef, page_size, k_steps, n_new, greedy, top_k, use_top_p, eos, pad, impl):
 
     def run(state, pools, table_sp, kv_len_s, tok_s, step_s, row_s, active_s, src_s, dst_s,
             rng, temperature, top_p):  # fmt: skip
-        sampling.note_trace()
         model = nnx.merge(graphdef, state)
         s = tok_s.shape[0]
         n_layers = model.cfg.num_layers
@@ -162,28 +159,22 @@ def _decode_fn(graphdef, page_size, k_steps, n_new, greedy, top_k, use_top_p, eo
             pools = pa.write_kv(pools, layer_lx, rk, rv, page_x[None], off_x[None])
         return pools, c[6], c[7]
 
-    return jax.jit(run, donate_argnums=1)
+    return run
 
 
-# model -> (graphdef, {static key: jitted fn}); weak, as static.py's cache.
-_JITTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# The two programs: module-level `jax.jit`s whose static arguments are the graphdef
+# (`sampling.StaticGraph`, hashed once per Sampler) and the program's configuration, so jax's own
+# cache keeps one program per (graphdef, configuration, shape bucket). The pool is donated.
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=3)
+def prefill_program(graph: sampling.StaticGraph, key: tuple, state, pools, *args):
+    """`_prefill_fn(graphdef, *key)` on (state, pools, ids_bt, len_b, table_bp)."""
+    return _prefill_fn(graph.graphdef, *key)(state, pools, *args)
 
 
-def _programs(model):
-    """(graphdef, {key: jitted fn}, state) of `model` (state read once per generate call)."""
-    entry = _JITTED.get(model)
-    if entry is None:
-        graphdef, state = nnx.split(model)
-        entry = _JITTED[model] = (graphdef, {})
-    else:
-        state = nnx.state(model)
-    return entry[0], entry[1], state
-
-
-def _program(graphdef, fns, key: tuple, make):
-    if key not in fns:
-        fns[key] = make(graphdef, *key[1:])
-    return fns[key]
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=3)
+def decode_program(graph: sampling.StaticGraph, key: tuple, state, pools, *args):
+    """`_decode_fn(graphdef, *key)` on (state, pools, table_sp, ..., rng, temperature, top_p)."""
+    return _decode_fn(graph.graphdef, *key)(state, pools, *args)
 
 
 # ---------------------------------------------------------------------- sizes
@@ -203,7 +194,7 @@ def free_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def resolve_sizes(cfg: EngineConfig, model, prompt_lens, n, max_new_tokens, cache_dtype):
+def resolve_sizes(cfg: EngineConfig, model_cfg, prompt_lens, n, max_new_tokens, cache_dtype):
     """(max_num_seqs, num_pages incl. the trash page) for one call.
 
     num_pages = 0: the pages that fit `kv_memory_fraction` of free memory, but never more than
@@ -212,7 +203,7 @@ def resolve_sizes(cfg: EngineConfig, model, prompt_lens, n, max_new_tokens, cach
     min(rows, 512).
     """
     ps = cfg.page_size
-    c = model.cfg
+    c = model_cfg
     per_page = pa.page_bytes(c.num_layers, ps, c.num_kv_heads, c.head_dim, cache_dtype.itemsize)
     rows = len(prompt_lens) * n
     seqs = cfg.max_num_seqs or min(rows, 512)
@@ -233,37 +224,37 @@ def resolve_sizes(cfg: EngineConfig, model, prompt_lens, n, max_new_tokens, cach
 
 
 # ---------------------------------------------------------------------- the host loop
-def generate_paged(model, prompt_ids, prompt_mask, *, max_new_tokens, rng, n, temperature,
-                   top_p, top_k, greedy, eos, pad_token_id, cache_dtype, config: EngineConfig,
-                   stats: dict | None = None) -> Rollout:  # fmt: skip
-    """`generate` on the engine (arguments already checked by `sampling.check_args`).
+def generate_paged(sampler, params, prompt_ids, prompt_mask, *, max_new_tokens, rng, n,
+                   temperature, top_p, top_k, greedy, eos, pad_token_id, cache_dtype,
+                   config: EngineConfig, stats: dict | None = None) -> Rollout:  # fmt: skip
+    """`rollout.Sampler`'s call on the engine (arguments checked by `sampling.check_args`).
 
     `stats`, when given, receives the run's counters: rounds, preemptions, peak pages used,
     pool pages, page bytes, peak KV bytes.
     """
     ids, mask = np.asarray(prompt_ids), np.asarray(prompt_mask).astype(bool)
     prompts = [ids[i][mask[i]] for i in range(ids.shape[0])]
-    cache_dtype = jnp.dtype(model.dtype if cache_dtype is None else cache_dtype)
+    cache_dtype = jnp.dtype(sampler.dtype if cache_dtype is None else cache_dtype)
     seqs, num_pages = resolve_sizes(
-        config, model, [len(p) for p in prompts], n, max_new_tokens, cache_dtype
+        config, sampler.model_cfg, [len(p) for p in prompts], n, max_new_tokens, cache_dtype
     )
     ps, k_steps = config.page_size, config.steps_per_call
     sched = Scheduler(prompts, n, max_new_tokens, page_size=ps, num_pages=num_pages,
                       max_num_seqs=seqs, steps_per_call=k_steps,
                       min_slots=min(config.min_slots, seqs))  # fmt: skip
-    c = model.cfg
+    c = sampler.model_cfg
     impl = pa.resolve_impl(config.attention, c.head_dim)
     pools = _init_pool(c.num_layers, num_pages, ps, c.num_kv_heads, c.head_dim, cache_dtype, impl)
     rows = len(prompts) * n
     out_tokens = np.full((rows, max_new_tokens), pad_token_id, np.int32)
     out_logp = np.zeros((rows, max_new_tokens), np.float32)
-    chunk = getattr(model, "attention_chunk_size", None) or 1024
+    chunk = sampler.attention_chunk_size or 1024
     decode_key = (k_steps, max_new_tokens, greedy, int(top_k), top_p < 1.0, eos,
                   int(pad_token_id), impl)  # fmt: skip
     temperature, top_p = jnp.float32(temperature), jnp.float32(top_p)
-    graphdef, fns, state = _programs(model)
-    prefill_fn = _program(graphdef, fns, ("prefill", ps, chunk), _prefill_fn)
-    decode_fn = _program(graphdef, fns, ("decode", ps) + decode_key, _decode_fn)
+    state = params
+    prefill_fn = functools.partial(prefill_program, sampler.graph, (ps, chunk))
+    decode_fn = functools.partial(decode_program, sampler.graph, (ps,) + decode_key)
     while not sched.done:
         prefill, plan = sched.plan()
         if prefill is not None:

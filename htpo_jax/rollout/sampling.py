@@ -140,18 +140,26 @@ def normalize_eos(eos_token_id) -> tuple[int, ...]:
     return tuple(sorted({int(e) for e in eos_token_id}))
 
 
-_TRACES = [0]
+class StaticGraph:
+    """A graphdef as a static `jax.jit` argument. Hashing an `nnx.GraphDef` walks every node, and
+    jit hashes its static arguments on every call: this hashes once (per `rollout.Sampler`);
+    equal graphdefs still share compiled programs."""
 
+    __slots__ = ("graphdef", "_hash")
 
-def note_trace() -> None:
-    """Called from inside the functions that `jax.jit` compiles (a Python side effect: runs only
-    while tracing), so `trace_count` counts compiles of the samplers' programs."""
-    _TRACES[0] += 1
+    def __init__(self, graphdef):
+        self.graphdef = graphdef
+        self._hash = hash(graphdef)
 
+    def __hash__(self) -> int:
+        return self._hash
 
-def trace_count() -> int:
-    """How many sampler programs (static generate, engine prefill / decode) have been traced."""
-    return _TRACES[0]
+    def __eq__(self, other) -> bool:
+        return self is other or (
+            isinstance(other, StaticGraph)
+            and self._hash == other._hash
+            and self.graphdef == other.graphdef
+        )
 
 
 def check_args(prompt_mask, *, max_new_tokens, rng, n, temperature, top_p, greedy, eos_token_id):

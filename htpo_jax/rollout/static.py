@@ -3,9 +3,11 @@ over a dense [B, P + N] KV cache. Kept as the simple reference for the paged eng
 same outputs for the same rng (tests compare them), and selectable with `engine="static"`.
 
 Every row decodes until the longest one ends; the cache is allocated for P + N slots per row
-whatever the responses' lengths. One `jax.jit` per model object and static configuration (n,
-max_new_tokens, greedy, top_k, whether top_p is on, EOS ids, pad id, cache dtype), cached in
-`_JITTED`; rows and prompt length are bucketed (`batch_bucket`, `length_bucket`).
+whatever the responses' lengths. `generate_program` is one module-level `jax.jit` whose static
+arguments are the graphdef (`sampling.StaticGraph`) and the configuration (n, max_new_tokens,
+greedy, top_k, whether top_p is on, EOS ids, pad id, cache dtype): jax's own cache keeps one
+program per (graphdef, configuration, shape bucket); rows and prompt length are bucketed
+(`batch_bucket`, `length_bucket`).
 
 Sharding: under `jax.set_mesh(mesh)` (parameters placed by `sharding.shard_model`) the batch and
 the cache batch follow `act_batch` / `cache_batch` (mesh `data` x `fsdp`) and the kv heads
@@ -15,9 +17,8 @@ the cache batch follow `act_batch` / `cache_batch` (mesh `data` x `fsdp`) and th
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-import weakref
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -48,13 +49,11 @@ def _constrain_cache(cache: KVCache) -> KVCache:
     )
 
 
-def _compiled(graphdef, n, max_new_tokens, greedy, top_k, use_top_p, eos_ids, pad_id, cache_dtype):
-    """A new jitted generate for one static configuration (jax.jit then keeps a program per
-    input shape); `_jitted` caches these per model object."""
+def _program(graphdef, n, max_new_tokens, greedy, top_k, use_top_p, eos_ids, pad_id, cache_dtype):
+    """The generate program of one static configuration, as a function to trace."""
     n_new = max_new_tokens
 
     def run(state, prompt_ids_bp, prompt_mask_bp, rng, temperature, top_p):
-        sampling.note_trace()
         model = nnx.merge(graphdef, state)
         n_prompts, p = prompt_ids_bp.shape
         b = n_prompts * n  # response rows: prompt i's samples are rows i*n .. i*n+n-1
@@ -135,26 +134,17 @@ def _compiled(graphdef, n, max_new_tokens, greedy, top_k, use_top_p, eos_ids, pa
             finished=finished_b,
         )
 
-    return jax.jit(run)
+    return run
 
 
-# model -> (graphdef, {static configuration: jitted fn}). Keyed by the model object (weakly) so a
-# call costs `nnx.state(model)` instead of `nnx.split` (a full graph walk) plus hashing a graphdef;
-# the parameters may change between calls (training), the structure may not.
-_JITTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _jitted(model, static: tuple):
-    entry = _JITTED.get(model)
-    if entry is None:
-        graphdef, state = nnx.split(model)
-        entry = _JITTED[model] = (graphdef, {})
-    else:
-        state = nnx.state(model)
-    graphdef, fns = entry
-    if static not in fns:
-        fns[static] = _compiled(graphdef, *static)
-    return fns[static], state
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def generate_program(graph: sampling.StaticGraph, static: tuple, state, prompt_ids, prompt_mask,
+                     rng, temperature, top_p) -> Rollout:  # fmt: skip
+    """The static sampler's one program: `static` is `_program`'s configuration after the
+    graphdef; `state` the parameters (traced: new values never recompile)."""
+    return _program(graph.graphdef, *static)(
+        state, prompt_ids, prompt_mask, rng, temperature, top_p
+    )
 
 
 def _batch_shards() -> int:
@@ -165,36 +155,15 @@ def _batch_shards() -> int:
     return int(sizes.get("data", 1) * sizes.get("fsdp", 1))
 
 
-def generate(
-    model,
-    prompt_ids,
-    prompt_mask,
-    *,
-    max_new_tokens: int,
-    rng=None,
-    n: int = 1,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = -1,
-    greedy: bool = False,
-    eos_token_id: int | Sequence[int] | None = None,
-    pad_token_id: int = 0,
-    cache_dtype=None,
-    batch_bucket=bucket,
-    length_bucket=prompt_bucket,
-) -> Rollout:
-    """Samples `n` responses per left-padded prompt; see the package docstring.
-
-    prompt_ids, prompt_mask: [B, P] (numpy or jax); rng: a PRNG key (ignored when greedy).
-    `cache_dtype` defaults to the model's compute dtype. `batch_bucket` / `length_bucket` map
-    the rows (B * n) and P to the compiled shapes (`lambda x: x` turns bucketing off). Each
-    prompt is prefilled once and its cache copied to its n rows. Returns a `Rollout` of B * n
-    rows.
+def sample(sampler, params, prompt_ids, prompt_mask, *, max_new_tokens: int, rng, n: int,
+           temperature, top_p, top_k: int, greedy: bool, eos: tuple[int, ...],
+           pad_token_id: int, cache_dtype=None, batch_bucket=bucket,
+           length_bucket=prompt_bucket) -> Rollout:  # fmt: skip
+    """`rollout.Sampler`'s call on the static sampler (arguments checked by
+    `sampling.check_args`). `batch_bucket` / `length_bucket` map the rows (B * n) and P to the
+    compiled shapes (`lambda x: x` turns bucketing off). Each prompt is prefilled once and its
+    cache copied to its n rows. Returns a `Rollout` of B * n rows.
     """
-    greedy, rng, eos = sampling.check_args(
-        prompt_mask, max_new_tokens=max_new_tokens, rng=rng, n=n, temperature=temperature,
-        top_p=top_p, greedy=greedy, eos_token_id=eos_token_id,
-    )  # fmt: skip
     ids, mask = np.asarray(prompt_ids), np.asarray(prompt_mask)
     prompts, p = ids.shape
     # Rows (prompts * n) are bucketed, then rounded up to whole prompt groups that the batch
@@ -207,10 +176,11 @@ def generate(
     ids = np.concatenate([ids, np.repeat(ids[:1], prompts_pad - prompts, 0)]).astype(np.int32)
     mask = np.concatenate([mask, np.repeat(mask[:1], prompts_pad - prompts, 0)])
 
-    cache_dtype = jnp.dtype(model.dtype if cache_dtype is None else cache_dtype)
-    static = (int(max_new_tokens), greedy, int(top_k), top_p < 1.0, eos, int(pad_token_id))
-    fn, state = _jitted(model, (int(n),) + static + (cache_dtype,))
-    out = fn(state, ids, mask, rng, jnp.float32(temperature), jnp.float32(top_p))
+    cache_dtype = jnp.dtype(sampler.dtype if cache_dtype is None else cache_dtype)
+    static = (int(n), int(max_new_tokens), greedy, int(top_k), top_p < 1.0, eos,
+              int(pad_token_id), cache_dtype)  # fmt: skip
+    out = generate_program(sampler.graph, static, params, ids, mask, rng, jnp.float32(temperature),
+                           jnp.float32(top_p))  # fmt: skip
     if prompts_pad == prompts:
         return out
     return jax.tree.map(lambda x: x[: prompts * n], out)

@@ -1,6 +1,7 @@
-"""Sampling + scoring of prompt batches (stages 2-3), and validation during training: pooled
-`val/accuracy` plus, per data source, `val/<data_source>/mean@n` and `pass@n` (verl reports
-`val-core/<data_source>/acc/mean@n`). The standalone evaluation command is `htpo_jax.evaluate`."""
+"""Stages 2-3 of an RL step, ROLLOUT and REWARD: n sampled responses per prompt of a batch,
+decoded and scored (`sample_and_score` -> `Scored`, on the host), plus `stop_tokens` (the EOS ids
+every caller of the sampler shares; the pad id is `data.pad_id`) and `engine_config`
+(RolloutConfig -> the sampler's `engine`). Validation (stage 8) is `evaluate.validate`."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import dataclasses
 import jax
 import numpy as np
 
+from htpo_jax.data import pad_id
 from htpo_jax.distributed import score_lockstep
-from htpo_jax.rollout import EngineConfig, generate
+from htpo_jax.rollout import EngineConfig
 from htpo_jax.sharding import to_host
 
 
@@ -44,12 +46,6 @@ def stop_tokens(tokenizer) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
-def pad_id(tokenizer) -> int:
-    return (
-        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_tokens(tokenizer)[0]
-    )
-
-
 def engine_config(r) -> EngineConfig | str:
     """The `generate(engine=...)` argument for a `RolloutConfig`."""
     if r.engine == "static":
@@ -60,9 +56,10 @@ def engine_config(r) -> EngineConfig | str:
 
 
 def sample_and_score(
-    model, tokenizer, batch, cfg, *, rng, n, temperature, top_p, top_k, pool=None
+    sampler, params, tokenizer, batch, cfg, *, rng, n, temperature, top_p, top_k, pool=None
 ) -> Scored:
-    """Generate n responses per prompt of `batch` (a data.PromptBatch), decode and score them.
+    """Generate n responses per prompt of `batch` (a data.PromptBatch) with `sampler`
+    (a `rollout.Sampler`) under `params`, decode and score them.
 
     The engine (rollout.engine = paged) decodes at most `rollout.max_num_seqs` responses at
     once; the static sampler is called on that many responses at a time.
@@ -75,8 +72,8 @@ def sample_and_score(
     parts = []
     for i, start in enumerate(range(0, n_prompts, per_call)):
         sl = slice(start, start + per_call)
-        ro = generate(
-            model,
+        ro = sampler(
+            params,
             batch.input_ids[sl],
             batch.attention_mask[sl],
             max_new_tokens=r.max_response_length,
@@ -116,40 +113,3 @@ def sample_and_score(
         pred=tuple(scored.pred),
         texts=tuple(texts),
     )
-
-
-def validate(model, tokenizer, dataset, cfg, *, rng, pool=None) -> dict[str, float]:
-    """val/accuracy (mean over prompts and their val_n samples), val/pass@k, val/response_length,
-    and per data source val/<source>/mean@n (and pass@n when n > 1)."""
-    r = cfg.rollout
-    accs, lengths, sources = [], [], []
-    for i, batch in enumerate(dataset.iter_batches(cfg.data.val_batch_size)):
-        s = sample_and_score(
-            model,
-            tokenizer,
-            batch,
-            cfg,
-            rng=jax.random.fold_in(rng, i),
-            n=r.val_n,
-            temperature=r.val_temperature,
-            top_p=r.val_top_p,
-            top_k=r.val_top_k,
-            pool=pool,
-        )
-        accs.append(s.acc.reshape(-1, r.val_n))
-        lengths.append(s.lengths)
-        sources += batch.data_source
-    acc = np.concatenate(accs)  # [prompts, val_n]
-    out = {
-        "val/accuracy": float(acc.mean()),
-        "val/response_length": float(np.concatenate(lengths).mean()),
-    }
-    if r.val_n > 1:
-        out[f"val/pass@{r.val_n}"] = float(acc.any(-1).mean())
-    sources = np.asarray(sources)
-    for source in sorted(set(sources.tolist())):
-        a = acc[sources == source]
-        out[f"val/{source}/mean@{r.val_n}"] = float(a.mean())
-        if r.val_n > 1:
-            out[f"val/{source}/pass@{r.val_n}"] = float(a.any(-1).mean())
-    return out

@@ -1,0 +1,300 @@
+"""The stages of one RL step (docs/DESIGN.md, stages 1-7) and the typed data between them.
+
+`train.rl_step` calls them in order: `collect` (1 DATA, 2 ROLLOUT, 3 REWARD, 4 FILTER: generation
+rounds of `Scored` until enough prompt groups survive, as `KeptGroups`), `build_batch` (5
+ADVANTAGE: an `UpdateBatch`), `balance_rows`, `old_logprobs` (6 OLD LOG-PROBS) and `update_all`
+(7 UPDATE). Each takes the run's immutable `Components` and returns new values; the only thing
+they advance is the data stream's position (`Components.stream`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from htpo_jax import advantages as adv_lib
+from htpo_jax import balance, guards, packing
+from htpo_jax import distributed as dist
+from htpo_jax.checkpoint import Checkpointer
+from htpo_jax.config import Config
+from htpo_jax.data import PromptStream
+from htpo_jax.metrics import MetricsLogger
+from htpo_jax.rewards import RewardPool
+from htpo_jax.rollout import Sampler
+from htpo_jax.sample import Scored, sample_and_score
+from htpo_jax.sharding import logical_sharding, to_host
+from htpo_jax.train_step import (
+    StepConfig,
+    TrainState,
+    UpdateBatch,
+    packed_update,
+    score_responses,
+)
+
+
+class SamplingExhausted(RuntimeError):
+    """Dynamic sampling found too few prompts with mixed outcomes."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Components:
+    """What a run builds once and never replaces (`components()` builds and closes it).
+
+    The data position is owned by `stream` (a `PromptStream` advances its `DataState` as it hands
+    out batches; checkpoints save `stream.state`), not by the `TrainState`: the stream is the one
+    place that reads the dataset, and resuming rebuilds it at the saved position.
+    """
+
+    cfg: Config
+    mesh: jax.sharding.Mesh
+    tokenizer: object
+    graphdef: nnx.GraphDef
+    sampler: Sampler  # samples under the params it is called with (no second model copy)
+    ref_params: nnx.State | None  # the frozen reference policy (use_kl_loss)
+    step_cfg: StepConfig
+    update_fn: Callable  # (TrainState, mini [n_micro, micro, ...]) -> (TrainState, metrics)
+    packed_fns: tuple | None  # (micro_grads, apply_grads) with optim.max_tokens_per_micro
+    stream: PromptStream
+    val_set: object  # data.PromptDataset or None
+    ckpt: Checkpointer
+    logger: MetricsLogger
+    pool: RewardPool | None
+    watch: guards.StepWatch  # non-finite / collapse / disk checks, and the finite-only save
+    run_id: str  # written into every checkpoint (guards.py)
+    start_step: int  # 0, or the restored checkpoint's step
+
+
+@dataclasses.dataclass(frozen=True)
+class KeptGroups:
+    """The prompt groups kept by the filter, one row per response: rows i*G .. i*G+G-1 are the
+    G responses of kept prompt i (host arrays)."""
+
+    prompt_ids: np.ndarray  # [N, P] int32, left padded to the widest round's width
+    prompt_mask: np.ndarray  # [N, P]
+    tokens: np.ndarray  # [N, R] int32
+    response_mask: np.ndarray  # [N, R]
+    reward: np.ndarray  # [N] float32
+    acc: np.ndarray  # [N] bool
+
+    @classmethod
+    def of_round(cls, s: Scored, keep_idx: np.ndarray, width: int) -> KeptGroups:
+        """The kept prompts `keep_idx` of one round, prompts left-padded to `width`."""
+        g = s.n
+        pad = ((0, 0), (width - s.prompt_ids.shape[1], 0))
+        rows = (keep_idx[:, None] * g + np.arange(g)).reshape(-1)  # [kept * G]
+        return cls(
+            prompt_ids=np.repeat(np.pad(s.prompt_ids, pad)[keep_idx], g, 0),
+            prompt_mask=np.repeat(np.pad(s.prompt_mask, pad)[keep_idx], g, 0),
+            tokens=s.tokens[rows],
+            response_mask=s.response_mask[rows],
+            reward=s.reward[rows],
+            acc=s.acc[rows],
+        )
+
+    @classmethod
+    def concat(cls, parts: list[KeptGroups], rows: int) -> KeptGroups:
+        """The first `rows` rows of `parts`, in order."""
+        fields = (f.name for f in dataclasses.fields(cls))
+        return cls(**{k: np.concatenate([getattr(p, k) for p in parts])[:rows] for k in fields})
+
+
+# ---------------------------------------------------------------- 1 DATA / 2 ROLLOUT / 3 REWARD
+def sample_round(c: Components, params, key, n_prompts: int) -> Scored:
+    """The next `n_prompts` prompts of the stream, `rollout.n` responses each, scored."""
+    r = c.cfg.rollout
+    batch = c.stream.next_batch(n_prompts)
+    return sample_and_score(
+        c.sampler,
+        params,
+        c.tokenizer,
+        batch,
+        c.cfg,
+        rng=key,
+        n=r.n,
+        temperature=r.temperature,
+        top_p=r.top_p,
+        top_k=r.top_k,
+        pool=c.pool,
+    )
+
+
+# ---------------------------------------------------------------- 4 FILTER
+def collect(c: Components, params, key) -> tuple[KeptGroups, dict]:
+    """Draw generation rounds until `train_batch_size` prompt groups survive the dynamic-sampling
+    filter (groups whose rewards all agree carry no gradient); returns the kept groups and the
+    rollout / filter statistics of every round drawn."""
+    cfg, g = c.cfg, c.cfg.rollout.n
+    a, need = cfg.algorithm, cfg.data.train_batch_size
+    size = cfg.data.gen_batch_size if a.dynamic_sampling else need
+    rounds: list[tuple[Scored, np.ndarray]] = []
+    n_kept = 0
+    while n_kept < need:
+        if a.dynamic_sampling and a.max_num_gen_batches and len(rounds) >= a.max_num_gen_batches:
+            raise SamplingExhausted(
+                f"dynamic sampling kept {n_kept} of the {need} prompts a step needs after "
+                f"{len(rounds)} generation batches (algorithm.max_num_gen_batches); every other "
+                f"group was all-correct or all-wrong. Raise algorithm.max_num_gen_batches or "
+                f"data.gen_batch_size, or use easier/harder data."
+            )
+        s = sample_round(c, params, jax.random.fold_in(key, len(rounds)), size)
+        metric = (s.acc if a.dynamic_sampling_metric == "acc" else s.score).reshape(-1, g)
+        keep = (
+            np.asarray(adv_lib.dynamic_sampling_keep(metric))
+            if a.dynamic_sampling
+            else np.ones(metric.shape[0], bool)
+        )
+        rounds.append((s, np.flatnonzero(keep)))
+        n_kept += int(keep.sum())
+    # Every host derived `keep` from the same all-gathered rewards (dist.score_lockstep); a
+    # disagreement here is a bug, reported at once instead of a hang in the next collective.
+    dist.agree("filter decision", [len(rounds), n_kept])
+    width = max(s.prompt_ids.shape[1] for s, _ in rounds)
+    kept = KeptGroups.concat([KeptGroups.of_round(s, idx, width) for s, idx in rounds], need * g)
+    every = lambda name: np.concatenate([getattr(s, name) for s, _ in rounds])
+    lengths = every("lengths")
+    stats = {
+        "train/accuracy": every("acc").mean(),
+        "train/reward_mean": every("reward").mean(),
+        "response_length/mean": lengths.mean(),
+        "response_length/max": lengths.max(),
+        "response_length/min": lengths.min(),
+        "response_length/clip_ratio": 1.0 - every("finished").mean(),
+        "filter/gen_batches": len(rounds),
+        "filter/kept_prompt_frac": n_kept / (len(rounds) * size),
+    }
+    return kept, stats
+
+
+# ---------------------------------------------------------------- 5 ADVANTAGE
+def build_batch(c: Components, kept: KeptGroups) -> UpdateBatch:
+    """GRPO advantages and hard/easy flags of the kept groups, as one `UpdateBatch` (old and
+    reference log-probs still zero) whose response slots end at the longest response."""
+    cfg, g = c.cfg, c.cfg.rollout.n
+    reward, acc = kept.reward.reshape(-1, g), kept.acc.reshape(-1, g)  # [N] -> [groups, G]
+    advantages = np.asarray(adv_lib.grpo_advantages(reward)).reshape(-1)
+    hard = np.repeat(np.asarray(adv_lib.hard_prompts(acc, cfg.algorithm.difficulty_threshold)), g)
+    # Response slots past the longest response carry nothing: cut them, rounded up for few shapes.
+    mult = cfg.data.pad_to_multiple
+    longest = max(kept.response_mask.sum(-1).max(), 1)
+    r = min(int(np.ceil(longest / mult) * mult), kept.tokens.shape[1])
+    tokens, rmask = kept.tokens[:, :r], kept.response_mask[:, :r]
+    rmask_f = rmask.astype(np.float32)
+    return UpdateBatch(
+        input_ids=np.concatenate([kept.prompt_ids, tokens], 1).astype(np.int32),
+        attention_mask=np.concatenate([kept.prompt_mask, rmask], 1).astype(np.int32),
+        response_mask=rmask_f,
+        old_log_prob=np.zeros_like(rmask_f),
+        ref_log_prob=np.zeros_like(rmask_f),
+        advantages=(advantages[:, None] * rmask_f).astype(np.float32),
+        hard=hard,
+        correct=kept.acc.astype(bool),
+        prompt_len=kept.prompt_ids.shape[1],
+    )
+
+
+def batch_shards(c: Components) -> int:
+    """How many ways the batch axis is split (mesh data x fsdp)."""
+    return int(c.mesh.shape["data"] * c.mesh.shape["fsdp"])
+
+
+def balance_rows(c: Components, batch: UpdateBatch) -> tuple[UpdateBatch, dict]:
+    """`data.balance_batch`: rows reordered so every batch shard gets a similar token count."""
+    if not c.cfg.data.balance_batch:
+        return batch, {}
+    return balance.balance_batch(batch, batch_shards(c), c.cfg)
+
+
+# ---------------------------------------------------------------- 6 OLD LOG-PROBS
+def micro_plan(c: Components, batch: UpdateBatch) -> list[packing.Micro]:
+    """Token-budget micro-batches of `batch` (packing.py): longest rows first, bucketed widths."""
+    return packing.plan(
+        packing.response_extent(batch.response_mask),
+        batch.prompt_len,
+        max_tokens=c.cfg.optim.max_tokens_per_micro,
+        shards=batch_shards(c),
+        multiple=c.cfg.data.pad_to_multiple,
+        cap=c.cfg.rollout.max_response_length,
+    )
+
+
+def micro_slices(c: Components, batch: UpdateBatch) -> list[tuple[UpdateBatch, object]]:
+    """(micro-batch, where its rows go back) pairs: token-budget micro-batches (each padded to
+    its own width bucket) with `optim.max_tokens_per_micro`, else `micro_batch_size` rows."""
+    if c.cfg.optim.max_tokens_per_micro:
+        return [(packing.gather(batch, m), m) for m in micro_plan(c, batch)]
+    mb = c.cfg.optim.micro_batch_size
+    rows = range(0, batch.input_ids.shape[0], mb)
+    return [(jax.tree.map(lambda x, i=i: x[i : i + mb], batch), slice(i, i + mb)) for i in rows]
+
+
+def old_logprobs(c: Components, params, batch: UpdateBatch) -> tuple[UpdateBatch, float]:
+    """The batch with the policy's (and the reference's) log-probs of its response tokens,
+    computed micro-batch by micro-batch; also the mean entropy over response tokens."""
+    t, m = c.step_cfg.temperature, batch.response_mask
+    old, ref, ent = np.zeros_like(m), np.zeros_like(m), np.zeros_like(m)
+
+    def scatter(x, where, out):
+        if isinstance(where, slice):
+            out[where] = x
+        else:
+            packing.scatter(x, where, out)
+
+    for mb, where in micro_slices(c, batch):
+        ids, mask = put(c, mb.input_ids), put(c, mb.attention_mask)
+        lp, e = to_host(score_responses(c.graphdef, params, ids, mask, mb.prompt_len, t))
+        scatter(lp, where, old)
+        scatter(e, where, ent)
+        if c.ref_params is not None:
+            ref_lp = score_responses(c.graphdef, c.ref_params, ids, mask, mb.prompt_len, t)
+            scatter(to_host(ref_lp[0]), where, ref)
+    ref = ref * m if c.ref_params is not None else batch.ref_log_prob
+    mean_ent = float((ent * m).sum() / max(m.sum(), 1))
+    return batch.replace(old_log_prob=old * m, ref_log_prob=ref), mean_ent
+
+
+def put(c: Components, x, lead: int = 0):
+    """Host array -> device, batch axis (after `lead` leading axes) over data x fsdp."""
+    names = (None,) * lead + ("act_batch",) + (None,) * (x.ndim - lead - 1)
+    return dist.put_global(x, logical_sharding(names, c.mesh, x.shape))
+
+
+# ---------------------------------------------------------------- 7 UPDATE
+def update_mini(c: Components, state: TrainState, mini: UpdateBatch) -> tuple[TrainState, dict]:
+    """One optimizer update from one PPO mini-batch (host arrays; TrainState donated)."""
+    o = c.cfg.optim
+    if o.max_tokens_per_micro:  # token-budget micro-batches of different shapes
+        grads_fn, apply_fn = c.packed_fns
+        micros = [
+            jax.tree.map(lambda x: put(c, x), packing.gather(mini, m)) for m in micro_plan(c, mini)
+        ]
+        rmask = np.asarray(mini.response_mask)
+        num_tokens, num_seqs = np.float32(rmask.sum()), np.float32((rmask > 0).any(-1).sum())
+        zeros = lambda: jax.tree.map(jnp.zeros_like, state.params)
+        return packed_update(state, micros, num_tokens, num_seqs, grads_fn, apply_fn, zeros)
+    # [mini_rows, ...] -> [n_micro, micro, ...]
+    mini = jax.tree.map(
+        lambda x: put(c, x.reshape(-1, o.micro_batch_size, *x.shape[1:]), lead=1), mini
+    )
+    return c.update_fn(state, mini)
+
+
+def update_all(c: Components, state: TrainState, batch: UpdateBatch) -> tuple[TrainState, dict]:
+    """`optim.ppo_epochs` passes over the batch in mini-batches of `mini_batch_size` prompts."""
+    o, g = c.cfg.optim, c.cfg.rollout.n
+    n_rows, mini_rows = batch.input_ids.shape[0], o.mini_batch_size * g
+    per_update = []
+    for _ in range(o.ppo_epochs):
+        for start in range(0, n_rows, mini_rows):
+            mini = jax.tree.map(lambda x, s=start: x[s : s + mini_rows], batch)
+            state, metrics = update_mini(c, state, mini)
+            per_update.append(metrics)
+    metrics = jax.tree.map(lambda *xs: np.mean([np.asarray(x) for x in xs]), *per_update)
+    # a count, not a mean: updates of this step skipped for a non-finite loss or gradient norm
+    metrics["nonfinite_skipped"] = sum(int(m["nonfinite_skipped"]) for m in per_update)
+    metrics = {(k if k.startswith("group_frac") else f"train/{k}"): v for k, v in metrics.items()}
+    return state, metrics
