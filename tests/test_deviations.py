@@ -65,6 +65,7 @@ def test_every_update_of_rl_step_s_uses_the_step_s_lr():
 
 
 # ---------------------------------------------------------------- non-finite updates
+@pytest.mark.slow
 def test_nan_gradient_skips_the_update_and_counts_it():
     cfg = load_config(None, ["optim.learning_rate=1e-2", "optim.warmup_steps=0"])
     tx = make_optimizer(cfg.optim, 10)

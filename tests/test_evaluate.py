@@ -124,6 +124,7 @@ def test_evaluate_the_shipped_model(tmp_path):
     assert (out / "passk.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_evaluate_a_run_directory_checkpoint(tmp_path):
     """A run directory: its config and the checkpoint named by --step (default out dir)."""
     run = tmp_path / "run"

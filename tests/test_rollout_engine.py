@@ -212,6 +212,7 @@ def test_paged_attention_matches_dense_attention():
     )
 
 
+@pytest.mark.slow
 def test_paged_attention_matches_jax_kernel_reference():
     """Against jax's own reference of the TPU ragged paged attention kernel (same pool layout)."""
     from jax.experimental.pallas.ops.tpu.ragged_paged_attention import (

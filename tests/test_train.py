@@ -111,6 +111,7 @@ def test_two_step_smoke(tiny_run_dir, tmp_path):
     assert np.abs(np.asarray(ours(ids)) - np.asarray(start(ids))).max() > 1e-4  # it trained
 
 
+@pytest.mark.slow
 def test_val_only_validates_and_exits(tiny_run_dir, tmp_path):
     out = tmp_path / "val_only"
     summary = main(overrides(tiny_run_dir, out, **{"trainer.val_only": True}))
