@@ -319,6 +319,11 @@ def main(argv=None) -> dict:
         guards.release_locks()
     if is_main_process():
         print_summary(summary)
+    elif summary.get("stopped"):  # every host's log says why it exited; the summary is process 0's
+        print(
+            f"stopped after step {summary['steps']} ({summary['stopped']}); process "
+            f"{jax.process_index()} exits, process 0 prints the summary"
+        )
     return summary
 
 
