@@ -122,7 +122,22 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
-    return jax.lax.with_sharding_constraint(x, logical_to_mesh_spec(logical_axes, x.shape, mesh))
+    spec = logical_to_mesh_spec(logical_axes, x.shape, mesh)
+    manual = set(mesh.manual_axes)  # inside shard_map (the rollout engine's per-shard programs)
+    if manual:
+        spec = without_axes(spec, manual)
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+def without_axes(spec: PartitionSpec, drop: set[str]) -> PartitionSpec:
+    """`spec` with the mesh axes in `drop` removed (the dims are replicated over them)."""
+
+    def keep(entry):
+        axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
+        kept = tuple(a for a in axes if a not in drop)
+        return None if not kept else kept[0] if len(kept) == 1 else kept
+
+    return PartitionSpec(*(keep(e) for e in spec))
 
 
 def _is_var(x) -> bool:

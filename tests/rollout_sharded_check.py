@@ -1,9 +1,10 @@
 """Run as a script on 8 fake CPU devices (test_rollout.py launches it in a subprocess).
 
 On a data=2 x fsdp=2 x tensor=2 mesh, with the parameters sharded by the logical-axis rules,
-`generate` gives the same greedy tokens and log-probs as on one device (and the same sampled
-tokens: each row's key is fold_in(rng, row), independent of the layout), and its outputs are
-split over the batch. Prints OK at the end.
+`generate` (one engine per batch shard; and the static sampler) gives the same greedy tokens and
+log-probs as on one device (and the same sampled tokens: each row's key is fold_in(rng, row),
+independent of the layout), also when the prompts do not fill the shards evenly (6 prompts, and
+3 prompts x n=2 on 4 shards), and its outputs are split over the batch. Prints OK at the end.
 """
 
 import os
@@ -39,13 +40,18 @@ def main():
     model = shard_model(random_decoder("qwen3", False), mesh)
     q = model.layers.self_attn.q_proj.kernel[...]  # [L, D, N, H]
     assert q.sharding.spec == jax.P(None, "fsdp", "tensor", None), q.sharding
+    stats = {}
     with jax.set_mesh(mesh):
-        greedy = generate(model, ids, mask, greedy=True, **kw)
+        greedy = generate(model, ids, mask, greedy=True, stats=stats, **kw)  # the engine
+        static = generate(model, ids, mask, greedy=True, engine="static", **kw)
         sample = generate(model, ids, mask, rng=jax.random.key(2), top_p=0.95, **kw)
         six = generate(model, ids[:6], mask[:6], greedy=True, **kw)  # 2 padding rows added
         n2 = generate(model, ids[:3], mask[:3], n=2, rng=jax.random.key(4), **kw)  # 3 x 2 rows
 
+    assert stats["shards"] == 4, stats  # one engine per batch shard (data x fsdp)
     assert greedy.tokens.sharding.spec[0] == ("data", "fsdp"), greedy.tokens.sharding
+    assert static.tokens.sharding.spec[0] == ("data", "fsdp"), static.tokens.sharding
+    np.testing.assert_array_equal(np.asarray(static.tokens), np.asarray(ref_greedy.tokens))
     np.testing.assert_array_equal(np.asarray(greedy.tokens), np.asarray(ref_greedy.tokens))
     np.testing.assert_array_equal(np.asarray(greedy.lengths), np.asarray(ref_greedy.lengths))
     np.testing.assert_allclose(np.asarray(greedy.log_probs), ref_greedy.log_probs, atol=1e-5)

@@ -133,11 +133,10 @@ class Sampler:
         kw = dict(max_new_tokens=int(max_new_tokens), rng=rng, n=int(n), greedy=greedy, eos=eos,
                   top_p=top_p, top_k=int(top_k), pad_token_id=int(pad_token_id),
                   cache_dtype=cache_dtype)  # fmt: skip
-        # The engine keeps one page pool on one device; a mesh that splits the batch (data x
-        # fsdp) is served by the static sampler, whose rows and cache shard over it, and so is a
-        # multi-process run (the engine's host loop reads arrays no single process holds whole).
-        multi_host = jax.process_count() > 1
-        if engine == "static" or multi_host or (engine is None and static._batch_shards() > 1):
+        # Under a mesh whose data x fsdp axes split the batch, one engine per batch shard. A
+        # multi-process run uses the static sampler: the engine's host loop reads every shard's
+        # tokens, which no single process holds.
+        if engine == "static" or jax.process_count() > 1:
             return static.sample(
                 self, params, prompt_ids, prompt_mask, temperature=temperature,
                 batch_bucket=batch_bucket, length_bucket=length_bucket, **kw,
@@ -146,9 +145,13 @@ class Sampler:
             raise ValueError(
                 f"generate: engine must be an EngineConfig or 'static', got {engine!r}"
             )
+        mesh = jax.sharding.get_mesh()
+        if mesh.empty or engine_lib.batch_shards(mesh) == 1:
+            mesh = None
         return generate_paged(
             self, params, prompt_ids, prompt_mask, temperature=float(temperature),
-            config=engine or EngineConfig(), stats=stats, **{**kw, "top_p": float(top_p)},
+            config=engine or EngineConfig(), stats=stats, mesh=mesh,
+            **{**kw, "top_p": float(top_p)},
         )  # fmt: skip
 
 

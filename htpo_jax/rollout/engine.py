@@ -37,6 +37,7 @@ from htpo_jax.rollout import paged_attention as pa
 from htpo_jax.rollout import sampling
 from htpo_jax.rollout.sampling import Rollout
 from htpo_jax.rollout.scheduler import Scheduler
+from htpo_jax.sharding import without_axes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,6 +178,62 @@ def decode_program(graph: sampling.StaticGraph, key: tuple, state, pools, *args)
     return _decode_fn(graph.graphdef, *key)(state, pools, *args)
 
 
+# One engine per batch shard: the same programs under `shard_map` over the mesh's batch axes
+# (data x fsdp; `tensor` stays automatic). Every per-row input, and the pool, has a leading shard
+# axis [D, ...] split over those axes; the parameters and the sampling scalars are replicated.
+# Each shard runs its own while loop (no collective inside), so shards may stop at other steps.
+# decode's per-row args: table, kv_len, tok, step, row, active, copy src, copy dst (then rng,
+# temperature, top_p, replicated)
+_DECODE_ROW_ARGS = 8
+
+
+def _mapped(fn, mesh, n_sharded: int, n_out: int):
+    """fn(state, pools, *args) per shard: the first `n_sharded` args and the pools carry a
+    leading shard axis (split over the batch axes, size 1 inside), the rest are replicated."""
+    axes = batch_axes(mesh)
+    spec = jax.P(axes)
+
+    def per_shard(state, pools, *args):
+        local = [a[0] for a in args[:n_sharded]]
+        out = fn(state, tuple(a[0] for a in pools), *local, *args[n_sharded:])
+        if n_out == 1:
+            return tuple(a[None] for a in out)
+        return tuple(a[None] for a in out[0]), *(o[None] for o in out[1:])
+
+    def run(state, pools, *args):
+        pools_spec = (spec,) * len(pools)
+        in_specs = (jax.P(), pools_spec, *(spec,) * n_sharded, *(jax.P(),) * (len(args) - n_sharded))
+        out_specs = pools_spec if n_out == 1 else (pools_spec, *(spec,) * (n_out - 1))
+        return jax.shard_map(per_shard, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                             axis_names=set(axes), check_vma=False)(state, pools, *args)  # fmt: skip
+
+    return run
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=4)
+def prefill_program_sharded(graph: sampling.StaticGraph, key: tuple, mesh, state, pools, *args):
+    """`prefill_program` for every batch shard of `mesh` (args [D, ...])."""
+    return _mapped(_prefill_fn(graph.graphdef, *key), mesh, 3, 1)(state, pools, *args)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=4)
+def decode_program_sharded(graph: sampling.StaticGraph, key: tuple, mesh, state, pools, *args):
+    """`decode_program` for every batch shard of `mesh` (per-row args [D, S, ...])."""
+    fn = _decode_fn(graph.graphdef, *key)
+    return _mapped(fn, mesh, _DECODE_ROW_ARGS, 3)(state, pools, *args)
+
+
+def batch_axes(mesh) -> tuple[str, ...]:
+    """The mesh axes that split the batch (data x fsdp) and have more than one device."""
+    sizes = dict(mesh.shape)
+    return tuple(a for a in ("data", "fsdp") if sizes.get(a, 1) > 1)
+
+
+def batch_shards(mesh) -> int:
+    sizes = dict(mesh.shape)
+    return int(np.prod([sizes[a] for a in batch_axes(mesh)], dtype=np.int64))
+
+
 # ---------------------------------------------------------------------- sizes
 def free_memory_bytes() -> int:
     """Free memory of device 0: bytes_limit - bytes_in_use where the backend reports them, else
@@ -194,19 +251,21 @@ def free_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def resolve_sizes(cfg: EngineConfig, model_cfg, prompt_lens, n, max_new_tokens, cache_dtype):
-    """(max_num_seqs, num_pages incl. the trash page) for one call.
+def resolve_sizes(cfg: EngineConfig, model_cfg, prompt_lens, n, max_new_tokens, cache_dtype,
+                  shards: int = 1):  # fmt: skip
+    """(max_num_seqs, num_pages incl. the trash page) of one engine (one batch shard's, whose
+    prompts have lengths `prompt_lens`, out of `shards`).
 
-    num_pages = 0: the pages that fit `kv_memory_fraction` of free memory, but never more than
-    the call can use (max_num_seqs rows at full length, plus every prompt) rounded up to a power
-    of two. max_num_seqs = 0:
-    min(rows, 512).
+    max_num_seqs: `cfg.max_num_seqs` (the whole call's) split over the shards; 0: min(rows, 512).
+    num_pages = 0: the pages that fit `kv_memory_fraction` of free memory (one device's; on CPU
+    the shards share the host's RAM), but never more than the shard can use (max_num_seqs rows
+    at full length, plus its prompts) rounded up to a power of two.
     """
     ps = cfg.page_size
     c = model_cfg
     per_page = pa.page_bytes(c.num_layers, ps, c.num_kv_heads, c.head_dim, cache_dtype.itemsize)
     rows = len(prompt_lens) * n
-    seqs = cfg.max_num_seqs or min(rows, 512)
+    seqs = -(-cfg.max_num_seqs // shards) if cfg.max_num_seqs else min(rows, 512)
     longest = max(prompt_lens) - 1 + max_new_tokens
     if cfg.num_pages:
         return seqs, cfg.num_pages + 1
@@ -215,7 +274,8 @@ def resolve_sizes(cfg: EngineConfig, model_cfg, prompt_lens, n, max_new_tokens, 
     usable = (1 << (seqs - 1).bit_length()) * row_pages + sum(
         -(-(ln - 1) // ps) for ln in prompt_lens
     )
-    budget = int(cfg.kv_memory_fraction * free_memory_bytes()) // per_page
+    host_shared = shards if jax.default_backend() == "cpu" else 1
+    budget = int(cfg.kv_memory_fraction * free_memory_bytes()) // per_page // host_shared
     # The pool's size is part of every program's input shape: a power of two (when the budget
     # allows) so that calls with other row counts or lengths reuse the compiled programs.
     wanted = 1 << (usable - 1).bit_length()
@@ -226,54 +286,142 @@ def resolve_sizes(cfg: EngineConfig, model_cfg, prompt_lens, n, max_new_tokens, 
 # ---------------------------------------------------------------------- the host loop
 def generate_paged(sampler, params, prompt_ids, prompt_mask, *, max_new_tokens, rng, n,
                    temperature, top_p, top_k, greedy, eos, pad_token_id, cache_dtype,
-                   config: EngineConfig, stats: dict | None = None) -> Rollout:  # fmt: skip
+                   config: EngineConfig, stats: dict | None = None, mesh=None) -> Rollout:  # fmt: skip
     """`rollout.Sampler`'s call on the engine (arguments checked by `sampling.check_args`).
 
-    `stats`, when given, receives the run's counters: rounds, preemptions, peak pages used,
-    pool pages, page bytes, peak KV bytes.
+    `mesh` (a concrete mesh whose batch axes split the batch): one engine per batch shard, each
+    with its own scheduler and page pool, the prompts split into contiguous blocks over the
+    shards; None: one engine on the default device. `stats`, when given, receives the run's
+    counters: rounds, preemptions, peak pages used, pool pages, page bytes, peak KV bytes.
     """
     ids, mask = np.asarray(prompt_ids), np.asarray(prompt_mask).astype(bool)
     prompts = [ids[i][mask[i]] for i in range(ids.shape[0])]
     cache_dtype = jnp.dtype(sampler.dtype if cache_dtype is None else cache_dtype)
+    shards = batch_shards(mesh) if mesh is not None else 1
+    bounds = np.linspace(0, len(prompts), shards + 1).astype(int)  # shard d: prompts [b_d, b_d+1)
+    biggest = max(range(shards), key=lambda d: bounds[d + 1] - bounds[d])
     seqs, num_pages = resolve_sizes(
-        config, sampler.model_cfg, [len(p) for p in prompts], n, max_new_tokens, cache_dtype
-    )
+        config, sampler.model_cfg, [len(p) for p in prompts[bounds[biggest] : bounds[biggest + 1]]],
+        n, max_new_tokens, cache_dtype, shards,
+    )  # fmt: skip
     ps, k_steps = config.page_size, config.steps_per_call
-    sched = Scheduler(prompts, n, max_new_tokens, page_size=ps, num_pages=num_pages,
-                      max_num_seqs=seqs, steps_per_call=k_steps,
-                      min_slots=min(config.min_slots, seqs))  # fmt: skip
+    scheds = [Scheduler(prompts[bounds[d] : bounds[d + 1]], n, max_new_tokens, page_size=ps,
+                        num_pages=num_pages, max_num_seqs=seqs, steps_per_call=k_steps,
+                        min_slots=min(config.min_slots, seqs)) for d in range(shards)]  # fmt: skip
     c = sampler.model_cfg
     impl = pa.resolve_impl(config.attention, c.head_dim)
-    pools = _init_pool(c.num_layers, num_pages, ps, c.num_kv_heads, c.head_dim, cache_dtype, impl)
     rows = len(prompts) * n
     out_tokens = np.full((rows, max_new_tokens), pad_token_id, np.int32)
     out_logp = np.zeros((rows, max_new_tokens), np.float32)
     chunk = sampler.attention_chunk_size or 1024
-    decode_key = (k_steps, max_new_tokens, greedy, int(top_k), top_p < 1.0, eos,
+    decode_key = (ps, k_steps, max_new_tokens, greedy, int(top_k), top_p < 1.0, eos,
                   int(pad_token_id), impl)  # fmt: skip
-    temperature, top_p = jnp.float32(temperature), jnp.float32(top_p)
-    state = params
-    prefill_fn = functools.partial(prefill_program, sampler.graph, (ps, chunk))
-    decode_fn = functools.partial(decode_program, sampler.graph, (ps,) + decode_key)
-    while not sched.done:
-        prefill, plan = sched.plan()
-        if prefill is not None:
-            pools = prefill_fn(state, pools, prefill.ids_bt, prefill.len_b, prefill.page_table_bp)
-        pools, tok_sk, lp_sk = decode_fn(
-            state, pools, plan.page_table_sp, plan.kv_len_s, plan.tok_s, plan.step_s,
-            plan.row_s, plan.active_s, plan.copy_src_s, plan.copy_dst_s, rng, temperature, top_p,
-        )  # fmt: skip
-        tok_sk, lp_sk = jax.device_get((tok_sk, lp_sk))
-        sched.commit(plan, tok_sk, eos, out_tokens, out_logp, lp_sk)
-        sched.end_round()
+    scalars = (rng, jnp.float32(temperature), jnp.float32(top_p))
+    progs = _Programs(sampler, (ps, chunk), decode_key, mesh)
+    state = progs.compute_params(params)
+    pools = progs.init_pool(c.num_layers, num_pages, ps, c.num_kv_heads, c.head_dim, cache_dtype,
+                            impl, shards)  # fmt: skip
+    row0 = bounds[:-1] * n  # global id of each shard's first row (its rows' keys)
+    views = [(out_tokens[r : r + s.n * len(s.prompts)], out_logp[r : r + s.n * len(s.prompts)])
+             for r, s in zip(row0, scheds, strict=True)]  # fmt: skip
+    while not all(s.done for s in scheds):
+        for s in scheds:
+            s.advance()
+        need = np.max([s.needs() for s in scheds], axis=0)
+        plans = [s.pack(*need) for s in scheds]
+        if need[2]:
+            prefill = [p for p, _ in plans]
+            pools = progs.prefill(state, pools, *(np.stack([getattr(p, f) for p in prefill])
+                                                  for f in ("ids_bt", "len_b", "page_table_bp")))
+        dec = [d for _, d in plans]
+        per_row = [np.stack([getattr(d, f) for d in dec]) for f in DECODE_FIELDS]
+        per_row[4] = per_row[4] + (row0[:, None] * np.stack([d.active_s for d in dec]))  # global ids
+        pools, tok_dsk, lp_dsk = progs.decode(state, pools, *per_row, *scalars)
+        tok_dsk, lp_dsk = jax.device_get((tok_dsk, lp_dsk))
+        for s, d, tok_sk, lp_sk, (out_t, out_l) in zip(scheds, dec, tok_dsk, lp_dsk, views,
+                                                       strict=True):  # fmt: skip
+            s.commit(d, tok_sk, eos, out_t, out_l, lp_sk)
+            s.end_round()
     del pools
     if stats is not None:
         per_page = pa.page_bytes(c.num_layers, ps, c.num_kv_heads, c.head_dim, cache_dtype.itemsize)
-        stats.update(rounds=sched.round, preemptions=sched.preemptions, pool_pages=num_pages,
-                     peak_pages=sched.alloc.peak_used, page_bytes=per_page,
-                     pool_bytes=num_pages * per_page, max_num_seqs=seqs,
-                     peak_kv_bytes=(sched.alloc.peak_used + 1) * per_page)  # fmt: skip
-    return _finish(out_tokens, out_logp, eos)
+        peak = max(s.alloc.peak_used for s in scheds)
+        stats.update(rounds=scheds[0].round, preemptions=sum(s.preemptions for s in scheds),
+                     pool_pages=num_pages, peak_pages=peak, page_bytes=per_page,
+                     pool_bytes=num_pages * per_page * shards, max_num_seqs=seqs, shards=shards,
+                     peak_kv_bytes=sum(s.alloc.peak_used + 1 for s in scheds) * per_page)  # fmt: skip
+    return progs.place(_finish(out_tokens, out_logp, eos))
+
+
+# DecodePlan's per-row arrays, in the decode program's argument order.
+DECODE_FIELDS = ("page_table_sp", "kv_len_s", "tok_s", "step_s", "row_s", "active_s",
+                 "copy_src_s", "copy_dst_s")  # fmt: skip
+
+
+class _Programs:
+    """The engine's device side for one call: one engine on the default device (mesh None), or
+    one per batch shard of `mesh` (`*_sharded` programs). Inputs come with a leading shard axis
+    [D, ...] either way."""
+
+    def __init__(self, sampler, prefill_key, decode_key, mesh):
+        self.graph, self.dtype, self.mesh = sampler.graph, sampler.dtype, mesh
+        self.prefill_key, self.decode_key = prefill_key, decode_key
+        if mesh is not None:
+            self.rows = jax.NamedSharding(mesh, jax.P(batch_axes(mesh)))
+
+    def compute_params(self, params):
+        """The parameters in the compute dtype, cast once per call (the programs would cast
+        them every step); under a mesh replicated over the batch axes (each engine holds the
+        whole model; `tensor` sharding is kept)."""
+        if self.mesh is None:
+            return _cast(params, self.dtype)
+        drop, mesh = set(batch_axes(self.mesh)), self.mesh
+
+        def replicated(a):  # over the batch axes
+            spec = a.sharding.spec if isinstance(a.sharding, jax.NamedSharding) else jax.P()
+            return jax.NamedSharding(mesh, without_axes(spec, drop))
+
+        shardings = jax.tree.map(replicated, params)
+        return jax.jit(_cast, static_argnums=1, out_shardings=shardings)(params, self.dtype)
+
+    def init_pool(self, *args):
+        if self.mesh is None:
+            return _init_pool(*args[:-1])
+        return jax.jit(_init_pool_sharded, static_argnums=tuple(range(8)),
+                       out_shardings=self.rows)(*args)  # fmt: skip
+
+    def prefill(self, state, pools, *args):
+        if self.mesh is None:
+            return prefill_program(self.graph, self.prefill_key, state, pools, *(a[0] for a in args))
+        args = (jax.device_put(a, self.rows) for a in args)
+        return prefill_program_sharded(self.graph, self.prefill_key, self.mesh, state, pools, *args)
+
+    def decode(self, state, pools, *args):
+        rows, scalars = args[:_DECODE_ROW_ARGS], args[_DECODE_ROW_ARGS:]
+        if self.mesh is None:
+            pools, tok, lp = decode_program(self.graph, self.decode_key, state, pools,
+                                            *(a[0] for a in rows), *scalars)  # fmt: skip
+            return pools, tok[None], lp[None]
+        rows = (jax.device_put(a, self.rows) for a in rows)
+        return decode_program_sharded(self.graph, self.decode_key, self.mesh, state, pools,
+                                      *rows, *scalars)  # fmt: skip
+
+    def place(self, rollout: Rollout) -> Rollout:
+        """Under a mesh the outputs are split over the batch axes (when the rows divide)."""
+        if self.mesh is None or rollout.tokens.shape[0] % batch_shards(self.mesh):
+            return rollout
+        return jax.device_put(rollout, self.rows)
+
+
+def _cast(params, dtype):
+    return jax.tree.map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params
+    )
+
+
+def _init_pool_sharded(num_layers, num_pages, page_size, kv_heads, head_dim, dtype, impl, shards):
+    pools = pa.init_pool(num_layers, num_pages, page_size, kv_heads, head_dim, dtype, impl)
+    return tuple(jnp.broadcast_to(a, (shards, *a.shape)) for a in pools)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))

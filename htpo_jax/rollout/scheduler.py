@@ -129,7 +129,7 @@ class Scheduler:
         self._copies: list[tuple[int, int]] = []
         self._prefill: list[int] = []
         self.finished_rows: list[_Row] = []
-        worst = self._pages(len(max(prompts, key=len)) - 1 + self.max_new) + 1
+        worst = self._pages(max(map(len, prompts), default=1) - 1 + self.max_new) + 1
         if worst > num_pages - 1:
             raise ValueError(
                 f"rollout.num_pages: {num_pages - 1} pages of {page_size} tokens cannot hold one "
@@ -192,8 +192,13 @@ class Scheduler:
 
     # ------------------------------------------------------------------ one round
     def plan(self) -> tuple[PrefillPlan | None, DecodePlan]:
-        """Grows the live rows' pages by one call (preempting if the pool runs short), admits
-        waiting rows while slots and pages allow, and packs everything for the device."""
+        """`advance()`, then `pack()` at this scheduler's own bucket sizes."""
+        self.advance()
+        return self.pack(*self.needs())
+
+    def advance(self) -> None:
+        """Grows the live rows' pages by one call (preempting if the pool runs short) and admits
+        waiting rows while slots and pages allow."""
         self.round += 1
         need = sum(self._growth(r) for r in self.live)
         while need > self.alloc.num_free and len(self.live) > 1:
@@ -206,19 +211,29 @@ class Scheduler:
             if self._admission_cost(self.waiting[0]) > self.alloc.num_free:
                 break
             self._admit(self.waiting.popleft())
-        if not self.live:
+        if not self.live and self.waiting:
             raise RuntimeError("engine: no row could be admitted (page pool too small)")
-        return self._pack_prefill(), self._pack_decode()
 
-    def _pack_prefill(self) -> PrefillPlan | None:
+    def needs(self) -> tuple[int, int, int, int]:
+        """The buckets this round needs: (slots S, pages per row Pb, prefill prompts Bp, prefill
+        length Tp); 0 for a prefill it does not have. Several schedulers (one per device) pack
+        at the max of their needs, so that one compiled program serves them all."""
+        s = max(self.min_slots, pow2_at_least(len(self.live)))
+        pb = pow2_at_least(max((len(r.pages) for r in self.live), default=1))
         if not self._prefill:
-            return None
+            return s, pb, 0, 0
+        tp = self.prefill_len_bucket(max(len(ids) - 1 for ids, _ in self._prefill))
+        return s, pb, pow2_at_least(len(self._prefill)), -(-tp // self.ps) * self.ps
+
+    def pack(self, s: int, pb: int, bp: int, tp: int) -> tuple[PrefillPlan | None, DecodePlan]:
+        """This round's device inputs at the given buckets (each >= this scheduler's `needs`;
+        bp = 0: no prefill program runs this round)."""
+        return (self._pack_prefill(bp, tp) if bp else None), self._pack_decode(s, pb)
+
+    def _pack_prefill(self, bp: int, tp: int) -> PrefillPlan:
         prompts, self._prefill = self._prefill, []
-        tp = self.prefill_len_bucket(max(len(ids) - 1 for ids, _ in prompts))
-        tp = -(-tp // self.ps) * self.ps
-        bp = pow2_at_least(len(prompts))
         ids = np.zeros((bp, tp), np.int32)
-        lens = np.zeros(bp, np.int32)
+        lens = np.zeros(bp, np.int32)  # padding prompts: length 0, every token to the trash page
         table = np.zeros((bp, tp // self.ps), np.int32)
         for b, (prompt_ids, pages) in enumerate(prompts):
             ids[b, : len(prompt_ids) - 1] = prompt_ids[:-1]
@@ -226,10 +241,8 @@ class Scheduler:
             table[b, : len(pages)] = pages
         return PrefillPlan(ids_bt=ids, len_b=lens, page_table_bp=table)
 
-    def _pack_decode(self) -> DecodePlan:
+    def _pack_decode(self, s: int, pb: int) -> DecodePlan:
         rows = self.live
-        s = max(self.min_slots, pow2_at_least(len(rows)))
-        pb = pow2_at_least(max(len(r.pages) for r in rows))
         table = np.zeros((s, pb), np.int32)
         kv_len, tok, step, row = (np.zeros(s, np.int32) for _ in range(4))
         active = np.zeros(s, bool)
