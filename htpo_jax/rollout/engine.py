@@ -202,10 +202,12 @@ def _mapped(fn, mesh, n_sharded: int, n_out: int):
 
     def run(state, pools, *args):
         pools_spec = (spec,) * len(pools)
-        in_specs = (jax.P(), pools_spec, *(spec,) * n_sharded, *(jax.P(),) * (len(args) - n_sharded))
+        replicated = (jax.P(),) * (len(args) - n_sharded)
+        in_specs = (jax.P(), pools_spec, *(spec,) * n_sharded, *replicated)
         out_specs = pools_spec if n_out == 1 else (pools_spec, *(spec,) * (n_out - 1))
-        return jax.shard_map(per_shard, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
-                             axis_names=set(axes), check_vma=False)(state, pools, *args)  # fmt: skip
+        mapped = jax.shard_map(per_shard, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                               axis_names=set(axes), check_vma=False)  # fmt: skip
+        return mapped(state, pools, *args)
 
     return run
 
@@ -286,7 +288,8 @@ def resolve_sizes(cfg: EngineConfig, model_cfg, prompt_lens, n, max_new_tokens, 
 # ---------------------------------------------------------------------- the host loop
 def generate_paged(sampler, params, prompt_ids, prompt_mask, *, max_new_tokens, rng, n,
                    temperature, top_p, top_k, greedy, eos, pad_token_id, cache_dtype,
-                   config: EngineConfig, stats: dict | None = None, mesh=None) -> Rollout:  # fmt: skip
+                   config: EngineConfig, stats: dict | None = None,
+                   mesh=None) -> Rollout:  # fmt: skip
     """`rollout.Sampler`'s call on the engine (arguments checked by `sampling.check_args`).
 
     `mesh` (a concrete mesh whose batch axes split the batch): one engine per batch shard, each
@@ -330,12 +333,11 @@ def generate_paged(sampler, params, prompt_ids, prompt_mask, *, max_new_tokens, 
         need = np.max([s.needs() for s in scheds], axis=0)
         plans = [s.pack(*need) for s in scheds]
         if need[2]:
-            prefill = [p for p, _ in plans]
-            pools = progs.prefill(state, pools, *(np.stack([getattr(p, f) for p in prefill])
-                                                  for f in ("ids_bt", "len_b", "page_table_bp")))
+            prefill = [np.stack([getattr(p, f) for p, _ in plans]) for f in PREFILL_FIELDS]
+            pools = progs.prefill(state, pools, *prefill)
         dec = [d for _, d in plans]
         per_row = [np.stack([getattr(d, f) for d in dec]) for f in DECODE_FIELDS]
-        per_row[4] = per_row[4] + (row0[:, None] * np.stack([d.active_s for d in dec]))  # global ids
+        per_row[4] = per_row[4] + row0[:, None]  # the rows' global ids (their keys)
         pools, tok_dsk, lp_dsk = progs.decode(state, pools, *per_row, *scalars)
         tok_dsk, lp_dsk = jax.device_get((tok_dsk, lp_dsk))
         for s, d, tok_sk, lp_sk, (out_t, out_l) in zip(scheds, dec, tok_dsk, lp_dsk, views,
@@ -349,11 +351,13 @@ def generate_paged(sampler, params, prompt_ids, prompt_mask, *, max_new_tokens, 
         stats.update(rounds=scheds[0].round, preemptions=sum(s.preemptions for s in scheds),
                      pool_pages=num_pages, peak_pages=peak, page_bytes=per_page,
                      pool_bytes=num_pages * per_page * shards, max_num_seqs=seqs, shards=shards,
-                     peak_kv_bytes=sum(s.alloc.peak_used + 1 for s in scheds) * per_page)  # fmt: skip
+                     peak_kv_bytes=sum(s.alloc.peak_used + 1 for s in scheds) * per_page,
+                     )  # fmt: skip
     return progs.place(_finish(out_tokens, out_logp, eos))
 
 
-# DecodePlan's per-row arrays, in the decode program's argument order.
+# The plans' arrays, in the programs' argument order.
+PREFILL_FIELDS = ("ids_bt", "len_b", "page_table_bp")
 DECODE_FIELDS = ("page_table_sp", "kv_len_s", "tok_s", "step_s", "row_s", "active_s",
                  "copy_src_s", "copy_dst_s")  # fmt: skip
 
@@ -392,9 +396,11 @@ class _Programs:
 
     def prefill(self, state, pools, *args):
         if self.mesh is None:
-            return prefill_program(self.graph, self.prefill_key, state, pools, *(a[0] for a in args))
+            args = (a[0] for a in args)
+            return prefill_program(self.graph, self.prefill_key, state, pools, *args)
         args = (jax.device_put(a, self.rows) for a in args)
-        return prefill_program_sharded(self.graph, self.prefill_key, self.mesh, state, pools, *args)
+        key = self.prefill_key
+        return prefill_program_sharded(self.graph, key, self.mesh, state, pools, *args)
 
     def decode(self, state, pools, *args):
         rows, scalars = args[:_DECODE_ROW_ARGS], args[_DECODE_ROW_ARGS:]
