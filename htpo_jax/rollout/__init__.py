@@ -133,10 +133,9 @@ class Sampler:
         kw = dict(max_new_tokens=int(max_new_tokens), rng=rng, n=int(n), greedy=greedy, eos=eos,
                   top_p=top_p, top_k=int(top_k), pad_token_id=int(pad_token_id),
                   cache_dtype=cache_dtype)  # fmt: skip
-        # Under a mesh whose data x fsdp axes split the batch, one engine per batch shard. A
-        # multi-process run uses the static sampler: the engine's host loop reads every shard's
-        # tokens, which no single process holds.
-        if engine == "static" or jax.process_count() > 1:
+        # Under a mesh whose data x fsdp axes split the batch: one engine per batch shard (every
+        # process runs all shards' schedulers, in lockstep; each feeds its own devices).
+        if engine == "static":
             return static.sample(
                 self, params, prompt_ids, prompt_mask, temperature=temperature,
                 batch_bucket=batch_bucket, length_bucket=length_bucket, **kw,

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from htpo_jax.distributed import put_global
 from htpo_jax.models.attention import attend_in_query_chunks
 from htpo_jax.rollout import paged_attention as pa
 from htpo_jax.rollout import sampling
@@ -222,7 +223,10 @@ def prefill_program_sharded(graph: sampling.StaticGraph, key: tuple, mesh, state
 def decode_program_sharded(graph: sampling.StaticGraph, key: tuple, mesh, state, pools, *args):
     """`decode_program` for every batch shard of `mesh` (per-row args [D, S, ...])."""
     fn = _decode_fn(graph.graphdef, *key)
-    return _mapped(fn, mesh, _DECODE_ROW_ARGS, 3)(state, pools, *args)
+    pools, tok, lp = _mapped(fn, mesh, _DECODE_ROW_ARGS, 3)(state, pools, *args)
+    # Every process reads every shard's tokens (each runs all shards' schedulers, in lockstep).
+    everywhere = jax.NamedSharding(mesh, jax.P())
+    return pools, *(jax.lax.with_sharding_constraint(x, everywhere) for x in (tok, lp))
 
 
 def batch_axes(mesh) -> tuple[str, ...]:
@@ -398,7 +402,7 @@ class _Programs:
         if self.mesh is None:
             args = (a[0] for a in args)
             return prefill_program(self.graph, self.prefill_key, state, pools, *args)
-        args = (jax.device_put(a, self.rows) for a in args)
+        args = (put_global(a, self.rows) for a in args)
         key = self.prefill_key
         return prefill_program_sharded(self.graph, key, self.mesh, state, pools, *args)
 
@@ -408,15 +412,21 @@ class _Programs:
             pools, tok, lp = decode_program(self.graph, self.decode_key, state, pools,
                                             *(a[0] for a in rows), *scalars)  # fmt: skip
             return pools, tok[None], lp[None]
-        rows = (jax.device_put(a, self.rows) for a in rows)
+        rows = (put_global(a, self.rows) for a in rows)
         return decode_program_sharded(self.graph, self.decode_key, self.mesh, state, pools,
                                       *rows, *scalars)  # fmt: skip
 
     def place(self, rollout: Rollout) -> Rollout:
         """Under a mesh the outputs are split over the batch axes (when the rows divide)."""
-        if self.mesh is None or rollout.tokens.shape[0] % batch_shards(self.mesh):
+        if self.mesh is None:
             return rollout
-        return jax.device_put(rollout, self.rows)
+        rows = rollout.tokens.shape[0]
+        where = (
+            self.rows
+            if rows % batch_shards(self.mesh) == 0
+            else jax.NamedSharding(self.mesh, jax.P())
+        )
+        return jax.tree.map(lambda x: put_global(np.asarray(x), where), rollout)
 
 
 def _cast(params, dtype):
