@@ -116,8 +116,8 @@ class RolloutConfig:
     n: int = _f(16, "Responses sampled per prompt (the GRPO group size G).", POS)
     max_num_seqs: int = _f(
         0,
-        "Most responses decoding at once (engine slots; static: per sampler call); "
-        "0 = min(responses, 512) for the engine, all for static.",
+        "Most responses decoding at once (engine slots, split over the batch shards; static: "
+        "per sampler call); 0 = min(responses, 512) per engine, all for static.",
         NONNEG,
     )
     engine: Literal["paged", "static"] = _f(
