@@ -298,9 +298,10 @@ class _Lowered:
 
 
 def engine_programs(ctx: Context) -> list[Program]:
-    """The rollout engine's prefill and decode programs, one engine per chip (data-parallel
-    rollouts: the weights replicated on the chip in the compute dtype, the training state
-    resident beside them), TPU kernel path (ragged paged attention).
+    """The rollout engine's prefill and decode programs, one engine per batch shard as the run
+    has them (`*_sharded`: shard_map over the mesh's data x fsdp axes; the weights replicated over
+    those axes in the compute dtype, the training state resident beside them), TPU kernel path
+    (ragged paged attention). Without batch shards: the single-engine programs on one chip.
 
     Rows per chip S = the decode bucket of ceil(rollout.max_num_seqs / batch shards); the pool
     holds `rollout.num_pages` pages, or as `engine.resolve_sizes` sizes it: kv_memory_fraction of
@@ -315,14 +316,28 @@ def engine_programs(ctx: Context) -> list[Program]:
     from htpo_jax.rollout import engine, sampling
     from htpo_jax.rollout import paged_attention as pa
     from htpo_jax.rollout.scheduler import pow2_at_least
-    from htpo_jax.sharding import make_mesh
+    from htpo_jax.sharding import make_mesh, without_axes
 
     c, r, m = ctx.cfg, ctx.cfg.rollout, ctx.model_cfg
-    mesh = make_mesh(1, 1, 1, devices=[ctx.mesh.devices.flat[0]])
+    d = engine.batch_shards(ctx.mesh)
+    mesh = ctx.mesh if d > 1 else make_mesh(1, 1, 1, devices=[ctx.mesh.devices.flat[0]])
     one = NamedSharding(mesh, PartitionSpec())
     dtype = jnp.dtype(c.model.dtype)
     cast = lambda x: dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
-    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, cast(x), sharding=one), ctx.params)
+    drop = set(engine.batch_axes(mesh))
+
+    def replicated(x):  # the weights as the engine holds them: replicated over the batch axes
+        spec = without_axes(x.sharding.spec, drop) if d > 1 else PartitionSpec()
+        return jax.ShapeDtypeStruct(x.shape, cast(x), sharding=NamedSharding(mesh, spec))
+
+    state = jax.tree.map(replicated, ctx.params)
+    # Per-shard arrays get a leading [D] axis split over the batch axes (D = 1: none).
+    rows_spec = NamedSharding(mesh, PartitionSpec(engine.batch_axes(mesh)))
+
+    def shard(shape, dt):
+        if d == 1:
+            return jax.ShapeDtypeStruct(shape, dt, sharding=one)
+        return jax.ShapeDtypeStruct((d, *shape), dt, sharding=rows_spec)
     ps, k_steps = r.page_size, r.steps_per_call
     rows = pow2_at_least(-(-(r.max_num_seqs or 512) // ctx.shards), 8)
     prompt = prompt_width(c)
@@ -343,28 +358,31 @@ def engine_programs(ctx: Context) -> list[Program]:
     pools = jax.eval_shape(
         lambda: pa.init_pool(m.num_layers, pages, ps, m.num_kv_heads, m.head_dim, dtype, impl)
     )
-    pools = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one) for a in pools)
-    vec = lambda n, dt=jnp.int32: jax.ShapeDtypeStruct((n,), dt, sharding=one)
+    pools = tuple(shard(a.shape, a.dtype) for a in pools)
+    vec = lambda n, dt=jnp.int32: shard((n,), dt)
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=one)
     f32 = jax.ShapeDtypeStruct((), jnp.float32, sharding=one)
     eos = tuple(np.atleast_1d(m.eos_token_id or 0).tolist())
     graph = sampling.StaticGraph(ctx.graphdef)
     decode_key = (ps, k_steps, r.max_response_length, False, r.top_k, r.top_p < 1.0, eos, 0, impl)
-    table = jax.ShapeDtypeStruct((rows, pb), jnp.int32, sharding=one)
+    table = shard((rows, pb), jnp.int32)
     active = vec(rows, jnp.bool_)
-    args = (graph, decode_key, state, pools, table, vec(rows), vec(rows), vec(rows), vec(rows),
+    lead = (graph, decode_key) if d == 1 else (graph, decode_key, mesh)
+    args = (*lead, state, pools, table, vec(rows), vec(rows), vec(rows), vec(rows),
             active, vec(rows), vec(rows), key, f32, f32)  # fmt: skip
-    note = f"one chip, {impl} attention, {pages} pages of {ps} ({pages * per_page / 2**30:.1f} GiB)"
-    decode = engine.decode_program
+    where = "one chip" if d == 1 else f"per chip, {d} engines (one per batch shard)"
+    note = f"{where}, {impl} attention, {pages} pages of {ps} ({pages * per_page / 2**30:.1f} GiB)"
+    decode = engine.decode_program if d == 1 else engine.decode_program_sharded
     out = [Program("engine_decode", f"{rows} rows x {pb} pages, {k_steps} steps", decode, args,
                    resident, note + "; FLOPs count the loop body once", mesh)]  # fmt: skip
     bp = pow2_at_least(-(-rows // r.n))
     tp = -(-pow2_at_least(prompt - 1, 16) // ps) * ps
-    prefill = engine.prefill_program
+    prefill = engine.prefill_program if d == 1 else engine.prefill_program_sharded
     prefill_key = (ps, c.model.attention_chunk_size or 1024)
-    ids = jax.ShapeDtypeStruct((bp, tp), jnp.int32, sharding=one)
-    ptable = jax.ShapeDtypeStruct((bp, tp // ps), jnp.int32, sharding=one)
-    args = (graph, prefill_key, state, pools, ids, vec(bp), ptable)
+    ids = shard((bp, tp), jnp.int32)
+    ptable = shard((bp, tp // ps), jnp.int32)
+    lead = (graph, prefill_key) if d == 1 else (graph, prefill_key, mesh)
+    args = (*lead, state, pools, ids, vec(bp), ptable)
     out.append(Program("engine_prefill", f"{bp} prompts x {tp}", prefill, args, resident, note,
                        mesh))  # fmt: skip
     return out

@@ -193,6 +193,10 @@ def _mapped(fn, mesh, n_sharded: int, n_out: int):
     leading shard axis (split over the batch axes, size 1 inside), the rest are replicated."""
     axes = batch_axes(mesh)
     spec = jax.P(axes)
+    # Manual over every axis when the others are trivial (size 1): a Pallas kernel (the TPU
+    # paged attention) cannot sit in an automatically partitioned region, even a 1-wide one.
+    others_trivial = all(size == 1 for name, size in mesh.shape.items() if name not in axes)
+    manual = set(mesh.axis_names) if others_trivial else set(axes)
 
     def per_shard(state, pools, *args):
         local = [a[0] for a in args[:n_sharded]]
@@ -207,7 +211,7 @@ def _mapped(fn, mesh, n_sharded: int, n_out: int):
         in_specs = (jax.P(), pools_spec, *(spec,) * n_sharded, *replicated)
         out_specs = pools_spec if n_out == 1 else (pools_spec, *(spec,) * (n_out - 1))
         mapped = jax.shard_map(per_shard, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
-                               axis_names=set(axes), check_vma=False)  # fmt: skip
+                               axis_names=manual, check_vma=False)  # fmt: skip
         return mapped(state, pools, *args)
 
     return run
@@ -317,6 +321,8 @@ def generate_paged(sampler, params, prompt_ids, prompt_mask, *, max_new_tokens, 
                         min_slots=min(config.min_slots, seqs)) for d in range(shards)]  # fmt: skip
     c = sampler.model_cfg
     impl = pa.resolve_impl(config.attention, c.head_dim)
+    if impl == "tpu" and mesh is not None and dict(mesh.shape).get("tensor", 1) > 1:
+        impl = "reference"  # the kernel is not partitioned over `tensor` (see docs/ROLLOUT.md)
     rows = len(prompts) * n
     out_tokens = np.full((rows, max_new_tokens), pad_token_id, np.int32)
     out_logp = np.zeros((rows, max_new_tokens), np.float32)
