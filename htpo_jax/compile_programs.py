@@ -338,6 +338,7 @@ def engine_programs(ctx: Context) -> list[Program]:
         if d == 1:
             return jax.ShapeDtypeStruct(shape, dt, sharding=one)
         return jax.ShapeDtypeStruct((d, *shape), dt, sharding=rows_spec)
+
     ps, k_steps = r.page_size, r.steps_per_call
     rows = pow2_at_least(-(-(r.max_num_seqs or 512) // ctx.shards), 8)
     prompt = prompt_width(c)

@@ -269,3 +269,31 @@ def test_paged_attention_impl_choice():
     assert pa.resolve_impl("reference", 128, "tpu") == "reference"
     with pytest.raises(ValueError, match="impl"):
         pa.resolve_impl("flash", 128, "cpu")
+
+
+def test_shard_schedulers_pack_at_common_buckets():
+    """One scheduler per batch shard; each packs at the max of every shard's needs, so one
+    compiled program serves all. A shard with fewer (or no) rows pads with inactive slots, and
+    one whose rows are done keeps packing all-inactive rounds until every shard is done."""
+    kw = dict(n=2, max_new_tokens=4, page_size=4, num_pages=64, max_num_seqs=16, steps_per_call=4)
+    long = [np.arange(1, 14, dtype=np.int32)] * 3  # 3 prompts x 2 rows, 13 tokens
+    short = [np.arange(1, 4, dtype=np.int32)]  # 1 prompt x 2 rows, 3 tokens
+    scheds = [Scheduler(long, **kw), Scheduler(short, **kw), Scheduler([], **kw)]
+    assert scheds[2].done
+    for s in scheds:
+        s.advance()
+    needs = [s.needs() for s in scheds]
+    assert needs[0] == (8, 4, 4, 16) and needs[1] == (8, 2, 1, 16) and needs[2][2] == 0
+    common = tuple(int(x) for x in np.max(needs, axis=0))
+    plans = [s.pack(*common) for s in scheds]
+    for (prefill, dec), live in zip(plans, (6, 2, 0), strict=True):
+        assert dec.page_table_sp.shape == (8, 4) and prefill.ids_bt.shape == (4, 16)
+        assert int(dec.active_s.sum()) == live
+    assert int(plans[1][0].len_b[0]) == 2 and not plans[1][0].len_b[1:].any()  # padding prompts
+    assert not plans[2][0].len_b.any() and not plans[2][0].page_table_bp.any()  # trash page only
+    tok = np.full((8, 4), 5, np.int32)  # no EOS: every row runs to max_new_tokens = 4
+    for s, (_, dec) in zip(scheds, plans, strict=True):
+        out = np.zeros((len(s.prompts) * 2, 4), np.int32)
+        s.commit(dec, tok, (), out, np.zeros(out.shape, np.float32), np.zeros((8, 4), np.float32))
+        s.end_round()
+        assert s.done and (out == 5).all()

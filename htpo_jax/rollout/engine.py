@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from htpo_jax.distributed import put_global
+from htpo_jax.distributed import allgather_bytes, put_global
 from htpo_jax.models.attention import attend_in_query_chunks
 from htpo_jax.rollout import paged_attention as pa
 from htpo_jax.rollout import sampling
@@ -246,9 +246,9 @@ def batch_shards(mesh) -> int:
 
 # ---------------------------------------------------------------------- sizes
 def free_memory_bytes() -> int:
-    """Free memory of device 0: bytes_limit - bytes_in_use where the backend reports them, else
-    the host's available RAM (CPU)."""
-    stats = jax.devices()[0].memory_stats() or {}
+    """Free memory of this process's first device: bytes_limit - bytes_in_use where the backend
+    reports them, else the host's available RAM (CPU)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
     if "bytes_limit" in stats:
         return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
     try:
@@ -285,7 +285,11 @@ def resolve_sizes(cfg: EngineConfig, model_cfg, prompt_lens, n, max_new_tokens, 
         -(-(ln - 1) // ps) for ln in prompt_lens
     )
     host_shared = shards if jax.default_backend() == "cpu" else 1
-    budget = int(cfg.kv_memory_fraction * free_memory_bytes()) // per_page // host_shared
+    free = free_memory_bytes()
+    if jax.process_count() > 1:  # every process must build the same pool (same programs)
+        got = allgather_bytes("rollout engine: pool size", str(free).encode())
+        free = min(int(x) for x in got)
+    budget = int(cfg.kv_memory_fraction * free) // per_page // host_shared
     # The pool's size is part of every program's input shape: a power of two (when the budget
     # allows) so that calls with other row counts or lengths reuse the compiled programs.
     wanted = 1 << (usable - 1).bit_length()
