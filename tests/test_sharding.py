@@ -9,7 +9,13 @@ import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from htpo_jax.sharding import LOGICAL_AXIS_RULES, constrain, logical_to_mesh_spec, make_mesh
+from htpo_jax.sharding import (
+    LOGICAL_AXIS_RULES,
+    constrain,
+    logical_to_mesh_spec,
+    make_mesh,
+    without_axes,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -85,3 +91,12 @@ def test_sharded_model_on_8_fake_devices():
         timeout=600,
     )
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout + proc.stderr
+
+
+def test_without_axes_drops_only_the_named_mesh_axes():
+    # The rollout engine replicates the weights over the batch axes and, inside its shard_map,
+    # constrain() drops the manual axes from every spec this way.
+    spec = P(("data", "fsdp"), "tensor", None, "fsdp")
+    assert without_axes(spec, {"data", "fsdp"}) == P(None, "tensor", None, None)
+    assert without_axes(spec, {"data"}) == P("fsdp", "tensor", None, "fsdp")
+    assert without_axes(spec, set()) == spec
