@@ -121,8 +121,9 @@ class Sampler:
         params: the model's `nnx.State` (as `nnx.split` gives it). prompt_ids, prompt_mask:
         [B, P] (numpy or jax); rng: a PRNG key (ignored when greedy). `cache_dtype` defaults to
         the model's compute dtype. `engine`: an `EngineConfig` (None: the defaults, sized from
-        free memory; the static sampler under a mesh whose data x fsdp axes split the batch) or
-        "static" for the dense reference sampler, whose shapes `batch_bucket` / `length_bucket`
+        free memory; under a mesh whose data x fsdp axes split the batch, one engine per batch
+        shard) or "static" for the dense reference sampler, whose shapes `batch_bucket` /
+        `length_bucket`
         round (the engine ignores them). `stats` (a dict, engine only) receives the run's
         counters (rounds, preemptions, peak KV bytes). Returns a `Rollout` of B * n rows.
         """
