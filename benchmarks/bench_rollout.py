@@ -18,10 +18,13 @@ Cases:
   128 prompts x 256 tokens -> up to 512 new, geometric lengths (mean 64), T=1, torch on cuda.
 
 Useful tokens/s = sum of response lengths (up to and including EOS) / wall seconds, prefill
-included. Times are medians of interleaved rounds after one warm-up call each (which compiles
-ours). Peak KV-cache bytes: engine = pages in use at the peak (+ the trash page; the pool it
-allocates is also printed), static = its dense [rows bucket, P bucket + N] cache, transformers =
-its dynamic cache at the longest generated length. Writes JSON (--out, default
+included. In the EOS cases transformers is made to end each row where the engine's did
+(`ForceLengths`: the same work; its batch still runs to its longest row); `--hf-free` lets it
+draw its own lengths, which makes its time swing with its own longest row. Times are medians of
+interleaved rounds after one warm-up call each (which compiles ours). Peak KV-cache bytes:
+engine = pages in use at the peak (+ the trash page; the pool it allocates is also printed),
+static = its dense [rows bucket, P bucket + N] cache, transformers = its dynamic cache at the
+longest generated length. Writes JSON (--out, default
 benchmarks/results/bench_rollout_<backend>_<case>.json).
 """
 
@@ -91,7 +94,31 @@ def eos_set(vocab: int, mean: int | None, seed: int = 0) -> list[int] | None:
     )
 
 
-def run_case(name: str, case: dict, iters: int, use_hf: bool, hf_threads: str) -> dict:
+class ForceLengths:
+    """A transformers logits processor that makes row b end exactly after lengths[b] tokens (an
+    EOS id forced at step lengths[b] - 1, EOS ids barred before): transformers then does the
+    same work as the sampler the lengths came from (its batch still runs to its longest row)."""
+
+    def __init__(self, lengths, prompt_len: int, eos_ids):
+        import torch
+
+        self.lengths = torch.as_tensor(np.asarray(lengths), dtype=torch.long)
+        self.p, self.eos = prompt_len, torch.as_tensor(list(eos_ids), dtype=torch.long)
+
+    def __call__(self, input_ids, scores):
+        step = input_ids.shape[1] - self.p  # index of the token being sampled
+        lengths = self.lengths.to(scores.device)
+        eos = self.eos.to(scores.device)
+        before = (step < lengths - 1).nonzero().flatten()
+        scores[before[:, None], eos[None, :]] = -float("inf")
+        at = (step == lengths - 1).nonzero().flatten()
+        scores[at] = -float("inf")
+        scores[at, eos[0]] = 0.0
+        return scores
+
+
+def run_case(name: str, case: dict, iters: int, use_hf: bool, hf_threads: str,
+             match_lengths: bool = True) -> dict:  # fmt: skip
     b, n_samples, p, n = case["prompts"], case["n"], case["prompt_len"], case["new"]
     dtype = jnp.dtype(case["dtype"])
     cfg = case["model"]
@@ -101,13 +128,15 @@ def run_case(name: str, case: dict, iters: int, use_hf: bool, hf_threads: str) -
     mask = np.ones((b, p), np.int32)
     eos = eos_set(cfg.vocab_size, case["mean"])
     rows = b * n_samples
-    engine_stats = {}
+    engine_stats, engine_lengths = {}, {}
 
     def ours(kind, greedy):
         def fn():
             kw = dict(engine="static") if kind == "static" else dict(stats=engine_stats)
             r = generate(model, ids, mask, max_new_tokens=n, n=n_samples, rng=jax.random.key(1),
                          greedy=greedy, eos_token_id=eos, **kw)  # fmt: skip
+            if kind == "engine":
+                engine_lengths["greedy" if greedy else "sample"] = np.asarray(r.lengths)
             return jax.block_until_ready(r)
 
         return fn
@@ -137,11 +166,15 @@ def run_case(name: str, case: dict, iters: int, use_hf: bool, hf_threads: str) -
         def hf_fn(sample, threads):
             def fn():
                 torch.set_num_threads(threads)
+                extra = {}
+                if eos and match_lengths:  # the engine's response lengths: the same work
+                    lengths = engine_lengths["sample" if sample else "greedy"]
+                    extra["logits_processor"] = [ForceLengths(lengths, p, eos)]
                 with torch.inference_mode():
                     out = hf.generate(
                         input_ids=t_ids, attention_mask=t_mask, max_new_tokens=n,
                         min_new_tokens=None if eos else n, do_sample=sample, top_k=None,
-                        top_p=None, temperature=None, eos_token_id=eos, pad_token_id=0,
+                        top_p=None, temperature=None, eos_token_id=eos, pad_token_id=0, **extra,
                     )  # fmt: skip
                 if device == "cuda":
                     torch.cuda.synchronize()
@@ -219,6 +252,11 @@ def main():
     ap.add_argument("--iters", type=int, default=None, help="timed rounds (default 3; --gpu 1)")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
     ap.add_argument("--hf-threads", choices=["default", "1", "both"], default="both")
+    ap.add_argument(
+        "--hf-free",
+        action="store_true",
+        help="EOS cases: let transformers draw its own lengths (default: the engine's)",
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.gpu:
@@ -226,7 +264,8 @@ def main():
     else:
         names = ["uniform", "skewed"] if args.case == "all" else [args.case]
     iters = args.iters or (1 if args.gpu else 3)
-    report = {name: run_case(name, CASES[name], iters, not args.no_hf, args.hf_threads)
+    report = {name: run_case(name, CASES[name], iters, not args.no_hf, args.hf_threads,
+                             not args.hf_free)
               for name in names}  # fmt: skip
     tag = "-".join(names)
     out = Path(args.out or f"benchmarks/results/bench_rollout_{jax.default_backend()}_{tag}.json")
