@@ -102,7 +102,7 @@ class ForceLengths:
     def __init__(self, lengths, prompt_len: int, eos_ids):
         import torch
 
-        self.lengths = torch.as_tensor(np.asarray(lengths), dtype=torch.long)
+        self.lengths = torch.as_tensor(np.array(lengths), dtype=torch.long)  # a writable copy
         self.p, self.eos = prompt_len, torch.as_tensor(list(eos_ids), dtype=torch.long)
 
     def __call__(self, input_ids, scores):
