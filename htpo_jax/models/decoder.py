@@ -371,15 +371,26 @@ class Decoder(nnx.Module):
             "...d,dv->...v", hidden_xd.astype(self.dtype), w_dv, preferred_element_type=jnp.float32
         )
 
-    def _run_layers(self, x_btd, positions_bt, kv_fn, kv_state, remat: bool):
-        """Every layer in order; kv_fn(layer, q, k, v, kv_state) -> (out, kv_state)."""
+    def layer_states(self) -> list:
+        """Each layer's parameters as arrays of their own (static slices of the stacked ones when
+        the layers are scanned). Taken outside a loop and passed to `forward_kv(layer_states=)`,
+        the layers run unrolled on loop-invariant weights: XLA:CPU copies a slice of a stacked
+        weight on every use, inside a loop on every iteration."""
+        if not self.scan_layers:
+            return [nnx.state(m) for m in self.layers]
+        stacked = nnx.state(self.layers)
+        return [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(self.cfg.num_layers)]
+
+    def _run_layers(self, x_btd, positions_bt, kv_fn, kv_state, remat: bool, layer_states=None):
+        """Every layer in order; kv_fn(layer, q, k, v, kv_state) -> (out, kv_state). With
+        `layer_states` (from `layer_states()`) a Python loop over them (layer: a Python int)."""
 
         def apply(graphdef, layer_state, layer, x_btd, kv_state):
             module = nnx.merge(graphdef, layer_state)
             bound = lambda q, k, v, kv: kv_fn(layer, q, k, v, kv)
             return module(x_btd, positions_bt, bound, kv_state)
 
-        if not self.scan_layers:
+        if not self.scan_layers:  # (layer_states: the same loop)
             for i, module in enumerate(self.layers):
                 graphdef, layer_state = nnx.split(module)
                 fn = functools.partial(apply, graphdef)
@@ -389,6 +400,10 @@ class Decoder(nnx.Module):
             return x_btd, kv_state
 
         graphdef, stacked_state = nnx.split(self.layers)  # leaves [L, ...]
+        if layer_states is not None:
+            for i, layer_state in enumerate(layer_states):
+                x_btd, kv_state = apply(graphdef, layer_state, i, x_btd, kv_state)
+            return x_btd, kv_state
 
         def body(carry, xs):
             layer_state, layer = xs
@@ -428,10 +443,11 @@ class Decoder(nnx.Module):
         return constrain(logits, ("act_batch", "act_seq", "act_vocab"))  # [B, T, V] float32
 
     # ------------------------------------------------------------------ KV state
-    def forward_kv(self, input_ids_bt, positions_bt, kv_state, kv_fn):
-        """New tokens through every layer with a pluggable KV state; see the module docstring."""
+    def forward_kv(self, input_ids_bt, positions_bt, kv_state, kv_fn, layer_states=None):
+        """New tokens through every layer with a pluggable KV state; see the module docstring.
+        `layer_states` (from `layer_states()`): the layers unrolled, kv_fn's `layer` an int."""
         x = self._embed(input_ids_bt)
-        x, kv_state = self._run_layers(x, positions_bt, kv_fn, kv_state, remat=False)
+        x, kv_state = self._run_layers(x, positions_bt, kv_fn, kv_state, False, layer_states)
         return self.norm(x), kv_state
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:

@@ -94,12 +94,22 @@ def _decode_fn(graphdef, page_size, k_steps, n_new, greedy, top_k, use_top_p, eo
         out_tok = jnp.full((s, k_steps), pad, jnp.int32)
         out_lp = jnp.zeros((s, k_steps), jnp.float32)
         kv0_s = kv_len_s  # cache length at the start of the call
-        # Reference path: the pool is read-only inside the loop (closed over; a pool updated in
-        # the loop carry was copied every step on XLA:CPU); this call's new keys / values go to
-        # small [L, S, K_steps, K, H] k and v buffers, written into the pages after the loop.
+        # Reference path: each row's pages are gathered once per call into dense per-layer
+        # windows [L, S, K, Pb * page_size, H] (the pool is not read in the loop; gathering every
+        # step cost more than the attention); this call's new keys / values go to small
+        # [L, S, K, K_steps, H] buffers, written into the pages after the loop. The layers are
+        # unrolled, so each layer's weights and window are loop-invariant slices.
         # TPU path: the kernel reads only the pool, so each step writes its token there.
         kh = (model.cfg.num_kv_heads, model.cfg.head_dim)
-        recents = tuple(jnp.zeros((n_layers, s, k_steps, *kh), a.dtype) for a in pools[:2])
+        if impl != "tpu":
+            windows = [pa.gather_window(pools, layer, table_sp) for layer in range(n_layers)]
+            layer_states = model.layer_states()
+            recents = (  # keys [L, S, K, H, K_steps], values [L, S, K, K_steps, H]
+                jnp.zeros((n_layers, s, kh[0], kh[1], k_steps), pools[0].dtype),
+                jnp.zeros((n_layers, s, kh[0], k_steps, kh[1]), pools[1].dtype),
+            )
+        else:
+            recents = ()
         recent_pos = jnp.arange(k_steps)
 
         def cond(c):
@@ -119,21 +129,25 @@ def _decode_fn(graphdef, page_size, k_steps, n_new, greedy, top_k, use_top_p, eo
 
                 hidden, pools = model.forward_kv(tok[:, None], kv_len[:, None], pools, kv_fn)
             else:
-                read_only = pools
-
-                def kv_fn(layer, q, k, v, recents):
-                    start = (layer, 0, i, 0, 0)  # [L, S, K_steps, K, H] <- [1, S, 1, K, H]
-                    recents = tuple(
-                        jax.lax.dynamic_update_slice(buf, x[None].astype(buf.dtype), start)
-                        for buf, x in zip(recents, (k, v), strict=True)
+                def kv_fn(layer, q, k, v, recents):  # layer: a Python int (unrolled)
+                    k_new, v_new = (x[:, 0].astype(r.dtype) for x, r in zip((k, v), recents))
+                    recents = (  # k [S, K, H] at (layer, ..., i), v at (layer, ..., i, :)
+                        jax.lax.dynamic_update_slice(
+                            recents[0], k_new[None, :, :, :, None], (layer, 0, 0, 0, i)
+                        ),
+                        jax.lax.dynamic_update_slice(
+                            recents[1], v_new[None, :, :, None, :], (layer, 0, 0, i, 0)
+                        ),
                     )
-                    mine = tuple(jax.lax.dynamic_index_in_dim(r, layer, 0, False) for r in recents)
-                    out = pa.paged_attention_with_recent(
-                        q[:, 0], read_only, layer, table_sp, kv0_s, mine, recent_pos <= i
-                    )
+                    out = pa.window_attention(
+                        q[:, 0], windows[layer], kv0_s,
+                        tuple(r[layer] for r in recents), recent_pos <= i,
+                    )  # fmt: skip
                     return out[:, None], recents
 
-                hidden, recents = model.forward_kv(tok[:, None], kv_len[:, None], recents, kv_fn)
+                hidden, recents = model.forward_kv(
+                    tok[:, None], kv_len[:, None], recents, kv_fn, layer_states
+                )
             new, lp = sampling.sample_step(
                 model.unembed(hidden[:, 0]), keys_s, step, temperature, top_p,
                 greedy=greedy, top_k=top_k, use_top_p=use_top_p,
@@ -157,7 +171,10 @@ def _decode_fn(graphdef, page_size, k_steps, n_new, greedy, top_k, use_top_p, eo
             page_sk = jnp.where(fed_sk, jnp.take_along_axis(table_sp, col_sk, axis=1), 0)
             page_x, off_x = page_sk.reshape(-1), (pos_sk % page_size).reshape(-1)
             layer_lx = jnp.arange(n_layers)[:, None]
-            rk, rv = (r.reshape(n_layers, s * k_steps, *kh) for r in c[8])  # [L, S*K_steps, K, H]
+            rk, rv = (  # -> [L, S * K_steps, K, H]
+                r.transpose(order).reshape(n_layers, s * k_steps, *kh)
+                for r, order in zip(c[8], ((0, 1, 4, 2, 3), (0, 1, 3, 2, 4)), strict=True)
+            )
             pools = pa.write_kv(pools, layer_lx, rk, rv, page_x[None], off_x[None])
         return pools, c[6], c[7]
 
