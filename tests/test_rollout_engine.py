@@ -283,7 +283,7 @@ def test_shard_schedulers_pack_at_common_buckets():
     for s in scheds:
         s.advance()
     needs = [s.needs() for s in scheds]
-    assert needs[0] == (8, 4, 4, 16) and needs[1] == (8, 2, 1, 16) and needs[2][2] == 0
+    assert needs[0] == (8, 4, 4, 16) and needs[1] == (2, 2, 1, 16) and needs[2][2] == 0
     common = tuple(int(x) for x in np.max(needs, axis=0))
     plans = [s.pack(*common) for s in scheds]
     for (prefill, dec), live in zip(plans, (6, 2, 0), strict=True):

@@ -50,7 +50,7 @@ class EngineConfig:
     num_pages: int = 0  # pages in the pool (0: kv_memory_fraction of free memory, capped)
     kv_memory_fraction: float = 0.5  # of the device's free memory (host RAM on CPU)
     steps_per_call: int = 16  # decode steps per host round-trip (K)
-    min_slots: int = 8  # smallest compiled batch
+    min_slots: int = 1  # smallest compiled batch (a long tail of 1-2 rows runs at their cost)
     attention: str = "auto"  # "auto" (TPU kernel on TPU), "reference", "tpu"
 
 
@@ -95,19 +95,20 @@ def _decode_fn(graphdef, page_size, k_steps, n_new, greedy, top_k, use_top_p, eo
         out_lp = jnp.zeros((s, k_steps), jnp.float32)
         kv0_s = kv_len_s  # cache length at the start of the call
         # Reference path: each row's pages are gathered once per call into dense per-layer
-        # windows [L, S, K, Pb * page_size, H] (the pool is not read in the loop; gathering every
-        # step cost more than the attention); this call's new keys / values go to small
-        # [L, S, K, K_steps, H] buffers, written into the pages after the loop. The layers are
-        # unrolled, so each layer's weights and window are loop-invariant slices.
+        # windows (`pa.gather_window`; the pool is not read in the loop: gathering every step cost
+        # more than the attention); this call's new keys / values go to small per-layer
+        # [S, K, K_steps, H] buffers, written into the pages after the loop. The layers are
+        # unrolled over per-layer arrays: XLA:CPU copies a slice of a stacked array on every use.
         # TPU path: the kernel reads only the pool, so each step writes its token there.
         kh = (model.cfg.num_kv_heads, model.cfg.head_dim)
         if impl != "tpu":
             windows = [pa.gather_window(pools, layer, table_sp) for layer in range(n_layers)]
             layer_states = model.layer_states()
-            recents = (  # keys [L, S, K, H, K_steps], values [L, S, K, K_steps, H]
-                jnp.zeros((n_layers, s, kh[0], kh[1], k_steps), pools[0].dtype),
-                jnp.zeros((n_layers, s, kh[0], k_steps, kh[1]), pools[1].dtype),
-            )
+            recents = tuple(  # per layer: keys [S, K, H, K_steps], values [S, K, K_steps, H]
+                (jnp.zeros((s, kh[0], kh[1], k_steps), pools[0].dtype),
+                 jnp.zeros((s, kh[0], k_steps, kh[1]), pools[1].dtype))
+                for _ in range(n_layers)
+            )  # fmt: skip
         else:
             recents = ()
         recent_pos = jnp.arange(k_steps)
@@ -129,20 +130,19 @@ def _decode_fn(graphdef, page_size, k_steps, n_new, greedy, top_k, use_top_p, eo
 
                 hidden, pools = model.forward_kv(tok[:, None], kv_len[:, None], pools, kv_fn)
             else:
+
                 def kv_fn(layer, q, k, v, recents):  # layer: a Python int (unrolled)
-                    k_new, v_new = (x[:, 0].astype(r.dtype) for x, r in zip((k, v), recents))
-                    recents = (  # k [S, K, H] at (layer, ..., i), v at (layer, ..., i, :)
-                        jax.lax.dynamic_update_slice(
-                            recents[0], k_new[None, :, :, :, None], (layer, 0, 0, 0, i)
-                        ),
-                        jax.lax.dynamic_update_slice(
-                            recents[1], v_new[None, :, :, None, :], (layer, 0, 0, i, 0)
-                        ),
+                    rk, rv = recents[layer]  # this step's k / v [S, K, H] at recent index i
+                    rk = jax.lax.dynamic_update_slice(
+                        rk, k[:, 0, :, :, None].astype(rk.dtype), (0, 0, 0, i)
+                    )
+                    rv = jax.lax.dynamic_update_slice(
+                        rv, v[:, 0, :, None, :].astype(rv.dtype), (0, 0, i, 0)
                     )
                     out = pa.window_attention(
-                        q[:, 0], windows[layer], kv0_s,
-                        tuple(r[layer] for r in recents), recent_pos <= i,
-                    )  # fmt: skip
+                        q[:, 0], windows[layer], kv0_s, (rk, rv), recent_pos <= i
+                    )
+                    recents = recents[:layer] + ((rk, rv),) + recents[layer + 1 :]
                     return out[:, None], recents
 
                 hidden, recents = model.forward_kv(
@@ -171,10 +171,9 @@ def _decode_fn(graphdef, page_size, k_steps, n_new, greedy, top_k, use_top_p, eo
             page_sk = jnp.where(fed_sk, jnp.take_along_axis(table_sp, col_sk, axis=1), 0)
             page_x, off_x = page_sk.reshape(-1), (pos_sk % page_size).reshape(-1)
             layer_lx = jnp.arange(n_layers)[:, None]
-            rk, rv = (  # -> [L, S * K_steps, K, H]
-                r.transpose(order).reshape(n_layers, s * k_steps, *kh)
-                for r, order in zip(c[8], ((0, 1, 4, 2, 3), (0, 1, 3, 2, 4)), strict=True)
-            )
+            rk = jnp.stack([k for k, _ in c[8]]).transpose(0, 1, 4, 2, 3)  # [L, S, K_steps, K, H]
+            rv = jnp.stack([v for _, v in c[8]]).transpose(0, 1, 3, 2, 4)
+            rk, rv = (r.reshape(n_layers, s * k_steps, *kh) for r in (rk, rv))
             pools = pa.write_kv(pools, layer_lx, rk, rv, page_x[None], off_x[None])
         return pools, c[6], c[7]
 

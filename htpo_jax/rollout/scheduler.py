@@ -114,7 +114,7 @@ class Scheduler:
     """Admission, growth and packing for one `generate` call (see the module docstring)."""
 
     def __init__(self, prompts: list[np.ndarray], n: int, max_new_tokens: int, *, page_size: int,
-                 num_pages: int, max_num_seqs: int, steps_per_call: int, min_slots: int = 8,
+                 num_pages: int, max_num_seqs: int, steps_per_call: int, min_slots: int = 1,
                  prefill_len_bucket=None):  # fmt: skip
         self.n, self.max_new, self.ps = n, max_new_tokens, page_size
         self.k, self.max_num_seqs, self.min_slots = steps_per_call, max_num_seqs, min_slots
