@@ -53,6 +53,15 @@ def test_engine_equals_static_sampler(model, prompts, kw):
     assert int(ref.lengths.min()) < 13 and int(ref.lengths.max()) == 13
 
 
+def test_engine_on_looped_layers(prompts):
+    """A model with unstacked layers (scan_layers=False) runs the same unrolled decode loop."""
+    looped = random_decoder("qwen3", False, scan_layers=False)
+    ids, mask = prompts
+    args = dict(max_new_tokens=6, n=2, rng=jax.random.key(3), temperature=1.0)
+    ref = generate(looped, ids, mask, engine="static", **args)
+    assert_same(generate(looped, ids, mask, engine=EngineConfig(page_size=4), **args), ref)
+
+
 @pytest.mark.parametrize(
     "cfg",
     [
@@ -252,7 +261,10 @@ def test_write_kv_in_both_layouts_and_recent_tokens():
     kv_len = np.array([5, 2], np.int32)
     q = jnp.asarray(rng.standard_normal((2, 4, 8)), jnp.float32)
     rk, rv = (jnp.asarray(rng.standard_normal((2, 3, 2, 8)), jnp.float32) for _ in range(2))
-    out = pa.paged_attention_with_recent(q, pool, 0, table, kv_len, (rk, rv), jnp.arange(3) < 2)
+    window = pa.gather_window(pool, 0, table)  # keys [S, K, H, T], values [S, K, T, H]
+    assert window[0].shape == (2, 2, 8, 12) and window[1].shape == (2, 2, 12, 8)
+    recent = (rk.transpose(0, 2, 3, 1), rv.transpose(0, 2, 1, 3))
+    out = pa.window_attention(q, window, jnp.asarray(kv_len), recent, jnp.arange(3) < 2)
     pos = kv_len[:, None] + np.arange(2)[None]  # the 2 real recent tokens' positions
     pages = np.take_along_axis(table, pos // 4, axis=1)
     written = pa.write_kv(pool, 0, rk[:, :2].reshape(4, 2, 8), rv[:, :2].reshape(4, 2, 8),

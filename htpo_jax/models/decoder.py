@@ -390,7 +390,17 @@ class Decoder(nnx.Module):
             bound = lambda q, k, v, kv: kv_fn(layer, q, k, v, kv)
             return module(x_btd, positions_bt, bound, kv_state)
 
-        if not self.scan_layers:  # (layer_states: the same loop)
+        if layer_states is not None:
+            graphdefs = (
+                [nnx.graphdef(m) for m in self.layers]
+                if not self.scan_layers
+                else [nnx.graphdef(self.layers)] * len(layer_states)
+            )
+            for i, (graphdef, layer_state) in enumerate(zip(graphdefs, layer_states, strict=True)):
+                x_btd, kv_state = apply(graphdef, layer_state, i, x_btd, kv_state)
+            return x_btd, kv_state
+
+        if not self.scan_layers:
             for i, module in enumerate(self.layers):
                 graphdef, layer_state = nnx.split(module)
                 fn = functools.partial(apply, graphdef)
@@ -400,10 +410,6 @@ class Decoder(nnx.Module):
             return x_btd, kv_state
 
         graphdef, stacked_state = nnx.split(self.layers)  # leaves [L, ...]
-        if layer_states is not None:
-            for i, layer_state in enumerate(layer_states):
-                x_btd, kv_state = apply(graphdef, layer_state, i, x_btd, kv_state)
-            return x_btd, kv_state
 
         def body(carry, xs):
             layer_state, layer = xs

@@ -20,8 +20,11 @@ response): token t is at page `page_table[row, t // page_size]`, offset `t % pag
 Decode attention (one query per row):
 - `paged_attention_reference`: gathers the row's first `pages_bucket` pages (the caller picks
   the bucket from the longest live row, so the work grows with the rows' real lengths, not with
-  max_new_tokens) and masks positions >= kv_len; `paged_attention_with_recent` also attends to
-  a few recent tokens not yet written to the pool (the engine's current call);
+  max_new_tokens) and masks positions >= kv_len: the plain reference;
+- `gather_window` + `window_attention`: the same attention as the engine's CPU / GPU decode
+  loop runs it: the pages gathered once per decode call into dense kv-head-major windows, each
+  step attending to the window plus the call's recent tokens (not in the pool yet) with two
+  batched matmuls;
 - `paged_attention_tpu`: the ragged paged attention Pallas kernel that jax ships, which reads
   only the pages below each row's kv_len.
 """
@@ -105,20 +108,6 @@ def paged_attention_reference(q_bnh, pool, layer, page_table_bp, kv_len_b):
     """
     k_bskh, v_bskh = (gather_pages(a, layer, page_table_bp).astype(q_bnh.dtype) for a in pool)
     mask_b1s = (jnp.arange(k_bskh.shape[1])[None, :] < kv_len_b[:, None])[:, None, :]
-    return attend_one_query(q_bnh[:, None], k_bskh, v_bskh, mask_b1s)[:, 0]  # [B, N, H]
-
-
-def paged_attention_with_recent(q_bnh, pool, layer, page_table_bp, kv_len_b, recent_l, recent_r):
-    """Decode attention over a row's first kv_len_b pooled tokens followed by R recent tokens
-    not in the pool yet (recent_l = (k, v) each [B, R, K, H]; positions with recent_r [R] True
-    are real). Returns [B, N, H]."""
-    k_bskh, v_bskh = (gather_pages(a, layer, page_table_bp) for a in pool)
-    b, s = k_bskh.shape[:2]
-    k_bskh = jnp.concatenate([k_bskh, recent_l[0]], axis=1).astype(q_bnh.dtype)  # [B, S + R, K, H]
-    v_bskh = jnp.concatenate([v_bskh, recent_l[1]], axis=1).astype(q_bnh.dtype)
-    pooled = jnp.arange(s)[None, :] < kv_len_b[:, None]  # [B, S]
-    recent = jnp.broadcast_to(recent_r[None, :], (b, recent_r.shape[0]))  # [B, R]
-    mask_b1s = jnp.concatenate([pooled, recent], axis=1)[:, None, :]  # [B, 1, S + R]
     return attend_one_query(q_bnh[:, None], k_bskh, v_bskh, mask_b1s)[:, 0]  # [B, N, H]
 
 
