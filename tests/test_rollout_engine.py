@@ -62,6 +62,30 @@ def test_engine_on_looped_layers(prompts):
     assert_same(generate(looped, ids, mask, engine=EngineConfig(page_size=4), **args), ref)
 
 
+def test_windows_over_the_memory_budget_are_gathered_every_step(model, prompts, monkeypatch):
+    """With no memory for once-per-call windows the decode loop gathers a layer's pages in every
+    step: same rows."""
+    from htpo_jax.rollout import engine
+
+    seen = []
+    decode = engine._Programs.decode
+
+    def spy(self, gather_once, *args):
+        seen.append(gather_once)
+        return decode(self, gather_once, *args)
+
+    ids, mask = prompts
+    args = dict(max_new_tokens=7, n=2, rng=jax.random.key(4), temperature=1.0)
+    ref = generate(model, ids, mask, engine="static", **args)
+    monkeypatch.setattr(engine._Programs, "decode", spy)
+    ours = generate(model, ids, mask, engine=EngineConfig(page_size=4), **args)
+    monkeypatch.setattr(engine, "WINDOW_MEMORY_FRACTION", 0.0)
+    per_step = generate(model, ids, mask, engine=EngineConfig(page_size=4), **args)
+    assert seen and seen[0] and not seen[-1]
+    assert_same(ours, ref)
+    assert_same(per_step, ref)
+
+
 @pytest.mark.parametrize(
     "cfg",
     [

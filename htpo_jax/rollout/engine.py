@@ -81,7 +81,8 @@ def _prefill_fn(graphdef, page_size: int, chunk_size: int):
     return run
 
 
-def _decode_fn(graphdef, page_size, k_steps, n_new, greedy, top_k, use_top_p, eos, pad, impl):
+def _decode_fn(graphdef, page_size, k_steps, n_new, greedy, top_k, use_top_p, eos, pad, impl,
+               gather_once):  # fmt: skip
 
     def run(state, pools, table_sp, kv_len_s, tok_s, step_s, row_s, active_s, src_s, dst_s,
             rng, temperature, top_p):  # fmt: skip
@@ -94,15 +95,19 @@ def _decode_fn(graphdef, page_size, k_steps, n_new, greedy, top_k, use_top_p, eo
         out_tok = jnp.full((s, k_steps), pad, jnp.int32)
         out_lp = jnp.zeros((s, k_steps), jnp.float32)
         kv0_s = kv_len_s  # cache length at the start of the call
-        # Reference path: each row's pages are gathered once per call into dense per-layer
-        # windows (`pa.gather_window`; the pool is not read in the loop: gathering every step cost
-        # more than the attention); this call's new keys / values go to small per-layer
+        # Reference path: with `gather_once` (the host's choice: the windows fit the memory
+        # budget, see `window_budget_pages`) each row's pages are gathered once per call into dense
+        # per-layer windows (`pa.gather_window`: gathering every step cost more than the attention
+        # on XLA:CPU), else one layer's at a time in every step; this call's new keys / values go
+        # to small per-layer
         # [S, K, K_steps, H] buffers, written into the pages after the loop. The layers are
         # unrolled over per-layer arrays: XLA:CPU copies a slice of a stacked array on every use.
         # TPU path: the kernel reads only the pool, so each step writes its token there.
         kh = (model.cfg.num_kv_heads, model.cfg.head_dim)
         if impl != "tpu":
-            windows = [pa.gather_window(pools, layer, table_sp) for layer in range(n_layers)]
+            windows = gather_once and [
+                pa.gather_window(pools, j, table_sp) for j in range(n_layers)
+            ]
             layer_states = model.layer_states()
             recents = tuple(  # per layer: keys [S, K, H, K_steps], values [S, K, K_steps, H]
                 (jnp.zeros((s, kh[0], kh[1], k_steps), pools[0].dtype),
@@ -139,9 +144,8 @@ def _decode_fn(graphdef, page_size, k_steps, n_new, greedy, top_k, use_top_p, eo
                     rv = jax.lax.dynamic_update_slice(
                         rv, v[:, 0, :, None, :].astype(rv.dtype), (0, 0, i, 0)
                     )
-                    out = pa.window_attention(
-                        q[:, 0], windows[layer], kv0_s, (rk, rv), recent_pos <= i
-                    )
+                    window = windows[layer] if windows else pa.gather_window(pools, layer, table_sp)
+                    out = pa.window_attention(q[:, 0], window, kv0_s, (rk, rv), recent_pos <= i)
                     recents = recents[:layer] + ((rk, rv),) + recents[layer + 1 :]
                     return out[:, None], recents
 
@@ -178,6 +182,11 @@ def _decode_fn(graphdef, page_size, k_steps, n_new, greedy, top_k, use_top_p, eo
         return pools, c[6], c[7]
 
     return run
+
+
+# Reference decode: the windows gathered once per call (a copy of S x Pb pages) may take this
+# fraction of the device's free memory; larger ones are gathered a layer at a time in every step.
+WINDOW_MEMORY_FRACTION = 0.125
 
 
 # The two programs: module-level `jax.jit`s whose static arguments are the graphdef
@@ -279,13 +288,15 @@ def free_memory_bytes() -> int:
 
 def resolve_sizes(cfg: EngineConfig, model_cfg, prompt_lens, n, max_new_tokens, cache_dtype,
                   shards: int = 1):  # fmt: skip
-    """(max_num_seqs, num_pages incl. the trash page) of one engine (one batch shard's, whose
-    prompts have lengths `prompt_lens`, out of `shards`).
+    """(max_num_seqs, num_pages incl. the trash page, window_pages) of one engine (one batch
+    shard's, whose prompts have lengths `prompt_lens`, out of `shards`).
 
     max_num_seqs: `cfg.max_num_seqs` (the whole call's) split over the shards; 0: min(rows, 512).
     num_pages = 0: the pages that fit `kv_memory_fraction` of free memory (one device's; on CPU
     the shards share the host's RAM), but never more than the shard can use (max_num_seqs rows
     at full length, plus its prompts) rounded up to a power of two.
+    window_pages: how many pages the reference decode's once-per-call windows may copy
+    (WINDOW_MEMORY_FRACTION of free memory).
     """
     ps = cfg.page_size
     c = model_cfg
@@ -293,24 +304,25 @@ def resolve_sizes(cfg: EngineConfig, model_cfg, prompt_lens, n, max_new_tokens, 
     rows = len(prompt_lens) * n
     seqs = -(-cfg.max_num_seqs // shards) if cfg.max_num_seqs else min(rows, 512)
     longest = max(prompt_lens) - 1 + max_new_tokens
-    if cfg.num_pages:
-        return seqs, cfg.num_pages + 1
-    # At most max_num_seqs rows hold pages at once (prompt pages are shared by n rows).
-    row_pages = -(-longest // ps) + 1
-    usable = (1 << (seqs - 1).bit_length()) * row_pages + sum(
-        -(-(ln - 1) // ps) for ln in prompt_lens
-    )
     host_shared = shards if jax.default_backend() == "cpu" else 1
     free = free_memory_bytes()
     if jax.process_count() > 1:  # every process must build the same pool (same programs)
         got = allgather_bytes("rollout engine: pool size", str(free).encode())
         free = min(int(x) for x in got)
+    window_pages = int(WINDOW_MEMORY_FRACTION * free) // per_page // host_shared
+    if cfg.num_pages:
+        return seqs, cfg.num_pages + 1, window_pages
+    # At most max_num_seqs rows hold pages at once (prompt pages are shared by n rows).
+    row_pages = -(-longest // ps) + 1
+    usable = (1 << (seqs - 1).bit_length()) * row_pages + sum(
+        -(-(ln - 1) // ps) for ln in prompt_lens
+    )
     budget = int(cfg.kv_memory_fraction * free) // per_page // host_shared
     # The pool's size is part of every program's input shape: a power of two (when the budget
     # allows) so that calls with other row counts or lengths reuse the compiled programs.
     wanted = 1 << (usable - 1).bit_length()
     pages = max(min(wanted, budget), -(-longest // ps) + 1)  # at least one full row
-    return seqs, pages
+    return seqs, pages, window_pages
 
 
 # ---------------------------------------------------------------------- the host loop
@@ -331,7 +343,7 @@ def generate_paged(sampler, params, prompt_ids, prompt_mask, *, max_new_tokens, 
     shards = batch_shards(mesh) if mesh is not None else 1
     bounds = np.linspace(0, len(prompts), shards + 1).astype(int)  # shard d: prompts [b_d, b_d+1)
     biggest = max(range(shards), key=lambda d: bounds[d + 1] - bounds[d])
-    seqs, num_pages = resolve_sizes(
+    seqs, num_pages, window_pages = resolve_sizes(
         config, sampler.model_cfg, [len(p) for p in prompts[bounds[biggest] : bounds[biggest + 1]]],
         n, max_new_tokens, cache_dtype, shards,
     )  # fmt: skip
@@ -368,7 +380,8 @@ def generate_paged(sampler, params, prompt_ids, prompt_mask, *, max_new_tokens, 
         dec = [d for _, d in plans]
         per_row = [np.stack([getattr(d, f) for d in dec]) for f in DECODE_FIELDS]
         per_row[4] = per_row[4] + row0[:, None]  # the rows' global ids (their keys)
-        pools, tok_dsk, lp_dsk = progs.decode(state, pools, *per_row, *scalars)
+        gather_once = impl != "tpu" and need[0] * need[1] <= window_pages  # S x Pb pages
+        pools, tok_dsk, lp_dsk = progs.decode(gather_once, state, pools, *per_row, *scalars)
         tok_dsk, lp_dsk = jax.device_get((tok_dsk, lp_dsk))
         for s, d, tok_sk, lp_sk, (out_t, out_l) in zip(scheds, dec, tok_dsk, lp_dsk, views,
                                                        strict=True):  # fmt: skip
@@ -432,14 +445,15 @@ class _Programs:
         key = self.prefill_key
         return prefill_program_sharded(self.graph, key, self.mesh, state, pools, *args)
 
-    def decode(self, state, pools, *args):
+    def decode(self, gather_once: bool, state, pools, *args):
         rows, scalars = args[:_DECODE_ROW_ARGS], args[_DECODE_ROW_ARGS:]
+        key = (*self.decode_key, gather_once)
         if self.mesh is None:
-            pools, tok, lp = decode_program(self.graph, self.decode_key, state, pools,
+            pools, tok, lp = decode_program(self.graph, key, state, pools,
                                             *(a[0] for a in rows), *scalars)  # fmt: skip
             return pools, tok[None], lp[None]
         rows = (put_global(a, self.rows) for a in rows)
-        return decode_program_sharded(self.graph, self.decode_key, self.mesh, state, pools,
+        return decode_program_sharded(self.graph, key, self.mesh, state, pools,
                                       *rows, *scalars)  # fmt: skip
 
     def place(self, rollout: Rollout) -> Rollout:
