@@ -24,6 +24,7 @@ from htpo_jax.rollout import (
     generate,
     repeat_prompts,
     sample_logits,
+    sampling,
 )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -203,6 +204,21 @@ def test_sampling_distribution_matches_exact(model, temperature, top_k, top_p):
     full = truncated_probs(logits, temperature, -1, 1.0)
     tok = np.asarray(r.tokens[:64, 0])
     np.testing.assert_allclose(np.asarray(r.log_probs[:64, 0]), np.log(full[tok]), atol=1e-4)
+
+
+@pytest.mark.parametrize("v", [1, 7, 4096])
+def test_gumbel_rows_equal_jax_random_gumbel(v):
+    """The fast path (jax's unrolled threefry) gives jax.random.gumbel's bits, row by row."""
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(5), jnp.arange(9))
+    keys = jax.vmap(jax.random.fold_in)(keys, jnp.arange(9) * 7)
+    assert sampling._threefry is not None  # else the fast path silently fell back
+    ours = jax.jit(sampling.gumbel_rows, static_argnums=1)(keys, v)
+    ref = jax.vmap(lambda k: jax.random.gumbel(k, (v,), jnp.float32))(keys)
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(ref))
+    other = jax.random.key(0, impl="rbg")  # another key implementation: jax's own path
+    np.testing.assert_array_equal(
+        sampling.gumbel_rows(other[None], v), jax.random.gumbel(other, (v,))[None]
+    )
 
 
 def test_sample_logits_top_p_boundary():
