@@ -366,7 +366,7 @@ def engine_programs(ctx: Context) -> list[Program]:
     eos = tuple(np.atleast_1d(m.eos_token_id or 0).tolist())
     graph = sampling.StaticGraph(ctx.graphdef)
     decode_key = (ps, k_steps, r.max_response_length, False, r.top_k, r.top_p < 1.0, eos, 0, impl,
-                  False)  # fmt: skip
+                  impl != "tpu" and engine.unroll_layers(), False)  # fmt: skip
     table = shard((rows, pb), jnp.int32)
     active = vec(rows, jnp.bool_)
     lead = (graph, decode_key) if d == 1 else (graph, decode_key, mesh)

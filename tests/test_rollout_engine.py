@@ -64,7 +64,7 @@ def test_engine_on_looped_layers(prompts):
 
 def test_windows_over_the_memory_budget_are_gathered_every_step(model, prompts, monkeypatch):
     """With no memory for once-per-call windows the decode loop gathers a layer's pages in every
-    step: same rows."""
+    step: same rows. Also with the layers scanned over stacked arrays (the non-CPU form)."""
     from htpo_jax.rollout import engine
 
     seen = []
@@ -84,6 +84,14 @@ def test_windows_over_the_memory_budget_are_gathered_every_step(model, prompts, 
     assert seen and seen[0] and not seen[-1]
     assert_same(ours, ref)
     assert_same(per_step, ref)
+    # Scanned layers over stacked windows / buffers (the GPU form), both window paths.
+    monkeypatch.setattr(engine, "UNROLL_LAYERS", False)
+    scanned_per_step = generate(model, ids, mask, engine=EngineConfig(page_size=4), **args)
+    monkeypatch.setattr(engine, "WINDOW_MEMORY_FRACTION", 1.0)
+    scanned = generate(model, ids, mask, engine=EngineConfig(page_size=4), **args)
+    assert seen[-2:] == [False, True]
+    assert_same(scanned_per_step, ref)
+    assert_same(scanned, ref)
 
 
 @pytest.mark.parametrize(

@@ -82,7 +82,7 @@ def _prefill_fn(graphdef, page_size: int, chunk_size: int):
 
 
 def _decode_fn(graphdef, page_size, k_steps, n_new, greedy, top_k, use_top_p, eos, pad, impl,
-               gather_once):  # fmt: skip
+               unroll, gather_once):  # fmt: skip
 
     def run(state, pools, table_sp, kv_len_s, tok_s, step_s, row_s, active_s, src_s, dst_s,
             rng, temperature, top_p):  # fmt: skip
@@ -95,25 +95,31 @@ def _decode_fn(graphdef, page_size, k_steps, n_new, greedy, top_k, use_top_p, eo
         out_tok = jnp.full((s, k_steps), pad, jnp.int32)
         out_lp = jnp.zeros((s, k_steps), jnp.float32)
         kv0_s = kv_len_s  # cache length at the start of the call
-        # Reference path: with `gather_once` (the host's choice: the windows fit the memory
-        # budget, see `window_budget_pages`) each row's pages are gathered once per call into dense
-        # per-layer windows (`pa.gather_window`: gathering every step cost more than the attention
-        # on XLA:CPU), else one layer's at a time in every step; this call's new keys / values go
-        # to small per-layer
-        # [S, K, K_steps, H] buffers, written into the pages after the loop. The layers are
-        # unrolled over per-layer arrays: XLA:CPU copies a slice of a stacked array on every use.
-        # TPU path: the kernel reads only the pool, so each step writes its token there.
+        # Reference path (`unroll_layers()` picks `unroll`): with `gather_once` (the host's choice:
+        # the windows fit the memory budget,
+        # see `resolve_sizes`) each row's pages are gathered once per call into dense per-layer
+        # windows (`pa.gather_window`: gathering every step cost more than the attention on
+        # XLA:CPU), else one layer's at a time in every step; this call's new keys / values go to
+        # small per-layer [S, K, K_steps, H] buffers, written into the pages after the loop. On
+        # CPU the layers are unrolled over per-layer arrays (XLA:CPU copies a slice of a stacked
+        # array on every use); elsewhere they are scanned over stacked [L, ...] arrays (no weight
+        # copies). TPU path: the kernel reads only the pool, so each step writes its token there.
         kh = (model.cfg.num_kv_heads, model.cfg.head_dim)
+        stack = lambda items: jax.tree.map(lambda *xs: jnp.stack(xs), *items)
         if impl != "tpu":
             windows = gather_once and [
                 pa.gather_window(pools, j, table_sp) for j in range(n_layers)
             ]
-            layer_states = model.layer_states()
-            recents = tuple(  # per layer: keys [S, K, H, K_steps], values [S, K, K_steps, H]
+            layer_states = model.layer_states() if unroll else None
+            recents = [  # per layer: keys [S, K, H, K_steps], values [S, K, K_steps, H]
                 (jnp.zeros((s, kh[0], kh[1], k_steps), pools[0].dtype),
                  jnp.zeros((s, kh[0], k_steps, kh[1]), pools[1].dtype))
-                for _ in range(n_layers)
-            )  # fmt: skip
+            ] * n_layers  # fmt: skip
+            recents, windows = (
+                (tuple(recents), windows)
+                if unroll
+                else (stack(recents), windows and stack(windows))
+            )
         else:
             recents = ()
         recent_pos = jnp.arange(k_steps)
@@ -136,17 +142,24 @@ def _decode_fn(graphdef, page_size, k_steps, n_new, greedy, top_k, use_top_p, eo
                 hidden, pools = model.forward_kv(tok[:, None], kv_len[:, None], pools, kv_fn)
             else:
 
-                def kv_fn(layer, q, k, v, recents):  # layer: a Python int (unrolled)
-                    rk, rv = recents[layer]  # this step's k / v [S, K, H] at recent index i
+                def kv_fn(layer, q, k, v, recents):  # layer: a Python int when unrolled
+                    take = lambda xs: xs[layer] if unroll else jax.tree.map(lambda a: a[layer], xs)
+                    rk, rv = take(recents)  # this step's k / v [S, K, H] at recent index i
                     rk = jax.lax.dynamic_update_slice(
                         rk, k[:, 0, :, :, None].astype(rk.dtype), (0, 0, 0, i)
                     )
                     rv = jax.lax.dynamic_update_slice(
                         rv, v[:, 0, :, None, :].astype(rv.dtype), (0, 0, i, 0)
                     )
-                    window = windows[layer] if windows else pa.gather_window(pools, layer, table_sp)
+                    window = take(windows) if windows else pa.gather_window(pools, layer, table_sp)
                     out = pa.window_attention(q[:, 0], window, kv0_s, (rk, rv), recent_pos <= i)
-                    recents = recents[:layer] + ((rk, rv),) + recents[layer + 1 :]
+                    if unroll:
+                        recents = recents[:layer] + ((rk, rv),) + recents[layer + 1 :]
+                    else:
+                        new = (rk, rv)
+                        recents = tuple(
+                            r.at[layer].set(x) for r, x in zip(recents, new, strict=True)
+                        )
                     return out[:, None], recents
 
                 hidden, recents = model.forward_kv(
@@ -175,13 +188,25 @@ def _decode_fn(graphdef, page_size, k_steps, n_new, greedy, top_k, use_top_p, eo
             page_sk = jnp.where(fed_sk, jnp.take_along_axis(table_sp, col_sk, axis=1), 0)
             page_x, off_x = page_sk.reshape(-1), (pos_sk % page_size).reshape(-1)
             layer_lx = jnp.arange(n_layers)[:, None]
-            rk = jnp.stack([k for k, _ in c[8]]).transpose(0, 1, 4, 2, 3)  # [L, S, K_steps, K, H]
-            rv = jnp.stack([v for _, v in c[8]]).transpose(0, 1, 3, 2, 4)
+            rk, rv = stack(c[8]) if unroll else c[8]  # [L, S, K, H, K_steps], [L, S, K, K_steps, H]
+            rk, rv = (
+                rk.transpose(0, 1, 4, 2, 3),
+                rv.transpose(0, 1, 3, 2, 4),
+            )  # [L, S, K_steps, K, H]
             rk, rv = (r.reshape(n_layers, s * k_steps, *kh) for r in (rk, rv))
             pools = pa.write_kv(pools, layer_lx, rk, rv, page_x[None], off_x[None])
         return pools, c[6], c[7]
 
     return run
+
+
+# Reference decode: layers unrolled over per-layer arrays (True), scanned over stacked ones
+# (False); None: unrolled on CPU only (see `_decode_fn`).
+UNROLL_LAYERS = None
+
+
+def unroll_layers() -> bool:
+    return jax.default_backend() == "cpu" if UNROLL_LAYERS is None else UNROLL_LAYERS
 
 
 # Reference decode: the windows gathered once per call (a copy of S x Pb pages) may take this
@@ -360,7 +385,7 @@ def generate_paged(sampler, params, prompt_ids, prompt_mask, *, max_new_tokens, 
     out_logp = np.zeros((rows, max_new_tokens), np.float32)
     chunk = sampler.attention_chunk_size or 1024
     decode_key = (ps, k_steps, max_new_tokens, greedy, int(top_k), top_p < 1.0, eos,
-                  int(pad_token_id), impl)  # fmt: skip
+                  int(pad_token_id), impl, impl != "tpu" and unroll_layers())  # fmt: skip
     scalars = (rng, jnp.float32(temperature), jnp.float32(top_p))
     progs = _Programs(sampler, (ps, chunk), decode_key, mesh)
     state = progs.compute_params(params)
