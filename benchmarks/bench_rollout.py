@@ -15,7 +15,8 @@ Cases:
   row with probability ~1 / mean: response lengths are ~geometric with mean ~64 (the measured
   mean is printed), the long tail reaching the cap;
 - --gpu: Qwen3-0.6B shape (28 layers, D 1024, 16 / 8 heads of 128, F 3072, vocab 151,936, bf16),
-  128 prompts x 256 tokens -> up to 512 new, geometric lengths (mean 64), T=1, torch on cuda.
+  128 prompts x 256 tokens -> up to 512 new, T=1, torch on cuda: `--case skewed` geometric
+  lengths (mean 64); `--case uniform` no EOS, all 512 (DESIGN.md's anchor work); default both.
 
 Useful tokens/s = sum of response lengths (up to and including EOS) / wall seconds, prefill
 included. In the EOS cases transformers is made to end each row where the engine's did
@@ -58,6 +59,8 @@ CASES = {
                    dtype="float32", modes=("sample",)),
     "gpu": dict(model=QWEN3_0P6B, prompts=128, n=1, prompt_len=256, new=512, mean=64,
                 dtype="bfloat16", modes=("sample",)),
+    "gpu-uniform": dict(model=QWEN3_0P6B, prompts=128, n=1, prompt_len=256, new=512, mean=None,
+                        dtype="bfloat16", modes=("sample",)),
     "gpu-tiny": dict(model=TINY, prompts=8, n=1, prompt_len=16, new=32, mean=8,
                      dtype="float32", modes=("sample",)),
 }  # fmt: skip
@@ -247,7 +250,7 @@ def run_case(name: str, case: dict, iters: int, use_hf: bool, hf_threads: str,
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--case", choices=["uniform", "skewed", "all"], default="all")
-    ap.add_argument("--gpu", action="store_true", help="Qwen3-0.6B shape, skewed, on the GPU")
+    ap.add_argument("--gpu", action="store_true", help="Qwen3-0.6B shape on the GPU")
     ap.add_argument("--tiny", action="store_true", help="with --gpu: toy shapes (tests the path)")
     ap.add_argument("--iters", type=int, default=None, help="timed rounds (default 3; --gpu 1)")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
@@ -259,8 +262,12 @@ def main():
     )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    if args.gpu:
-        names = ["gpu-tiny" if args.tiny else "gpu"]
+    if args.gpu and args.tiny:
+        names = ["gpu-tiny"]
+    elif args.gpu:
+        names = {"skewed": ["gpu"], "uniform": ["gpu-uniform"]}.get(
+            args.case, ["gpu", "gpu-uniform"]
+        )
     else:
         names = ["uniform", "skewed"] if args.case == "all" else [args.case]
     iters = args.iters or (1 if args.gpu else 3)
