@@ -50,6 +50,7 @@ from htpo_jax.models.decoder import Decoder
 from htpo_jax.models.hf_io import save_pretrained
 from htpo_jax.models.model_config import ModelConfig
 from htpo_jax.rollout import bucket, generate, prompt_bucket
+from htpo_jax.rollout import engine as engine_mod
 
 CPU_MODEL = qwen3(4096, 256, 768, 4, 4, 2, 64)  # (vocab, D, F, layers, heads, KV heads, head dim)
 CASES = {
@@ -121,8 +122,9 @@ class ForceLengths:
 
 
 def run_case(name: str, case: dict, iters: int, use_hf: bool, hf_threads: str,
-             match_lengths: bool = True) -> dict:  # fmt: skip
-    b, n_samples, p, n = case["prompts"], case["n"], case["prompt_len"], case["new"]
+             match_lengths: bool = True, static: bool = True, layers_ab: bool = False,
+             max_new: int | None = None) -> dict:  # fmt: skip
+    b, n_samples, p, n = case["prompts"], case["n"], case["prompt_len"], max_new or case["new"]
     dtype = jnp.dtype(case["dtype"])
     cfg = case["model"]
     model = nnx.jit(lambda: Decoder(cfg, dtype=dtype, rngs=nnx.Rngs(0)))()
@@ -133,12 +135,17 @@ def run_case(name: str, case: dict, iters: int, use_hf: bool, hf_threads: str,
     rows = b * n_samples
     engine_stats, engine_lengths = {}, {}
 
-    def ours(kind, greedy):
+    def ours(kind, greedy, unroll=None):
         def fn():
             kw = dict(engine="static") if kind == "static" else dict(stats=engine_stats)
-            r = generate(model, ids, mask, max_new_tokens=n, n=n_samples, rng=jax.random.key(1),
-                         greedy=greedy, eos_token_id=eos, **kw)  # fmt: skip
-            if kind == "engine":
+            engine_mod.UNROLL_LAYERS = unroll
+            try:
+                r = generate(model, ids, mask, max_new_tokens=n, n=n_samples,
+                             rng=jax.random.key(1), greedy=greedy, eos_token_id=eos,
+                             **kw)  # fmt: skip
+            finally:
+                engine_mod.UNROLL_LAYERS = None
+            if kind == "engine" and unroll is None:
                 engine_lengths["greedy" if greedy else "sample"] = np.asarray(r.lengths)
             return jax.block_until_ready(r)
 
@@ -147,7 +154,13 @@ def run_case(name: str, case: dict, iters: int, use_hf: bool, hf_threads: str,
     fns = {}
     for mode in case["modes"]:
         fns[f"engine {mode}"] = ours("engine", mode == "greedy")
-        fns[f"static {mode}"] = ours("static", mode == "greedy")
+        if layers_ab:  # the other layer form of the reference decode (see engine.UNROLL_LAYERS)
+            other = not engine_mod.unroll_layers()
+            fns[f"engine {'unrolled' if other else 'scanned'} {mode}"] = ours(
+                "engine", mode == "greedy", other
+            )
+        if static:
+            fns[f"static {mode}"] = ours("static", mode == "greedy")
     hf_info, on_gpu = None, jax.default_backend() == "gpu"
     if use_hf:
         import torch
@@ -196,6 +209,10 @@ def run_case(name: str, case: dict, iters: int, use_hf: bool, hf_threads: str,
     load_before = os.getloadavg()[0]
     timings = timed_interleaved(fns, iters)
     load_after = os.getloadavg()[0]
+    for mode in case["modes"] if layers_ab else ():  # the two layer forms: the same rows?
+        alt = next(k for k in timings if k.startswith("engine ") and k.endswith(f"ed {mode}"))
+        a, b_ = (np.asarray(timings[k][2].tokens) for k in (f"engine {mode}", alt))
+        print(f"{alt}: tokens equal to the default engine's at {np.mean(a == b_):.1%} of slots")
     static_kv = kv_bytes(cfg, bucket(rows), prompt_bucket(p) + n, dtype.itemsize)
     results = []
     for sampler, (sec, cpu, out) in timings.items():
@@ -215,10 +232,12 @@ def run_case(name: str, case: dict, iters: int, use_hf: bool, hf_threads: str,
         hf_rows = [r for r in results if r["sampler"].startswith(f"transformers {mode}")]
         hf_best = min(hf_rows, key=lambda r: r["seconds"]) if hf_rows else None
         for kind in ("engine", "static"):
+            if f"{kind} {mode}" not in by:
+                continue
             r = by[f"{kind} {mode}"]
             if hf_best:
                 r["vs_transformers"] = r["useful_tokens_per_s"] / hf_best["useful_tokens_per_s"]
-            if kind == "engine":
+            if kind == "engine" and f"static {mode}" in by:
                 r["vs_static"] = (
                     r["useful_tokens_per_s"] / by[f"static {mode}"]["useful_tokens_per_s"]
                 )
@@ -260,6 +279,13 @@ def main():
         action="store_true",
         help="EOS cases: let transformers draw its own lengths (default: the engine's)",
     )
+    ap.add_argument("--no-static", action="store_true", help="skip the static sampler")
+    ap.add_argument(
+        "--layers-ab",
+        action="store_true",
+        help="also time the engine with the other layer form (scanned / unrolled)",
+    )
+    ap.add_argument("--max-new", type=int, default=None, help="override the case's new tokens")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.gpu and args.tiny:
@@ -272,7 +298,7 @@ def main():
         names = ["uniform", "skewed"] if args.case == "all" else [args.case]
     iters = args.iters or (1 if args.gpu else 3)
     report = {name: run_case(name, CASES[name], iters, not args.no_hf, args.hf_threads,
-                             not args.hf_free)
+                             not args.hf_free, not args.no_static, args.layers_ab, args.max_new)
               for name in names}  # fmt: skip
     tag = "-".join(names)
     out = Path(args.out or f"benchmarks/results/bench_rollout_{jax.default_backend()}_{tag}.json")
