@@ -346,10 +346,11 @@ def engine_programs(ctx: Context) -> list[Program]:
     row_pages = -(-longest // ps) + 1
     per_page = pa.page_bytes(m.num_layers, ps, m.num_kv_heads, m.head_dim, dtype.itemsize)
     resident = per_chip_bytes(ctx.opt_state) + per_chip_bytes(ctx.params) + ref_bytes(ctx)
+    free = ctx.hbm_bytes - resident - per_chip_bytes(state)
+    unroll = engine.unroll_layers(per_chip_bytes(state), max(free, 0))
     if r.num_pages:
         pages = r.num_pages + 1
     else:
-        free = ctx.hbm_bytes - resident - per_chip_bytes(state)
         budget = int(r.kv_memory_fraction * max(free, 0)) // per_page
         prompts = -(-rows // r.n)
         usable = rows * row_pages + prompts * -(-prompt // ps)
@@ -366,7 +367,7 @@ def engine_programs(ctx: Context) -> list[Program]:
     eos = tuple(np.atleast_1d(m.eos_token_id or 0).tolist())
     graph = sampling.StaticGraph(ctx.graphdef)
     decode_key = (ps, k_steps, r.max_response_length, False, r.top_k, r.top_p < 1.0, eos, 0, impl,
-                  impl != "tpu" and engine.unroll_layers(), False)  # fmt: skip
+                  impl != "tpu" and unroll, False)  # fmt: skip
     table = shard((rows, pb), jnp.int32)
     active = vec(rows, jnp.bool_)
     lead = (graph, decode_key) if d == 1 else (graph, decode_key, mesh)

@@ -84,7 +84,8 @@ def test_windows_over_the_memory_budget_are_gathered_every_step(model, prompts, 
     assert seen and seen[0] and not seen[-1]
     assert_same(ours, ref)
     assert_same(per_step, ref)
-    # Scanned layers over stacked windows / buffers (the GPU form), both window paths.
+    # Scanned layers over stacked windows / buffers (a GPU's form when the per-layer weights
+    # would not fit), both window paths.
     monkeypatch.setattr(engine, "UNROLL_LAYERS", False)
     scanned_per_step = generate(model, ids, mask, engine=EngineConfig(page_size=4), **args)
     monkeypatch.setattr(engine, "WINDOW_MEMORY_FRACTION", 1.0)
@@ -92,6 +93,25 @@ def test_windows_over_the_memory_budget_are_gathered_every_step(model, prompts, 
     assert seen[-2:] == [False, True]
     assert_same(scanned_per_step, ref)
     assert_same(scanned, ref)
+
+
+def test_unrolled_layers_by_backend_and_memory(monkeypatch):
+    """Unrolled on CPU always; on a GPU when the weights fit UNROLL_MEMORY_FRACTION of free
+    memory; never on TPU; UNROLL_LAYERS overrides."""
+    from htpo_jax.rollout import engine
+
+    def on(backend, *args):
+        monkeypatch.setattr(jax, "default_backend", lambda: backend)
+        return engine.unroll_layers(*args)
+
+    gib = 2**30
+    assert on("cpu", 100 * gib, gib)
+    assert on("gpu", gib, 8 * gib) and not on("gpu", 3 * gib, 8 * gib)
+    assert not on("tpu", 1, 8 * gib)
+    monkeypatch.setattr(engine, "UNROLL_LAYERS", False)
+    assert not on("cpu", 1, gib)
+    monkeypatch.setattr(engine, "UNROLL_LAYERS", True)
+    assert on("tpu", 100 * gib, gib)
 
 
 @pytest.mark.parametrize(

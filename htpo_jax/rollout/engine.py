@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -95,15 +96,16 @@ def _decode_fn(graphdef, page_size, k_steps, n_new, greedy, top_k, use_top_p, eo
         out_tok = jnp.full((s, k_steps), pad, jnp.int32)
         out_lp = jnp.zeros((s, k_steps), jnp.float32)
         kv0_s = kv_len_s  # cache length at the start of the call
-        # Reference path (`unroll_layers()` picks `unroll`): with `gather_once` (the host's choice:
-        # the windows fit the memory budget,
-        # see `resolve_sizes`) each row's pages are gathered once per call into dense per-layer
-        # windows (`pa.gather_window`: gathering every step cost more than the attention on
-        # XLA:CPU), else one layer's at a time in every step; this call's new keys / values go to
-        # small per-layer [S, K, K_steps, H] buffers, written into the pages after the loop. On
-        # CPU the layers are unrolled over per-layer arrays (XLA:CPU copies a slice of a stacked
-        # array on every use); elsewhere they are scanned over stacked [L, ...] arrays (no weight
-        # copies). TPU path: the kernel reads only the pool, so each step writes its token there.
+        # Reference path (`unroll_layers` picks `unroll`): with `gather_once` (the host's choice:
+        # the windows fit the memory budget, see `resolve_sizes`) each row's pages are gathered
+        # once per call into dense per-layer windows (`pa.gather_window`: gathering every step
+        # cost more than the attention on XLA:CPU), else one layer's at a time in every step;
+        # this call's new keys / values go to small per-layer [S, K, K_steps, H] buffers,
+        # written into the pages after the loop. The layers are unrolled over per-layer arrays
+        # (a loop copies each slice of a stacked array on every use: XLA:CPU always, and it
+        # measured 2x slower on a GPU), or scanned over stacked [L, ...] arrays when the
+        # per-layer weights would not fit (GPU). TPU path: the kernel reads only the pool, so
+        # each step writes its token there.
         kh = (model.cfg.num_kv_heads, model.cfg.head_dim)
         stack = lambda items: jax.tree.map(lambda *xs: jnp.stack(xs), *items)
         if impl != "tpu":
@@ -201,12 +203,25 @@ def _decode_fn(graphdef, page_size, k_steps, n_new, greedy, top_k, use_top_p, eo
 
 
 # Reference decode: layers unrolled over per-layer arrays (True), scanned over stacked ones
-# (False); None: unrolled on CPU only (see `_decode_fn`).
+# (False); None: chosen per call by `unroll_layers` (see `_decode_fn`).
 UNROLL_LAYERS = None
+# The unrolled decode slices the stacked weights into per-layer arrays inside the program (on a
+# GPU that may be a second copy of the weights while it runs): only when that fits this fraction
+# of the device's free memory.
+UNROLL_MEMORY_FRACTION = 0.25
 
 
-def unroll_layers() -> bool:
-    return jax.default_backend() == "cpu" if UNROLL_LAYERS is None else UNROLL_LAYERS
+def unroll_layers(weight_bytes: int = 0, free: int | None = None) -> bool:
+    """Whether the reference decode runs its layers unrolled. Measured: on XLA:CPU a scanned
+    loop copies each stacked slice on every use (docs/ROLLOUT.md); on an H200 at the Qwen3-0.6B
+    shape the unrolled decode ran 1.8-2.1x faster than the scanned one. On a GPU only when the
+    weights (`weight_bytes`, compute dtype) fit UNROLL_MEMORY_FRACTION of `free`; never on TPU,
+    where the kernel path decodes."""
+    if UNROLL_LAYERS is not None:
+        return UNROLL_LAYERS
+    backend = jax.default_backend()
+    fits = free is None or weight_bytes <= UNROLL_MEMORY_FRACTION * free
+    return backend == "cpu" or (backend == "gpu" and fits)
 
 
 # Reference decode: the windows gathered once per call (a copy of S x Pb pages) may take this
@@ -311,10 +326,17 @@ def free_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
+class Sizes(NamedTuple):
+    seqs: int  # max_num_seqs
+    pages: int  # pool pages, the trash page included
+    window_pages: int  # pages the once-per-call decode windows may copy
+    unroll: bool  # the reference decode's layers unrolled (`unroll_layers`)
+
+
 def resolve_sizes(cfg: EngineConfig, model_cfg, prompt_lens, n, max_new_tokens, cache_dtype,
-                  shards: int = 1):  # fmt: skip
-    """(max_num_seqs, num_pages incl. the trash page, window_pages) of one engine (one batch
-    shard's, whose prompts have lengths `prompt_lens`, out of `shards`).
+                  shards: int = 1, weight_bytes: int = 0) -> Sizes:  # fmt: skip
+    """The sizes of one engine (one batch shard's, whose prompts have lengths `prompt_lens`, out
+    of `shards`).
 
     max_num_seqs: `cfg.max_num_seqs` (the whole call's) split over the shards; 0: min(rows, 512).
     num_pages = 0: the pages that fit `kv_memory_fraction` of free memory (one device's; on CPU
@@ -322,6 +344,7 @@ def resolve_sizes(cfg: EngineConfig, model_cfg, prompt_lens, n, max_new_tokens, 
     at full length, plus its prompts) rounded up to a power of two.
     window_pages: how many pages the reference decode's once-per-call windows may copy
     (WINDOW_MEMORY_FRACTION of free memory).
+    unroll: `unroll_layers(weight_bytes, free)`.
     """
     ps = cfg.page_size
     c = model_cfg
@@ -335,8 +358,9 @@ def resolve_sizes(cfg: EngineConfig, model_cfg, prompt_lens, n, max_new_tokens, 
         got = allgather_bytes("rollout engine: pool size", str(free).encode())
         free = min(int(x) for x in got)
     window_pages = int(WINDOW_MEMORY_FRACTION * free) // per_page // host_shared
+    unroll = unroll_layers(weight_bytes, free)
     if cfg.num_pages:
-        return seqs, cfg.num_pages + 1, window_pages
+        return Sizes(seqs, cfg.num_pages + 1, window_pages, unroll)
     # At most max_num_seqs rows hold pages at once (prompt pages are shared by n rows).
     row_pages = -(-longest // ps) + 1
     usable = (1 << (seqs - 1).bit_length()) * row_pages + sum(
@@ -347,7 +371,7 @@ def resolve_sizes(cfg: EngineConfig, model_cfg, prompt_lens, n, max_new_tokens, 
     # allows) so that calls with other row counts or lengths reuse the compiled programs.
     wanted = 1 << (usable - 1).bit_length()
     pages = max(min(wanted, budget), -(-longest // ps) + 1)  # at least one full row
-    return seqs, pages, window_pages
+    return Sizes(seqs, pages, window_pages, unroll)
 
 
 # ---------------------------------------------------------------------- the host loop
@@ -368,15 +392,15 @@ def generate_paged(sampler, params, prompt_ids, prompt_mask, *, max_new_tokens, 
     shards = batch_shards(mesh) if mesh is not None else 1
     bounds = np.linspace(0, len(prompts), shards + 1).astype(int)  # shard d: prompts [b_d, b_d+1)
     biggest = max(range(shards), key=lambda d: bounds[d + 1] - bounds[d])
-    seqs, num_pages, window_pages = resolve_sizes(
-        config, sampler.model_cfg, [len(p) for p in prompts[bounds[biggest] : bounds[biggest + 1]]],
-        n, max_new_tokens, cache_dtype, shards,
+    c = sampler.model_cfg
+    seqs, num_pages, window_pages, unroll = resolve_sizes(
+        config, c, [len(p) for p in prompts[bounds[biggest] : bounds[biggest + 1]]],
+        n, max_new_tokens, cache_dtype, shards, c.num_params() * jnp.dtype(sampler.dtype).itemsize,
     )  # fmt: skip
     ps, k_steps = config.page_size, config.steps_per_call
     scheds = [Scheduler(prompts[bounds[d] : bounds[d + 1]], n, max_new_tokens, page_size=ps,
                         num_pages=num_pages, max_num_seqs=seqs, steps_per_call=k_steps,
                         min_slots=min(config.min_slots, seqs)) for d in range(shards)]  # fmt: skip
-    c = sampler.model_cfg
     impl = pa.resolve_impl(config.attention, c.head_dim)
     if impl == "tpu" and mesh is not None and dict(mesh.shape).get("tensor", 1) > 1:
         impl = "reference"  # the kernel is not partitioned over `tensor` (see docs/ROLLOUT.md)
@@ -385,7 +409,7 @@ def generate_paged(sampler, params, prompt_ids, prompt_mask, *, max_new_tokens, 
     out_logp = np.zeros((rows, max_new_tokens), np.float32)
     chunk = sampler.attention_chunk_size or 1024
     decode_key = (ps, k_steps, max_new_tokens, greedy, int(top_k), top_p < 1.0, eos,
-                  int(pad_token_id), impl, impl != "tpu" and unroll_layers())  # fmt: skip
+                  int(pad_token_id), impl, impl != "tpu" and unroll)  # fmt: skip
     scalars = (rng, jnp.float32(temperature), jnp.float32(top_p))
     progs = _Programs(sampler, (ps, chunk), decode_key, mesh)
     state = progs.compute_params(params)
