@@ -22,10 +22,11 @@ Useful tokens/s = sum of response lengths (up to and including EOS) / wall secon
 included. In the EOS cases transformers is made to end each row where the engine's did
 (`ForceLengths`: the same work; its batch still runs to its longest row); `--hf-free` lets it
 draw its own lengths, which makes its time swing with its own longest row. Times are medians of
-interleaved rounds after one warm-up call each (which compiles ours). Peak KV-cache bytes:
-engine = pages in use at the peak (+ the trash page; the pool it allocates is also printed),
-static = its dense [rows bucket, P bucket + N] cache, transformers = its dynamic cache at the
-longest generated length. Writes JSON (--out, default
+interleaved rounds after one warm-up call each (which compiles ours). `--floor` (uniform cases)
+adds the model's matrix products alone, in XLA and numpy: a lower bound on any decode step here.
+Peak KV-cache bytes: engine = pages in use at the peak (+ the trash page; the pool it allocates
+is also printed), static = its dense [rows bucket, P bucket + N] cache, transformers = its
+dynamic cache at the longest generated length. Writes JSON (--out, default
 benchmarks/results/bench_rollout_<backend>_<case>.json).
 """
 
@@ -39,6 +40,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -121,9 +123,48 @@ class ForceLengths:
         return scores
 
 
+def matmul_floor(cfg: ModelConfig, rows: int, steps: int, dtype) -> dict:
+    """{name: fn}: `steps` decode steps of the model's matrix products alone (per layer: q, k, v,
+    o, gate, up, down; then the unembedding) for `rows` rows, random weights of the model's
+    shapes; no attention, norms, sampling or bookkeeping. In XLA (one jitted loop) and numpy
+    (the BLAS numpy links): a lower bound on any sampler's decode step on this machine."""
+    r = np.random.RandomState(0)
+    d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    nh, kh = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    shapes = dict(q=(d, nh), k=(d, kh), v=(d, kh), o=(nh, d), g=(d, f), u=(d, f), dn=(f, d))
+    ws = [{k: (r.randn(*sh) * 0.02).astype(dtype) for k, sh in shapes.items()}
+          for _ in range(cfg.num_layers)]  # fmt: skip
+    emb = (r.randn(v, d) * 0.02).astype(dtype)
+    x0 = r.randn(rows, d).astype(dtype)
+
+    def step(x, ws, emb, xp):
+        for w in ws:
+            q, k, v_ = x @ w["q"], x @ w["k"], x @ w["v"]
+            x = x + (q + xp.concatenate([k, v_] * (nh // (2 * kh)), 1)) @ w["o"]
+            x = x + ((x @ w["g"]) * (x @ w["u"])) @ w["dn"]
+        return x + 1e-3 * (x @ emb.T)[:, :d]
+
+    loop = jax.jit(
+        lambda x, ws, emb: jax.lax.fori_loop(0, steps, lambda i, x: step(x, ws, emb, jnp), x)
+    )
+    jws, jemb = jax.device_put((ws, emb))
+
+    def numpy_loop():
+        x = x0
+        for _ in range(steps):
+            x = step(x, ws, emb, np)
+        return x
+
+    done = SimpleNamespace(lengths=np.full(rows, steps))
+    return {
+        "matmuls only, XLA": lambda: (jax.block_until_ready(loop(x0, jws, jemb)), done)[1],
+        "matmuls only, numpy": lambda: (numpy_loop(), done)[1],
+    }
+
+
 def run_case(name: str, case: dict, iters: int, use_hf: bool, hf_threads: str,
              match_lengths: bool = True, static: bool = True, layers_ab: bool = False,
-             max_new: int | None = None) -> dict:  # fmt: skip
+             max_new: int | None = None, floor: bool = False) -> dict:  # fmt: skip
     b, n_samples, p, n = case["prompts"], case["n"], case["prompt_len"], max_new or case["new"]
     dtype = jnp.dtype(case["dtype"])
     cfg = case["model"]
@@ -161,6 +202,8 @@ def run_case(name: str, case: dict, iters: int, use_hf: bool, hf_threads: str,
             )
         if static:
             fns[f"static {mode}"] = ours("static", mode == "greedy")
+    if floor and not eos:  # the uniform cases: every row decodes n steps
+        fns.update(matmul_floor(cfg, rows, n, np.dtype(dtype.name)))
     hf_info, on_gpu = None, jax.default_backend() == "gpu"
     if use_hf:
         import torch
@@ -223,6 +266,7 @@ def run_case(name: str, case: dict, iters: int, use_hf: bool, hf_threads: str,
         else:
             lengths = np.asarray(out.lengths)
             peak = engine_stats["peak_kv_bytes"] if sampler.startswith("engine") else static_kv
+            peak = 0 if sampler.startswith("matmuls") else peak
         useful = int(lengths.sum())
         results.append(dict(sampler=sampler, seconds=sec, cpu_seconds=cpu, useful_tokens=useful,
                             mean_length=float(lengths.mean()), max_length=int(lengths.max()),
@@ -263,6 +307,9 @@ def run_case(name: str, case: dict, iters: int, use_hf: bool, hf_threads: str,
         print(f"{r['sampler']:>24} {r['seconds']:8.3f} {r['cpu_seconds']:7.3f} "
               f"{r['mean_length']:8.1f} {r['useful_tokens_per_s']:12.0f} "
               f"{r['peak_kv_bytes'] / 2**20:11.1f} {vs_hf} {vs_st}")  # fmt: skip
+    if not eos:  # uniform: every call decodes n steps (prefill included in the engine's time)
+        print("per step (seconds / new tokens): " + ", ".join(
+            f"{r['sampler']} {r['seconds'] / n * 1e3:.2f} ms" for r in results))  # fmt: skip
     return dict(meta=meta, rows=results)
 
 
@@ -286,6 +333,11 @@ def main():
         help="also time the engine with the other layer form (scanned / unrolled)",
     )
     ap.add_argument("--max-new", type=int, default=None, help="override the case's new tokens")
+    ap.add_argument(
+        "--floor",
+        action="store_true",
+        help="uniform cases: also time the model's matrix products alone (XLA, numpy)",
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.gpu and args.tiny:
@@ -298,7 +350,8 @@ def main():
         names = ["uniform", "skewed"] if args.case == "all" else [args.case]
     iters = args.iters or (1 if args.gpu else 3)
     report = {name: run_case(name, CASES[name], iters, not args.no_hf, args.hf_threads,
-                             not args.hf_free, not args.no_static, args.layers_ab, args.max_new)
+                             not args.hf_free, not args.no_static, args.layers_ab, args.max_new,
+                             args.floor)
               for name in names}  # fmt: skip
     tag = "-".join(names)
     out = Path(args.out or f"benchmarks/results/bench_rollout_{jax.default_backend()}_{tag}.json")
