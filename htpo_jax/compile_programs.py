@@ -371,7 +371,8 @@ def engine_programs(ctx: Context) -> list[Program]:
     table = shard((rows, pb), jnp.int32)
     active = vec(rows, jnp.bool_)
     lead = (graph, decode_key) if d == 1 else (graph, decode_key, mesh)
-    args = (*lead, state, pools, table, vec(rows), vec(rows), vec(rows), vec(rows),
+    layers = jax.eval_shape(engine.split_layers, graph, state) if decode_key[-2] else None
+    args = (*lead, (state, layers), pools, table, vec(rows), vec(rows), vec(rows), vec(rows),
             active, vec(rows), vec(rows), key, f32, f32)  # fmt: skip
     where = "one chip" if d == 1 else f"per chip, {d} engines (one per batch shard)"
     note = f"{where}, {impl} attention, {pages} pages of {ps} ({pages * per_page / 2**30:.1f} GiB)"

@@ -87,6 +87,7 @@ def _decode_fn(graphdef, page_size, k_steps, n_new, greedy, top_k, use_top_p, eo
 
     def run(state, pools, table_sp, kv_len_s, tok_s, step_s, row_s, active_s, src_s, dst_s,
             rng, temperature, top_p):  # fmt: skip
+        state, layers = state  # layers: `split_layers`' per-layer weights (unroll), else None
         model = nnx.merge(graphdef, state)
         s = tok_s.shape[0]
         n_layers = model.cfg.num_layers
@@ -112,7 +113,7 @@ def _decode_fn(graphdef, page_size, k_steps, n_new, greedy, top_k, use_top_p, eo
             windows = gather_once and [
                 pa.gather_window(pools, j, table_sp) for j in range(n_layers)
             ]
-            layer_states = model.layer_states() if unroll else None
+            layer_states = layers if unroll else None
             recents = [  # per layer: keys [S, K, H, K_steps], values [S, K, K_steps, H]
                 (jnp.zeros((s, kh[0], kh[1], k_steps), pools[0].dtype),
                  jnp.zeros((s, kh[0], k_steps, kh[1]), pools[1].dtype))
@@ -205,9 +206,9 @@ def _decode_fn(graphdef, page_size, k_steps, n_new, greedy, top_k, use_top_p, eo
 # Reference decode: layers unrolled over per-layer arrays (True), scanned over stacked ones
 # (False); None: chosen per call by `unroll_layers` (see `_decode_fn`).
 UNROLL_LAYERS = None
-# The unrolled decode slices the stacked weights into per-layer arrays inside the program (on a
-# GPU that may be a second copy of the weights while it runs): only when that fits this fraction
-# of the device's free memory.
+# The unrolled decode runs on per-layer copies of the stacked weights (`split_layers`, held for a
+# `generate` call: a second copy of the weights): only when that fits this fraction of the
+# device's free memory.
 UNROLL_MEMORY_FRACTION = 0.25
 
 
@@ -238,9 +239,18 @@ def prefill_program(graph: sampling.StaticGraph, key: tuple, state, pools, *args
     return _prefill_fn(graph.graphdef, *key)(state, pools, *args)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def split_layers(graph: sampling.StaticGraph, state) -> list:
+    """The decoder's per-layer weights as arrays of their own (`Decoder.layer_states`): taken once
+    per `generate` call for the unrolled decode (inside the decode program they were a copy of
+    every weight in every call)."""
+    return nnx.merge(graph.graphdef, state).layer_states()
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=3)
 def decode_program(graph: sampling.StaticGraph, key: tuple, state, pools, *args):
-    """`_decode_fn(graphdef, *key)` on (state, pools, table_sp, ..., rng, temperature, top_p)."""
+    """`_decode_fn(graphdef, *key)` on ((state, layers), pools, table_sp, ..., rng, temperature,
+    top_p); layers: `split_layers(graph, state)` when the key's `unroll` is set, else None."""
     return _decode_fn(graph.graphdef, *key)(state, pools, *args)
 
 
@@ -408,11 +418,13 @@ def generate_paged(sampler, params, prompt_ids, prompt_mask, *, max_new_tokens, 
     out_tokens = np.full((rows, max_new_tokens), pad_token_id, np.int32)
     out_logp = np.zeros((rows, max_new_tokens), np.float32)
     chunk = sampler.attention_chunk_size or 1024
+    unroll = impl != "tpu" and unroll
     decode_key = (ps, k_steps, max_new_tokens, greedy, int(top_k), top_p < 1.0, eos,
-                  int(pad_token_id), impl, impl != "tpu" and unroll)  # fmt: skip
+                  int(pad_token_id), impl, unroll)  # fmt: skip
     scalars = (rng, jnp.float32(temperature), jnp.float32(top_p))
     progs = _Programs(sampler, (ps, chunk), decode_key, mesh)
     state = progs.compute_params(params)
+    dstate = (state, split_layers(sampler.graph, state) if unroll else None)
     pools = progs.init_pool(c.num_layers, num_pages, ps, c.num_kv_heads, c.head_dim, cache_dtype,
                             impl, shards)  # fmt: skip
     row0 = bounds[:-1] * n  # global id of each shard's first row (its rows' keys)
@@ -430,13 +442,13 @@ def generate_paged(sampler, params, prompt_ids, prompt_mask, *, max_new_tokens, 
         per_row = [np.stack([getattr(d, f) for d in dec]) for f in DECODE_FIELDS]
         per_row[4] = per_row[4] + row0[:, None]  # the rows' global ids (their keys)
         gather_once = impl != "tpu" and need[0] * need[1] <= window_pages  # S x Pb pages
-        pools, tok_dsk, lp_dsk = progs.decode(gather_once, state, pools, *per_row, *scalars)
+        pools, tok_dsk, lp_dsk = progs.decode(gather_once, dstate, pools, *per_row, *scalars)
         tok_dsk, lp_dsk = jax.device_get((tok_dsk, lp_dsk))
         for s, d, tok_sk, lp_sk, (out_t, out_l) in zip(scheds, dec, tok_dsk, lp_dsk, views,
                                                        strict=True):  # fmt: skip
             s.commit(d, tok_sk, eos, out_t, out_l, lp_sk)
             s.end_round()
-    del pools
+    del pools, dstate
     if stats is not None:
         per_page = pa.page_bytes(c.num_layers, ps, c.num_kv_heads, c.head_dim, cache_dtype.itemsize)
         peak = max(s.alloc.peak_used for s in scheds)
