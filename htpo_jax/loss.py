@@ -211,14 +211,20 @@ def high_entropy_only_loss(
 ):
     """The "80/20" baseline: the clipped loss on the batch's top `high_entropy_ratio` entropy
     tokens only (tau = the k-th largest H over all valid tokens of the batch, k =
-    max(floor(rho N), 1)), aggregated over those tokens. `num_tokens`, when given, is the count
-    of selected tokens in the whole mini-batch."""
+    max(floor(rho N), 1)), token-mean over those tokens. `num_tokens`, when given, is the whole
+    mini-batch's count of valid tokens (as for every loss); the mean then divides by
+    max(floor(rho num_tokens), 1), the number of tokens a selection over the whole mini-batch
+    keeps. The selection itself is made per call: per micro-batch under gradient accumulation,
+    whose selections hold that many tokens up to one per micro-batch (floors) and ties."""
     valid = response_mask > 0
     ent = lax.stop_gradient(entropy)
     keys = masked_keys(ent, valid).reshape(1, -1)  # [1, B*T]: one selection over the batch
     n = jnp.sum(valid, dtype=jnp.int32).astype(log_prob.dtype)
     k = jnp.maximum(jnp.floor(config.high_entropy_ratio * n).astype(jnp.int32), 1)
     (tau,) = kth_largest_keys(keys, (k[None],))
+    if num_tokens is not None:  # the mini-batch's valid tokens -> the tokens its selection keeps
+        n_all = jnp.asarray(num_tokens, jnp.float32)
+        num_tokens = jnp.maximum(jnp.floor(config.high_entropy_ratio * n_all), 1.0)
     high = (keys >= tau[:, None]).reshape(valid.shape) & valid
     loss, metrics = dapo_loss(
         log_prob,

@@ -224,7 +224,8 @@ def batch_top_fraction(ent, valid, ratio=0.2):
 def test_accumulation_over_micro_batches_equals_one_batch(name):
     """Every LOSSES entry takes one `LossInputs`; halves with the whole batch's counts add up to
     the whole batch. high_entropy_only selects per (micro-)batch, so its halves add up to the
-    clipped loss over the union of the halves' selections, normalized by the selected count."""
+    clipped loss over the union of the halves' selections, divided by the count a selection over
+    the whole batch keeps, max(floor(0.2 N), 1)."""
     lp, old, ent, adv, mask, hard, correct = random_batch(8, 40, 5)
     fn = LOSSES[name]
 
@@ -239,12 +240,13 @@ def test_accumulation_over_micro_batches_equals_one_batch(name):
         union = np.concatenate(
             [batch_top_fraction(ent[s], valid[s]) for s in (slice(0, 4), slice(4, 8))]
         )
-        n_sel = union.sum()
-        assert 0 < n_sel < valid.sum()
+        assert 0 < union.sum() < valid.sum()
+        kept = max(int(0.2 * valid.sum()), 1)
         want_loss, want_grad = jax.value_and_grad(
-            lambda p: dapo_loss(p, *map(jnp.asarray, (old, adv, union.astype(mask.dtype))))[0]
+            lambda p: dapo_loss(
+                p, *map(jnp.asarray, (old, adv, union.astype(mask.dtype))), num_tokens=kept
+            )[0]
         )(jnp.asarray(lp))
-        n_tok = n_sel
     else:
         want_loss, want_grad = call(slice(None))
     halves = [
@@ -290,6 +292,17 @@ def test_high_entropy_only_uses_batch_top_fraction():
     k = max(int(0.2 * n), 1)
     tau = np.sort(ent[mask > 0])[::-1][k - 1]
     np.testing.assert_allclose(m["high_entropy_frac"], (ent[mask > 0] >= tau).mean(), rtol=1e-6)
+
+
+def test_high_entropy_only_with_the_trainers_token_count():
+    """The trainer passes every loss the mini-batch's valid-token count: for one batch (no ties in
+    H) high_entropy_only then equals its own token-mean over the tokens it selects (it was
+    divided by all valid tokens, 1 / rho times too small)."""
+    lp, old, ent, adv, mask, _, _ = map(jnp.asarray, random_batch(4, 50, 12))
+    alone, _ = high_entropy_only_loss(lp, old, ent, adv, mask)
+    counted, _ = high_entropy_only_loss(lp, old, ent, adv, mask, num_tokens=jnp.sum(mask))
+    np.testing.assert_allclose(counted, alone, rtol=1e-6)
+    assert abs(float(alone)) > 1e-4
 
 
 def test_bfloat16_is_preserved_and_jittable():
