@@ -220,7 +220,7 @@ def rollout_programs(ctx: Context) -> list[Program]:
     p = prompt_width(c)
     eos = ctx.model_cfg.eos_token_id or (0,)
     config = (k, r.max_response_length, False, r.top_k, r.top_p < 1.0, eos, 0,
-              jnp.dtype(c.model.dtype))  # fmt: skip
+              jnp.dtype(c.model.dtype), ctx.mesh.devices.flat[0].platform == "cpu")  # fmt: skip
     fn = static.generate_program
     ids = array(ctx, (prompts, p), jnp.int32)
     key = jax.eval_shape(lambda: jax.random.key(0))

@@ -64,7 +64,7 @@ def main():
     # temporary memory with one device's. Cache: 2 layers x (k, v) x [8, 16 + 4096, 2, 16] f32
     # = 16.8 MB on one device; batch over 4 and kv heads over 2 leaves 2.1 MB per device.
     def temp_bytes(m):
-        static = (1, 4096, True, -1, False, (), 0, jnp.dtype(jnp.float32))
+        static = (1, 4096, True, -1, False, (), 0, jnp.dtype(jnp.float32), True)  # unrolled (CPU)
         graph, state = rollout.StaticGraph(nnx.graphdef(m)), nnx.state(m)
         pad = ((0, 0), (5, 0))  # 11 -> 16 columns, as generate pads them
         args = (np.pad(ids, pad), np.pad(mask, pad).astype(np.int32), jax.random.key(0))

@@ -283,7 +283,14 @@ def dense_kv_fn(cache_index, mask_bts):
     """The dense cache's kv_fn: write at slots [cache_index, cache_index + T), attend under
     `mask_bts` [B, T, S] (True = may attend)."""
 
-    def kv_fn(layer, q_btnh, k_btkh, v_btkh, cache: KVCache):
+    def kv_fn(layer, q_btnh, k_btkh, v_btkh, cache):
+        if isinstance(cache, tuple):  # per-layer caches, layers unrolled (`layer` a Python int)
+            c, start = cache[layer], (0, cache_index, 0, 0)  # [B, S, K, H] at slots [idx, +T)
+            k_bskh = jax.lax.dynamic_update_slice(c.k, k_btkh.astype(c.k.dtype), start)
+            v_bskh = jax.lax.dynamic_update_slice(c.v, v_btkh.astype(c.v.dtype), start)
+            kv = (k_bskh.astype(q_btnh.dtype), v_bskh.astype(q_btnh.dtype))
+            out = attend_in_query_chunks(q_btnh, *kv, mask_bts, None)
+            return out, cache[:layer] + (KVCache(k=k_bskh, v=v_bskh),) + cache[layer + 1 :]
         # [L, B, S, K, H] <- [1, B, T, K, H] at layer `layer`, slots [cache_index, +T).
         start = (layer, 0, cache_index, 0, 0)
         k_all = jax.lax.dynamic_update_slice(cache.k, k_btkh[None].astype(cache.k.dtype), start)
@@ -462,13 +469,16 @@ class Decoder(nnx.Module):
         shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)  # [L, B, S, K, H]
         return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
-    def forward_cached(self, input_ids_bt, positions_bt, cache: KVCache, cache_index, kv_mask_bs):
-        """Prefill (T = prompt length) or decode (T = 1) step; see the module docstring."""
+    def forward_cached(self, input_ids_bt, positions_bt, cache, cache_index, kv_mask_bs,
+                       layer_states=None):  # fmt: skip
+        """Prefill (T = prompt length) or decode (T = 1) step; see the module docstring. `cache`:
+        a `KVCache` [L, B, S, K, H], or with `layer_states` (the layers unrolled) a tuple of
+        per-layer `KVCache`s [B, S, K, H]."""
         t = input_ids_bt.shape[1]
-        s = cache.k.shape[2]
+        s = (cache[0] if isinstance(cache, tuple) else cache).k.shape[-3]
         slot_t = cache_index + jnp.arange(t)  # cache slot of each new token
         causal_ts = jnp.arange(s)[None, :] <= slot_t[:, None]  # [T, S]
         mask_bts = causal_ts[None] & kv_mask_bs.astype(jnp.bool_)[:, None, :]  # [B, T, S]
         return self.forward_kv(
-            input_ids_bt, positions_bt, cache, dense_kv_fn(cache_index, mask_bts)
+            input_ids_bt, positions_bt, cache, dense_kv_fn(cache_index, mask_bts), layer_states
         )

@@ -40,17 +40,25 @@ class _LoopState:
     tokens: jax.Array  # [B, N] int32
     log_probs: jax.Array  # [B, N] float32
     done: jax.Array  # [B] bool: EOS already sampled
-    cache: KVCache  # k, v [L, B, S = P + N, K, H]
+    cache: KVCache | tuple  # k, v [L, B, S = P + N, K, H]; unrolled: per layer [B, S, K, H]
 
 
-def _constrain_cache(cache: KVCache) -> KVCache:
-    return KVCache(
-        k=constrain(cache.k, CACHE_LOGICAL_AXES), v=constrain(cache.v, CACHE_LOGICAL_AXES)
-    )
+def _constrain_cache(cache):
+    """A stacked `KVCache` [L, ...] or a tuple of per-layer ones [B, S, K, H]."""
+    if isinstance(cache, tuple):
+        return tuple(_constrain_cache_axes(c, CACHE_LOGICAL_AXES[1:]) for c in cache)
+    return _constrain_cache_axes(cache, CACHE_LOGICAL_AXES)
 
 
-def _program(graphdef, n, max_new_tokens, greedy, top_k, use_top_p, eos_ids, pad_id, cache_dtype):
-    """The generate program of one static configuration, as a function to trace."""
+def _constrain_cache_axes(cache: KVCache, axes) -> KVCache:
+    return KVCache(k=constrain(cache.k, axes), v=constrain(cache.v, axes))
+
+
+def _program(graphdef, n, max_new_tokens, greedy, top_k, use_top_p, eos_ids, pad_id, cache_dtype,
+             unroll):  # fmt: skip
+    """The generate program of one static configuration, as a function to trace. `unroll` (on
+    CPU): the decode loop runs the layers unrolled over per-layer weights and caches (XLA:CPU
+    copies a slice of a stacked array on every use inside a loop; see docs/ROLLOUT.md)."""
     n_new = max_new_tokens
 
     def run(state, prompt_ids_bp, prompt_mask_bp, rng, temperature, top_p):
@@ -80,6 +88,9 @@ def _program(graphdef, n, max_new_tokens, greedy, top_k, use_top_p, eos_ids, pad
             return constrain(jnp.concatenate([x_lpkh, empty], axis=2), CACHE_LOGICAL_AXES)
 
         cache = KVCache(k=expand(prompt_cache.k), v=expand(prompt_cache.v))
+        layer_states = model.layer_states() if unroll else None
+        if unroll:
+            cache = tuple(KVCache(k=cache.k[i], v=cache.v[i]) for i in range(cache.k.shape[0]))
         hidden_bd = jnp.repeat(hidden_bpd[:, -1], n, axis=0)  # [B, D]
         prompt_mask_bp = constrain(jnp.repeat(prompt_mask_bp, n, axis=0), ("act_batch", None))
         prompt_len_b = prompt_mask_bp.sum(-1, dtype=jnp.int32)
@@ -105,7 +116,7 @@ def _program(graphdef, n, max_new_tokens, greedy, top_k, use_top_p, eos_ids, pad
             prev_b1 = jax.lax.dynamic_slice_in_dim(s.tokens, s.step - 1, 1, axis=1)  # [B, 1]
             positions_b1 = (prompt_len_b + s.step - 1)[:, None]
             hidden_b1d, cache = model.forward_cached(
-                prev_b1, positions_b1, s.cache, p + s.step - 1, kv_mask_bs
+                prev_b1, positions_b1, s.cache, p + s.step - 1, kv_mask_bs, layer_states
             )
             tok_b, lp_b = sample(model.unembed(hidden_b1d[:, 0]), s.step)
             tok_b = jnp.where(s.done, pad_id, tok_b)
@@ -178,7 +189,7 @@ def sample(sampler, params, prompt_ids, prompt_mask, *, max_new_tokens: int, rng
 
     cache_dtype = jnp.dtype(sampler.dtype if cache_dtype is None else cache_dtype)
     static = (int(n), int(max_new_tokens), greedy, int(top_k), top_p < 1.0, eos,
-              int(pad_token_id), cache_dtype)  # fmt: skip
+              int(pad_token_id), cache_dtype, jax.default_backend() == "cpu")  # fmt: skip
     out = generate_program(sampler.graph, static, params, ids, mask, rng, jnp.float32(temperature),
                            jnp.float32(top_p))  # fmt: skip
     if prompts_pad == prompts:
