@@ -8,9 +8,10 @@ by environment variables:
 - MH_SLOW_PROCESS=i: on process i only, the reward function sleeps MH_SLOW_S seconds for every
   4th response, so with a small `algorithm.reward_timeout_s` those responses time out there and
   nowhere else.
-- MH_WATCHDOG=1: instead of training, a 2-process check of the host sync points: a matching
-  barrier passes, then the processes wait at different stages and must stop with
-  CollectiveTimeout naming the stage (printed as `WATCHDOG <message>`); exits 0 when they did.
+- MH_WATCHDOG=1 (with MH_DONE_DIR, a scratch dir): instead of training, a 2-process check of the
+  host sync points: a matching barrier passes, then the processes wait at different stages and
+  must stop with CollectiveTimeout naming the stage (printed as `WATCHDOG <message>`); exits 0
+  when they did.
 """
 
 import json
@@ -86,6 +87,23 @@ def _install_hooks() -> None:
         scoring.REWARD_FNS["dapo_math"] = slow_fn
 
 
+def _leave_together(me: int) -> None:
+    """Exit 0 once every process has printed its WATCHDOG line.
+
+    Process 0 hosts the coordination service: if it left first, a host still inside its own
+    (later-started) barrier would be killed by the service's fatal-error poller before its
+    time-out fired. So each process leaves a file, and process 0 waits for all of them.
+    """
+    done = os.environ["MH_DONE_DIR"]
+    open(os.path.join(done, f"done{me}"), "w").close()
+    deadline = time.monotonic() + 120
+    while me == 0 and time.monotonic() < deadline:
+        if all(os.path.exists(os.path.join(done, f"done{i}")) for i in range(2)):
+            break
+        time.sleep(0.1)
+    os._exit(0)
+
+
 def _watchdog_check(argv) -> None:
     from htpo_jax import distributed as dist
     from htpo_jax.config import load_config
@@ -110,7 +128,7 @@ def _watchdog_check(argv) -> None:
         dist.barrier(f"stage only process {me} reaches")
     except dist.CollectiveTimeout as e:
         print(f"WATCHDOG {time.monotonic() - t0:.1f}s {e}", flush=True)
-        os._exit(0)
+        _leave_together(me)
     raise AssertionError("barrier at different stages passed")
 
 

@@ -164,7 +164,7 @@ def test_watchdog_names_the_stage_instead_of_hanging(tmp_path):
                 f"distributed.process_id={i}",
                 "trainer.collective_timeout_s=3",
             ],
-            env=_env(1, MH_WATCHDOG="1"),
+            env=_env(1, MH_WATCHDOG="1", MH_DONE_DIR=str(tmp_path)),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
