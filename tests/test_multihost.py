@@ -90,14 +90,21 @@ def test_checkpointer_local_through_epath(tmp_path):
 
 
 def test_checkpoint_on_a_fake_gcs_server():
-    """gs:// end to end (tensorstore + gcsfs) against a local fake Cloud Storage server."""
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "fake_gcs_check.py")],
-        env=_env(1),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    """gs:// end to end (tensorstore + gcsfs) against a local fake Cloud Storage server.
+
+    The fake server answers tensorstore's concurrent conditional writes badly now and then on a
+    loaded machine ("Malformed StorageGeneration" from the OCDBT manifest; ~1 run in 10 with
+    both cores busy, none when quiet): that one error, and only it, gets a second fresh run."""
+    for _ in range(2):
+        out = subprocess.run(
+            [sys.executable, str(ROOT / "tests" / "fake_gcs_check.py")],
+            env=_env(1),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        if "Malformed StorageGeneration" not in out.stderr:
+            break
     assert out.returncode == 0 and "OK" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
 
 
