@@ -133,6 +133,9 @@ class RolloutConfig:
         OPEN_UNIT,
     )
     steps_per_call: int = _f(16, "Decode steps per host round-trip of the engine.", POS)
+    work_stealing: bool = _f(
+        True, "Engine batch shards take waiting responses from each other (docs/ROLLOUT.md)."
+    )
     max_response_length: int = _f(20480, "Maximum new tokens per response.", POS)
     temperature: float = _f(1.0, "Sampling temperature for training rollouts.", POS)
     top_p: float = _f(1.0, "Nucleus sampling for training rollouts (1.0 = off).", TOP_P)

@@ -52,7 +52,8 @@ def engine_config(r) -> EngineConfig | str:
         return "static"
     return EngineConfig(max_num_seqs=r.max_num_seqs, page_size=r.page_size,
                         num_pages=r.num_pages, kv_memory_fraction=r.kv_memory_fraction,
-                        steps_per_call=r.steps_per_call)  # fmt: skip
+                        steps_per_call=r.steps_per_call,
+                        work_stealing=r.work_stealing)  # fmt: skip
 
 
 def sample_and_score(

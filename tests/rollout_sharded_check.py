@@ -4,9 +4,11 @@ On a data=2 x fsdp=2 x tensor=2 mesh, with the parameters sharded by the logical
 `generate` (one engine per batch shard; and the static sampler) gives the same greedy tokens and
 log-probs as on one device (and the same sampled tokens: each row's key is fold_in(rng, row),
 independent of the layout), also when the prompts do not fill the shards evenly (6 prompts, and
-3 prompts x n=2 on 4 shards), and its outputs are split over the batch. Prints OK at the end.
+3 prompts x n=2 on 4 shards, and when idle shards steal waiting rows), and its outputs are split
+over the batch. Prints OK at the end.
 """
 
+import dataclasses
 import os
 import sys
 
@@ -22,7 +24,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from tiny_models import left_padded_batch, random_decoder  # noqa: E402
 
 from htpo_jax import rollout  # noqa: E402
-from htpo_jax.rollout import generate  # noqa: E402
+from htpo_jax.rollout import EngineConfig, generate  # noqa: E402
 from htpo_jax.sharding import make_mesh, shard_model  # noqa: E402
 
 
@@ -47,6 +49,17 @@ def main():
         sample = generate(model, ids, mask, rng=jax.random.key(2), top_p=0.95, **kw)
         six = generate(model, ids[:6], mask[:6], greedy=True, **kw)  # 2 padding rows added
         n2 = generate(model, ids[:3], mask[:3], n=2, rng=jax.random.key(4), **kw)  # 3 x 2 rows
+        # 2 slots and 2 steps a call per shard, 1 in 8 tokens ends a row: queues drain
+        # unevenly, idle shards steal.
+        small = EngineConfig(max_num_seqs=8, steps_per_call=2)
+        kw_steal = dict(max_new_tokens=10, eos_token_id=list(range(3, 128, 8)))
+        stole, kept = {}, {}
+        steal = generate(model, ids, mask, n=4, rng=jax.random.key(6), engine=small, stats=stole,
+                         **kw_steal)  # fmt: skip
+        no_steal = dataclasses.replace(small, work_stealing=False)
+        plain = generate(model, ids, mask, n=4, rng=jax.random.key(6), engine=no_steal,
+                         stats=kept, **kw_steal)  # fmt: skip
+    ref_steal = generate(reference, ids, mask, n=4, rng=jax.random.key(6), **kw_steal)
 
     assert stats["shards"] == 4, stats  # one engine per batch shard (data x fsdp)
     assert greedy.tokens.sharding.spec[0] == ("data", "fsdp"), greedy.tokens.sharding
@@ -59,6 +72,12 @@ def main():
     np.testing.assert_allclose(np.asarray(sample.log_probs), ref_sample.log_probs, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(six.tokens), np.asarray(ref_six.tokens))
     np.testing.assert_array_equal(np.asarray(n2.tokens), np.asarray(ref_n.tokens))
+    for out in (steal, plain):  # work stealing moves rows between shards, not their tokens
+        np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref_steal.tokens))
+        np.testing.assert_allclose(np.asarray(out.log_probs), ref_steal.log_probs, atol=1e-5)
+    assert stole["stolen_rows"] > 0 and kept["stolen_rows"] == 0, (stole, kept)
+    print("work stealing:", stole["stolen_rows"], "rows moved;", stole["rounds"], "rounds, not",
+          kept["rounds"])  # fmt: skip
 
     # The KV cache is split too: compile (not run) a long generation and compare the per-device
     # temporary memory with one device's. Cache: 2 layers x (k, v) x [8, 16 + 4096, 2, 16] f32

@@ -11,7 +11,7 @@ from tiny_models import left_padded_batch, random_decoder
 from htpo_jax.models.attention import attend_one_query
 from htpo_jax.rollout import EngineConfig, compile_count, generate
 from htpo_jax.rollout import paged_attention as pa
-from htpo_jax.rollout.scheduler import PageAllocator, Scheduler
+from htpo_jax.rollout.scheduler import PageAllocator, Scheduler, steal_work
 
 
 @pytest.fixture(scope="module")
@@ -361,3 +361,68 @@ def test_shard_schedulers_pack_at_common_buckets():
         s.commit(dec, tok, (), out, np.zeros(out.shape, np.float32), np.zeros((8, 4), np.float32))
         s.end_round()
         assert s.done and (out == 5).all()
+
+
+def _run_shards(scheds, lengths, stealing, eos=1):
+    """The engine's host loop over shard schedulers, with a fake decode: row r samples token 5
+    until its response index lengths[r] - 1, where it samples EOS. Returns (tokens, rounds)."""
+    out = np.zeros((len(lengths), max(lengths)), np.int32)
+    logp = np.zeros(out.shape, np.float32)
+    rounds = 0
+    while not all(s.done for s in scheds):
+        if stealing:
+            steal_work(scheds)
+        for s in scheds:
+            s.advance()
+        common = tuple(int(x) for x in np.max([s.needs() for s in scheds], axis=0))
+        for s in scheds:
+            _, dec = s.pack(*common)
+            k = s.k
+            tok = np.full((common[0], k), 5, np.int32)
+            for j, r in enumerate(dec.rows):
+                at = lengths[r.row] - 1 - r.step
+                if 0 <= at < k:
+                    tok[j, at] = eos
+            s.commit(dec, tok, (eos,), out, logp, np.zeros(tok.shape, np.float32))
+            s.end_round()
+        rounds += 1
+    return out, rounds
+
+
+def test_work_stealing_balances_shards_and_keeps_every_row():
+    """Shard 0 draws the prompts with long responses. Without stealing the other shards idle
+    through its tail (the same lockstep programs); with it they take its waiting rows, the run
+    takes fewer rounds, every row's tokens are the same, and every page returns to its pool."""
+    n, shards = 4, 4
+    prompts = [np.arange(1, 14 + i, dtype=np.int32) for i in range(4 * shards)]  # 13-28 tokens
+    lengths = [48 if r < 4 * n else 3 for r in range(len(prompts) * n)]  # shard 0: long rows
+    kw = dict(page_size=4, num_pages=96, max_num_seqs=3, steps_per_call=4)
+    runs = {}
+    for stealing in (False, True):
+        scheds = [Scheduler(prompts, n, 48, rows=range(d * 4 * n, (d + 1) * 4 * n), **kw)
+                  for d in range(shards)]  # fmt: skip
+        runs[stealing] = _run_shards(scheds, lengths, stealing)
+        for s in scheds:
+            assert s.alloc.num_free == 96 - 1 and not any(s.alloc.refs)
+    (plain, r_plain), (stolen, r_stolen) = runs[False], runs[True]
+    np.testing.assert_array_equal(plain, stolen)
+    assert [int((row != 0).sum()) for row in stolen] == lengths
+    assert r_stolen <= r_plain * 0.5, (r_stolen, r_plain)
+
+
+def test_rows_given_away_release_their_prefilled_prompt():
+    """A prompt prefilled for its first row, whose other rows are stolen, lets go of its pages
+    at the end of the round (its admitted row keeps its own references)."""
+    s = Scheduler([np.arange(1, 15, dtype=np.int32)], 2, 8, page_size=4, num_pages=32,
+                  max_num_seqs=1, steps_per_call=4)  # fmt: skip
+    s.advance()  # row 0: prefills 4 prompt pages (the last partial), row 1 waits
+    assert s.free_slots == 0 and list(s.waiting) == [1] and s.prompts[0].pages is not None
+    held = 32 - 1 - s.alloc.num_free
+    thief = Scheduler([np.arange(1, 15, dtype=np.int32)], 2, 8, page_size=4, num_pages=32,
+                      max_num_seqs=1, steps_per_call=4, rows=[])  # fmt: skip
+    assert thief.done and steal_work([s, thief]) == 1
+    assert list(thief.waiting) == [1] and not s.waiting and s.prompts[0].pages is None
+    s.end_round()
+    row0 = s.live[0]
+    assert 32 - 1 - s.alloc.num_free == len(row0.pages) < held  # only row 0's pages are held
+    assert all(s.alloc.refs[p] == 1 for p in row0.pages)

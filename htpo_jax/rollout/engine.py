@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import os
 from typing import NamedTuple
 
@@ -38,7 +39,7 @@ from htpo_jax.models.attention import attend_in_query_chunks
 from htpo_jax.rollout import paged_attention as pa
 from htpo_jax.rollout import sampling
 from htpo_jax.rollout.sampling import Rollout
-from htpo_jax.rollout.scheduler import Scheduler
+from htpo_jax.rollout.scheduler import Scheduler, steal_work
 from htpo_jax.sharding import without_axes
 
 
@@ -51,6 +52,7 @@ class EngineConfig:
     num_pages: int = 0  # pages in the pool (0: kv_memory_fraction of free memory, capped)
     kv_memory_fraction: float = 0.5  # of the device's free memory (host RAM on CPU)
     steps_per_call: int = 16  # decode steps per host round-trip (K)
+    work_stealing: bool = True  # batch shards take waiting rows from each other (scheduler.py)
     min_slots: int = 1  # smallest compiled batch (a long tail of 1-2 rows runs at their cost)
     attention: str = "auto"  # "auto" (TPU kernel on TPU), "reference", "tpu"
 
@@ -344,9 +346,11 @@ class Sizes(NamedTuple):
 
 
 def resolve_sizes(cfg: EngineConfig, model_cfg, prompt_lens, n, max_new_tokens, cache_dtype,
-                  shards: int = 1, weight_bytes: int = 0) -> Sizes:  # fmt: skip
+                  shards: int = 1, weight_bytes: int = 0,
+                  longest_prompt: int = 0) -> Sizes:  # fmt: skip
     """The sizes of one engine (one batch shard's, whose prompts have lengths `prompt_lens`, out
-    of `shards`).
+    of `shards`); `longest_prompt` (0: max(prompt_lens)): the call's longest prompt, which any
+    shard may be given (work stealing) and every shard's pool must hold at full length.
 
     max_num_seqs: `cfg.max_num_seqs` (the whole call's) split over the shards; 0: min(rows, 512).
     num_pages = 0: the pages that fit `kv_memory_fraction` of free memory (one device's; on CPU
@@ -361,7 +365,7 @@ def resolve_sizes(cfg: EngineConfig, model_cfg, prompt_lens, n, max_new_tokens, 
     per_page = pa.page_bytes(c.num_layers, ps, c.num_kv_heads, c.head_dim, cache_dtype.itemsize)
     rows = len(prompt_lens) * n
     seqs = -(-cfg.max_num_seqs // shards) if cfg.max_num_seqs else min(rows, 512)
-    longest = max(prompt_lens) - 1 + max_new_tokens
+    longest = max(longest_prompt, *prompt_lens) - 1 + max_new_tokens
     host_shared = shards if jax.default_backend() == "cpu" else 1
     free = free_memory_bytes()
     if jax.process_count() > 1:  # every process must build the same pool (same programs)
@@ -393,8 +397,10 @@ def generate_paged(sampler, params, prompt_ids, prompt_mask, *, max_new_tokens, 
 
     `mesh` (a concrete mesh whose batch axes split the batch): one engine per batch shard, each
     with its own scheduler and page pool, the prompts split into contiguous blocks over the
-    shards; None: one engine on the default device. `stats`, when given, receives the run's
-    counters: rounds, preemptions, peak pages used, pool pages, page bytes, peak KV bytes.
+    shards, which then steal waiting rows from each other (`config.work_stealing`); None: one
+    engine on the default device. `stats`, when given, receives the run's
+    counters: rounds, preemptions, rows moved by work stealing, peak pages used, pool pages,
+    page bytes, peak KV bytes.
     """
     ids, mask = np.asarray(prompt_ids), np.asarray(prompt_mask).astype(bool)
     prompts = [ids[i][mask[i]] for i in range(ids.shape[0])]
@@ -403,14 +409,17 @@ def generate_paged(sampler, params, prompt_ids, prompt_mask, *, max_new_tokens, 
     bounds = np.linspace(0, len(prompts), shards + 1).astype(int)  # shard d: prompts [b_d, b_d+1)
     biggest = max(range(shards), key=lambda d: bounds[d + 1] - bounds[d])
     c = sampler.model_cfg
+    lens = [len(p) for p in prompts]
     seqs, num_pages, window_pages, unroll = resolve_sizes(
-        config, c, [len(p) for p in prompts[bounds[biggest] : bounds[biggest + 1]]],
-        n, max_new_tokens, cache_dtype, shards, c.num_params() * jnp.dtype(sampler.dtype).itemsize,
+        config, c, lens[bounds[biggest] : bounds[biggest + 1]], n, max_new_tokens, cache_dtype,
+        shards, c.num_params() * jnp.dtype(sampler.dtype).itemsize, max(lens),
     )  # fmt: skip
     ps, k_steps = config.page_size, config.steps_per_call
-    scheds = [Scheduler(prompts[bounds[d] : bounds[d + 1]], n, max_new_tokens, page_size=ps,
-                        num_pages=num_pages, max_num_seqs=seqs, steps_per_call=k_steps,
-                        min_slots=min(config.min_slots, seqs)) for d in range(shards)]  # fmt: skip
+    blocks = [range(lo * n, hi * n) for lo, hi in itertools.pairwise(bounds)]  # rows by shard
+    scheds = [Scheduler(prompts, n, max_new_tokens, page_size=ps, num_pages=num_pages,
+                        max_num_seqs=seqs, steps_per_call=k_steps,
+                        min_slots=min(config.min_slots, seqs),
+                        rows=rows) for rows in blocks]  # fmt: skip
     impl = pa.resolve_impl(config.attention, c.head_dim)
     if impl == "tpu" and mesh is not None and dict(mesh.shape).get("tensor", 1) > 1:
         impl = "reference"  # the kernel is not partitioned over `tensor` (see docs/ROLLOUT.md)
@@ -427,10 +436,10 @@ def generate_paged(sampler, params, prompt_ids, prompt_mask, *, max_new_tokens, 
     dstate = (state, split_layers(sampler.graph, state) if unroll else None)
     pools = progs.init_pool(c.num_layers, num_pages, ps, c.num_kv_heads, c.head_dim, cache_dtype,
                             impl, shards)  # fmt: skip
-    row0 = bounds[:-1] * n  # global id of each shard's first row (its rows' keys)
-    views = [(out_tokens[r : r + s.n * len(s.prompts)], out_logp[r : r + s.n * len(s.prompts)])
-             for r, s in zip(row0, scheds, strict=True)]  # fmt: skip
+    stolen = 0
     while not all(s.done for s in scheds):
+        if config.work_stealing and shards > 1:
+            stolen += steal_work(scheds)
         for s in scheds:
             s.advance()
         need = np.max([s.needs() for s in scheds], axis=0)
@@ -440,19 +449,18 @@ def generate_paged(sampler, params, prompt_ids, prompt_mask, *, max_new_tokens, 
             pools = progs.prefill(state, pools, *prefill)
         dec = [d for _, d in plans]
         per_row = [np.stack([getattr(d, f) for d in dec]) for f in DECODE_FIELDS]
-        per_row[4] = per_row[4] + row0[:, None]  # the rows' global ids (their keys)
         gather_once = impl != "tpu" and need[0] * need[1] <= window_pages  # S x Pb pages
         pools, tok_dsk, lp_dsk = progs.decode(gather_once, dstate, pools, *per_row, *scalars)
         tok_dsk, lp_dsk = jax.device_get((tok_dsk, lp_dsk))
-        for s, d, tok_sk, lp_sk, (out_t, out_l) in zip(scheds, dec, tok_dsk, lp_dsk, views,
-                                                       strict=True):  # fmt: skip
-            s.commit(d, tok_sk, eos, out_t, out_l, lp_sk)
+        for s, d, tok_sk, lp_sk in zip(scheds, dec, tok_dsk, lp_dsk, strict=True):
+            s.commit(d, tok_sk, eos, out_tokens, out_logp, lp_sk)
             s.end_round()
     del pools, dstate
     if stats is not None:
         per_page = pa.page_bytes(c.num_layers, ps, c.num_kv_heads, c.head_dim, cache_dtype.itemsize)
         peak = max(s.alloc.peak_used for s in scheds)
         stats.update(rounds=scheds[0].round, preemptions=sum(s.preemptions for s in scheds),
+                     stolen_rows=stolen,
                      pool_pages=num_pages, peak_pages=peak, page_bytes=per_page,
                      pool_bytes=num_pages * per_page * shards, max_num_seqs=seqs, shards=shards,
                      peak_kv_bytes=sum(s.alloc.peak_used + 1 for s in scheds) * per_page,

@@ -17,6 +17,12 @@ tokens after the prompt's). Pages are returned to the pool only after the progra
 were dispatched (`end_round`), so a page freed in a round cannot be overwritten before its last
 read (programs run in dispatch order: each takes the pool the previous one returned).
 
+Shards: under a mesh, each batch shard has its own scheduler and page pool and starts with a
+contiguous block of the rows. A shard whose queue runs dry while it has free slots steals half of
+what another shard's queue cannot admit (`steal_work`): responses of one prompt tend to be alike in
+length, so without it the shard that drew the long prompts would decode alone at the end while the
+others idle in the same lockstep programs.
+
 Preemption: when the live rows cannot all grow by one chunk, the most recently admitted rows give
 their pages back and return to the front of the queue; they restart from scratch later. Their
 outputs are the same (a row's randomness depends only on its id and step), only work is lost.
@@ -74,7 +80,7 @@ class PageAllocator:
 class _Prompt:
     ids: np.ndarray  # [L] the real tokens
     pages: list[int] | None = None  # prefilled pages of tokens 0 .. L-2 (None: not prefilled)
-    unadmitted: int = 0  # rows of this prompt not yet admitted
+    unadmitted: int = 0  # rows of this prompt queued here, not yet admitted
 
 
 @dataclasses.dataclass
@@ -115,13 +121,16 @@ class Scheduler:
 
     def __init__(self, prompts: list[np.ndarray], n: int, max_new_tokens: int, *, page_size: int,
                  num_pages: int, max_num_seqs: int, steps_per_call: int, min_slots: int = 1,
-                 prefill_len_bucket=None):  # fmt: skip
+                 prefill_len_bucket=None, rows=None):  # fmt: skip
+        """prompts: every prompt of the call; rows: the ids of the rows this scheduler starts
+        with (None: all of them). Row ids index the call's output arrays and pick the keys."""
         self.n, self.max_new, self.ps = n, max_new_tokens, page_size
         self.k, self.max_num_seqs, self.min_slots = steps_per_call, max_num_seqs, min_slots
         self.prefill_len_bucket = prefill_len_bucket or (lambda t: pow2_at_least(t, 16))
-        self.prompts = [_Prompt(ids=np.asarray(p, np.int32), unadmitted=n) for p in prompts]
+        self.prompts = [_Prompt(ids=np.asarray(p, np.int32)) for p in prompts]
         self.alloc = PageAllocator(num_pages)
-        self.waiting: deque[int] = deque(range(len(prompts) * n))
+        self.waiting: deque[int] = deque()
+        self.take(range(len(prompts) * n) if rows is None else rows)
         self.live: list[_Row] = []
         self.round = 0
         self.preemptions = 0
@@ -149,6 +158,29 @@ class Scheduler:
     @property
     def done(self) -> bool:
         return not self.waiting and not self.live
+
+    @property
+    def free_slots(self) -> int:
+        return self.max_num_seqs - len(self.live)
+
+    # ------------------------------------------------------------------ work stealing
+    def take(self, rows) -> None:
+        """Queues rows (at the back)."""
+        for row in rows:
+            self.prompts[row // self.n].unadmitted += 1
+            self.waiting.append(row)
+
+    def give(self, k: int) -> list[int]:
+        """Hands the last k waiting rows to another scheduler. A prompt prefilled here for rows
+        that all left lets go of its pages (after this round's programs, like any release)."""
+        rows = [self.waiting.pop() for _ in range(k)][::-1]
+        for row in rows:
+            p = self.prompts[row // self.n]
+            p.unadmitted -= 1
+            if p.unadmitted == 0 and p.pages is not None:
+                self._to_release.append(p.pages)
+                p.pages = None
+        return rows
 
     # ------------------------------------------------------------------ admission
     def _admission_cost(self, row: int) -> int:
@@ -285,3 +317,21 @@ class Scheduler:
         for pages in self._to_release:
             self.alloc.release(pages)
         self._to_release = []
+
+
+def steal_work(scheds: list[Scheduler]) -> int:
+    """Balances the shards' queues before a round (each shard's `advance`): a scheduler with
+    nothing waiting and free slots takes half (rounded up) of the rows that the fullest queue's
+    own scheduler cannot admit now, from the back of that queue, so a prompt's samples mostly
+    move together. Pure function of the schedulers' state: every process, running every shard's
+    scheduler, moves the same rows. Returns the number of rows moved."""
+    moved = 0
+    for thief in scheds:
+        if thief.waiting or thief.free_slots <= 0:
+            continue
+        victim = max(scheds, key=lambda s: len(s.waiting) - max(s.free_slots, 0))
+        k = (len(victim.waiting) - max(victim.free_slots, 0) + 1) // 2
+        if k > 0:
+            thief.take(victim.give(k))
+            moved += k
+    return moved
