@@ -7,7 +7,8 @@ the key and the allowed values or the nearest known key. `cli_config` turns that
 and exit status 2.
 
 The config is never mutated at run time; derive a changed copy with `dataclasses.replace`.
-`docs/CONFIG.md` is generated from the field help below (`python -m htpo_jax.config --markdown`).
+`docs/CONFIG.md` is generated from the field help in `config_sections`
+(`python -m htpo_jax.config --markdown`).
 """
 
 from __future__ import annotations
@@ -20,302 +21,37 @@ import os
 import sys
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from htpo_jax.loss import AGG_MODES, LOSS_BOUNDS
+from htpo_jax.config_sections import (
+    SECTIONS,
+    AlgorithmConfig,
+    CheckpointConfig,
+    Config,
+    DataConfig,
+    DistributedConfig,
+    MeshConfig,
+    ModelSection,
+    OptimConfig,
+    RolloutConfig,
+    TrainerConfig,
+    plain,
+)
+
+# The schema lives in config_sections; its classes are importable from here too.
+__all__ = [
+    "SECTIONS", "AlgorithmConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig",
+    "DistributedConfig", "MeshConfig", "ModelSection", "OptimConfig", "RolloutConfig",
+    "TrainerConfig", "add_config_args", "all_keys", "cli_config", "config_from_args",
+    "config_from_dict", "config_markdown", "dump_yaml", "load_config", "parse_override",
+]  # fmt: skip
 
 
 class ConfigError(ValueError):
     """A config problem, described in one line that names the key."""
-
-
-def _f(default, help: str, check=None):
-    """A field with its help text (for docs/CONFIG.md) and an optional (predicate, message)."""
-    meta = {"help": help, "check": check}
-    if isinstance(default, list | dict):
-        raise TypeError("use tuples for sequence defaults (frozen config)")
-    return field(default=default, metadata=meta)
-
-
-POS = (lambda v: v > 0, "must be > 0")
-NONNEG = (lambda v: v >= 0, "must be >= 0")
-UNIT = (lambda v: 0 <= v <= 1, "must be in [0, 1]")
-OPEN_UNIT = (lambda v: 0 < v < 1, "must be in (0, 1)")
-TOP_P = (lambda v: 0 < v <= 1, "must be in (0, 1]")
-TOP_K = (lambda v: v == -1 or v > 0, "must be -1 (off) or > 0")
-MESH = (lambda v: v == -1 or v >= 1, "must be -1 (the rest) or >= 1")
-# The loss's hyperparameters: loss.LOSS_BOUNDS, the entries LossConfig itself checks (one
-# validator per key, so a value accepted here never fails later in the loss).
-CLIP_LOW, CLIP_HIGH, CLIP_C, SHARE = (
-    LOSS_BOUNDS[k]
-    for k in ("clip_ratio_low", "clip_ratio_high", "clip_ratio_c", "high_entropy_ratio")
-)
-
-LossName = Literal["htpo", "dapo", "grpo", "dr_grpo", "high_entropy_only"]
-AggMode = Literal[AGG_MODES]  # the loss's own list
-
-
-@dataclass(frozen=True)
-class ModelSection:
-    """The `model:` section (models.ModelConfig is the architecture, read from config.json)."""
-
-    path: str = _f("", "HF model directory (config.json, *.safetensors, tokenizer files).")
-    tokenizer_path: str = _f("", "Tokenizer directory; empty = model.path.")
-    dtype: Literal["bfloat16", "float32"] = _f("bfloat16", "Activation / compute dtype.")
-    param_dtype: Literal["float32", "bfloat16"] = _f("float32", "Dtype of stored parameters.")
-    remat: bool = _f(True, "Rematerialize decoder layers in the backward pass (less memory).")
-    attention_chunk_size: int = _f(
-        0,
-        "Query block of the chunked attention (0 = 2,048; attention_impl=auto picks chunked on "
-        "CPU only above that length).",
-        NONNEG,
-    )
-    attention_impl: Literal["auto", "xla", "chunked", "splash", "cudnn"] = _f(
-        "auto",
-        "Training/scoring attention: xla (full T x T scores), chunked (attention_chunk_size "
-        "queries at a time), splash (Pallas TPU flash kernel), cudnn (GPU flash, bf16/fp16); "
-        "auto = splash on TPU, cudnn on GPU, else chunked above 2,048 positions, else xla.",
-    )
-    scan_layers: bool = _f(
-        True,
-        "Stack the layers' parameters [L, ...] and apply them with lax.scan: compile time and "
-        "program size do not grow with depth (false: a Python loop; same results, but "
-        "checkpoints of one layout do not restore into the other).",
-    )
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    train_files: tuple[str, ...] = _f((), "Training files (.parquet or .jsonl).")
-    val_files: tuple[str, ...] = _f((), "Validation files (.parquet or .jsonl).")
-    prompt_key: str = _f("prompt", "Column holding the chat messages (or a plain prompt string).")
-    max_prompt_length: int = _f(
-        2048, "Prompt tokens kept; longer prompts keep their last tokens.", POS
-    )
-    pad_to_multiple: int = _f(
-        64, "Prompt batches are padded to a multiple of this (few shapes).", POS
-    )
-    apply_chat_template: bool = _f(True, "Wrap prompts in the tokenizer's chat template.")
-    shuffle: bool = _f(True, "Shuffle the training set each epoch (seeded by trainer.seed).")
-    train_batch_size: int = _f(128, "Prompts per RL step (after dynamic-sampling filtering).", POS)
-    gen_batch_size: int = _f(256, "Prompts drawn per generation round.", POS)
-    val_batch_size: int = _f(256, "Prompts per validation generation round.", POS)
-    balance_batch: bool = _f(
-        True,
-        "Reorder each step's rows so every data-parallel shard gets a balanced total "
-        "sequence length (verl's trainer.balance_batch).",
-    )
-
-
-@dataclass(frozen=True)
-class RolloutConfig:
-    n: int = _f(16, "Responses sampled per prompt (the GRPO group size G).", POS)
-    max_num_seqs: int = _f(
-        0,
-        "Most responses decoding at once (engine slots, split over the batch shards; static: "
-        "per sampler call); 0 = min(responses, 512) per engine, all for static.",
-        NONNEG,
-    )
-    engine: Literal["paged", "static"] = _f(
-        "paged", "Sampler: continuous batching over a paged KV cache, or the dense reference."
-    )
-    page_size: int = _f(16, "KV-cache page size in tokens (engine).", POS)
-    num_pages: int = _f(
-        0, "KV-cache pages in the pool (engine; 0 = from kv_memory_fraction).", NONNEG
-    )
-    kv_memory_fraction: float = _f(
-        0.5,
-        "Share of free device memory (host RAM on CPU) for the page pool when num_pages = 0.",
-        OPEN_UNIT,
-    )
-    steps_per_call: int = _f(16, "Decode steps per host round-trip of the engine.", POS)
-    work_stealing: bool = _f(
-        True, "Engine batch shards take waiting responses from each other (docs/ROLLOUT.md)."
-    )
-    max_response_length: int = _f(20480, "Maximum new tokens per response.", POS)
-    temperature: float = _f(1.0, "Sampling temperature for training rollouts.", POS)
-    top_p: float = _f(1.0, "Nucleus sampling for training rollouts (1.0 = off).", TOP_P)
-    top_k: int = _f(-1, "Top-k sampling for training rollouts (-1 = off).", TOP_K)
-    val_n: int = _f(
-        1,
-        "Responses per validation prompt (paper: 1; its AIME file repeats each problem 32x).",
-        POS,
-    )
-    val_temperature: float = _f(1.0, "Validation sampling temperature (0 = greedy).", NONNEG)
-    val_top_p: float = _f(0.7, "Validation nucleus sampling.", TOP_P)
-    val_top_k: int = _f(-1, "Validation top-k (-1 = off).", TOP_K)
-
-
-@dataclass(frozen=True)
-class AlgorithmConfig:
-    loss: LossName = _f("htpo", "Policy loss: HTPO or a baseline.")
-    loss_agg_mode: AggMode = _f("token-mean", "How token losses are averaged (verl's agg_loss).")
-    # The loss's keys are checked by the loss's own bounds (LossConfig uses the same entries).
-    clip_ratio_low: float = _f(0.2, "PPO lower clip eps_l: ratio floor 1 - eps_l.", CLIP_LOW)
-    clip_ratio_high: float = _f(
-        0.28, "PPO upper clip eps_h (clip-higher): ratio cap 1 + eps_h.", CLIP_HIGH
-    )
-    clip_ratio_c: float = _f(10.0, "Dual-clip constant c for negative advantages.", CLIP_C)
-    difficulty_threshold: float = _f(0.6, "Prompt is hard iff group accuracy < this.", UNIT)
-    high_entropy_ratio: float = _f(
-        0.2, "Fraction of each response's tokens called high-entropy.", SHARE
-    )
-    drop_low_entropy_ratio: float = _f(0.006, "Hard&correct: drop this share of low tokens.", SHARE)
-    drop_high_entropy_ratio: float = _f(
-        0.02, "Easy&correct: drop this share of high tokens.", SHARE
-    )
-    dynamic_sampling: bool = _f(True, "Drop prompt groups with zero reward std; draw more.")
-    dynamic_sampling_metric: Literal["acc", "score"] = _f("acc", "Quantity whose std must be > 0.")
-    max_num_gen_batches: int = _f(
-        10, "Generation rounds per step before giving up (0 = no cap).", NONNEG
-    )
-    overlong_buffer_enable: bool = _f(True, "Add the DAPO soft overlong penalty to rewards.")
-    overlong_buffer_len: int = _f(4096, "Tokens before max_response_length where it starts.", POS)
-    overlong_penalty_factor: float = _f(1.0, "Penalty at max_response_length.", NONNEG)
-    use_kl_loss: bool = _f(False, "Add a KL term to the reference (initial) policy to the loss.")
-    kl_coef: float = _f(0.001, "Weight of the KL term.", NONNEG)
-    kl_loss_type: Literal["low_var_kl", "kl", "mse", "abs"] = _f("low_var_kl", "KL estimator.")
-    reward_fn: Literal["dapo_math", "math_verify"] = _f(
-        "dapo_math", "Verifier when reward_routing=reward_fn (and of the reward worker pool)."
-    )
-    reward_routing: Literal["data_source", "reward_fn"] = _f(
-        "data_source",
-        "data_source: each row's verifier by its data_source, as verl (unknown source = "
-        "error); reward_fn: algorithm.reward_fn for every row.",
-    )
-    reward_timeout_s: float = _f(10.0, "Per-response scoring time limit (0 = none).", NONNEG)
-    reward_num_workers: int = _f(0, "Scoring processes (0 = in the main process).", NONNEG)
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    learning_rate: float = _f(1e-6, "Peak AdamW learning rate.", POS)
-    warmup_steps: int = _f(
-        10, "Linear warmup from 0, in RL steps (every update of a step uses its lr).", NONNEG
-    )
-    lr_schedule: Literal["constant", "cosine"] = _f("constant", "Schedule after warmup.")
-    min_lr_ratio: float = _f(0.0, "Cosine schedule floor, as a fraction of the peak.", UNIT)
-    weight_decay: float = _f(0.1, "AdamW decoupled weight decay.", NONNEG)
-    b1: float = _f(0.9, "AdamW beta1.", OPEN_UNIT)
-    b2: float = _f(0.999, "AdamW beta2.", OPEN_UNIT)
-    eps: float = _f(1e-8, "AdamW epsilon.", POS)
-    grad_clip: float = _f(1.0, "Global gradient-norm clip (0 = off).", NONNEG)
-    mini_batch_size: int = _f(32, "Prompts per optimizer update (PPO mini-batch).", POS)
-    micro_batch_size: int = _f(16, "Responses per gradient-accumulation chunk.", POS)
-    max_tokens_per_micro: int = _f(
-        0,
-        "Token budget per batch shard (chip) of a scoring / update micro-batch: rows sorted by "
-        "length, each micro-batch padded to its own length bucket (0 = off: micro_batch_size "
-        "rows padded to the step's longest response).",
-        NONNEG,
-    )
-    ppo_epochs: int = _f(1, "Passes over each step's batch.", POS)
-
-
-@dataclass(frozen=True)
-class TrainerConfig:
-    output_dir: str = _f("runs/htpo", "Run directory: logs, checkpoints, resolved config.")
-    total_steps: int = _f(1000, "RL steps to run.", POS)
-    seed: int = _f(1, "Seed for data order, sampling and initialization.", NONNEG)
-    val_every: int = _f(10, "Validate every k steps (0 = only at start and end).", NONNEG)
-    val_before_train: bool = _f(True, "Validate at step 0, before any update.")
-    val_only: bool = _f(False, "Validate the (latest checkpoint's) policy once and exit.")
-    log_every: int = _f(1, "Write metrics every k steps.", POS)
-    logger: tuple[Literal["jsonl", "tensorboard"], ...] = _f(("jsonl",), "Metric sinks.")
-    progress_bar: bool = _f(True, "Show a tqdm progress bar.")
-    max_nonfinite_steps: int = _f(
-        3, "Stop after this many RL steps in a row with a non-finite update (0 = never).", NONNEG
-    )
-    collapse_window: int = _f(
-        10, "Warn when train/accuracy is 0 this many steps in a row (0 = off).", NONNEG
-    )
-    collective_timeout_s: float = _f(
-        900.0,
-        "Multi-host: longest wait of one host for the others at a sync point before the run "
-        "stops with an error naming the stage (the watchdog).",
-        POS,
-    )
-
-
-@dataclass(frozen=True)
-class CheckpointConfig:
-    save_every: int = _f(10, "Save every k steps, and at the end (0 = only at the end).", NONNEG)
-    max_to_keep: int = _f(3, "Checkpoints kept (oldest deleted).", POS)
-    dir: str = _f("", "Checkpoint directory; empty = <trainer.output_dir>/checkpoints.")
-    resume: bool = _f(True, "Resume from the latest checkpoint in dir if there is one.")
-    allow_config_change: bool = _f(
-        False, "Resume even when keys that change results differ from the checkpoint's config."
-    )
-
-
-@dataclass(frozen=True)
-class MeshConfig:
-    data: int = _f(1, "Data-parallel axis size (-1 = the rest of the devices).", MESH)
-    fsdp: int = _f(-1, "Parameter-sharding axis size (-1 = the rest).", MESH)
-    tensor: int = _f(1, "Tensor-parallel axis size (-1 = the rest).", MESH)
-
-
-@dataclass(frozen=True)
-class DistributedConfig:
-    initialize: Literal["auto", "always", "never"] = _f(
-        "auto",
-        "Call jax.distributed.initialize: auto = when coordinator/num_processes, "
-        "HTPO_DISTRIBUTED=1, JAX_COORDINATOR_ADDRESS, or a SLURM/Open MPI job of several tasks "
-        "says there are several processes.",
-    )
-    coordinator: str = _f(
-        "", "HOST:PORT of process 0's coordination service; empty = environment / auto-detect."
-    )
-    num_processes: int = _f(0, "Number of processes (0 = environment / auto-detect).", NONNEG)
-    process_id: int = _f(
-        -1,
-        "This process's index, 0 .. num_processes-1 (-1 = environment / auto-detect).",
-        (lambda v: v >= -1, "must be -1 (auto) or >= 0"),
-    )
-    local_device_ids: tuple[int, ...] = _f(
-        (), "GPU ids this process uses (one process per GPU); empty = all it sees."
-    )
-    init_timeout_s: int = _f(300, "Seconds to wait for every process to join at start.", POS)
-
-
-@dataclass(frozen=True)
-class Config:
-    model: ModelSection = field(default_factory=ModelSection)
-    data: DataConfig = field(default_factory=DataConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    mesh: MeshConfig = field(default_factory=MeshConfig)
-    distributed: DistributedConfig = field(default_factory=DistributedConfig)
-
-    def to_dict(self) -> dict[str, dict[str, Any]]:
-        """Plain nested dict (tuples as lists): for logging, JSON and YAML."""
-        return _plain(dataclasses.asdict(self))
-
-    @property
-    def checkpoint_dir(self) -> str:
-        if self.checkpoint.dir:
-            return self.checkpoint.dir
-        if "://" in self.trainer.output_dir:  # Path() would fold 'gs://' into 'gs:/'
-            return self.trainer.output_dir.rstrip("/") + "/checkpoints"
-        return str(Path(self.trainer.output_dir) / "checkpoints")
-
-
-def _plain(x):
-    if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_plain(v) for v in x]
-    return x
-
-
-SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}
 
 
 def _fields(cls) -> dict[str, tuple[dataclasses.Field, Any]]:
@@ -691,7 +427,7 @@ def config_markdown() -> str:
     for name, cls in SECTIONS.items():
         lines += [f"## `{name}`", "", "| key | type | default | meaning |", "|---|---|---|---|"]
         for k, (f, tp) in _fields(cls).items():
-            default = yaml.safe_dump(_plain(f.default), default_flow_style=True).strip()
+            default = yaml.safe_dump(plain(f.default), default_flow_style=True).strip()
             default = default.removesuffix("\n...").removesuffix("...").strip()
             help_text = f.metadata["help"]
             if f.metadata.get("check"):
