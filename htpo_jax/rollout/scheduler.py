@@ -323,7 +323,7 @@ def steal_work(scheds: list[Scheduler]) -> int:
     """Balances the shards' queues before a round (each shard's `advance`): a scheduler with
     nothing waiting and free slots takes half (rounded up) of the rows that the fullest queue's
     own scheduler cannot admit now, from the back of that queue, so a prompt's samples mostly
-    move together. Pure function of the schedulers' state: every process, running every shard's
+    move together. Depends only on the schedulers' state: every process, running every shard's
     scheduler, moves the same rows. Returns the number of rows moved."""
     moved = 0
     for thief in scheds:
