@@ -11,7 +11,7 @@ from tiny_models import left_padded_batch, random_decoder
 from htpo_jax.models.attention import attend_one_query
 from htpo_jax.rollout import EngineConfig, compile_count, generate
 from htpo_jax.rollout import paged_attention as pa
-from htpo_jax.rollout.scheduler import PageAllocator, Scheduler, steal_work
+from htpo_jax.rollout.scheduler import PageAllocator, Scheduler, _Row, steal_work
 
 
 @pytest.fixture(scope="module")
@@ -426,3 +426,15 @@ def test_rows_given_away_release_their_prefilled_prompt():
     row0 = s.live[0]
     assert 32 - 1 - s.alloc.num_free == len(row0.pages) < held  # only row 0's pages are held
     assert all(s.alloc.refs[p] == 1 for p in row0.pages)
+
+
+def test_packed_page_table_follows_a_growing_row():
+    """Packing copies a row's pages from an int32 cache that converts only the appended tail."""
+    r = _Row(row=0, prompt=0, pages=[3, 4], kv_len=0, next_tok=0)
+    np.testing.assert_array_equal(r.page_array(), [3, 4])
+    r.pages += [9, 10, 11]  # growth, as `advance` does it
+    np.testing.assert_array_equal(r.page_array(), [3, 4, 9, 10, 11])
+    for p in range(20, 40):  # past the cache's capacity, one page at a time
+        r.pages.append(p)
+        assert r.page_array()[-1] == p
+    np.testing.assert_array_equal(r.page_array(), [3, 4, 9, 10, 11, *range(20, 40)])

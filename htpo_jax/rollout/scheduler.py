@@ -92,6 +92,21 @@ class _Row:
     next_tok: int  # the token the next step feeds
     step: int = 0  # response index of the next sampled token
     admitted_at: int = 0
+    _arr: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
+    _arr_n: int = 0  # pages[:_arr_n] are copied into _arr
+
+    def page_array(self) -> np.ndarray:
+        """`pages` as int32, converting only what was appended since the last call (a row's
+        pages only ever grow): packing a long row costs a copy, not a list conversion."""
+        n = len(self.pages)
+        if n > len(self._arr):
+            grown = np.zeros(max(n, 2 * len(self._arr)), np.int32)
+            grown[: self._arr_n] = self._arr[: self._arr_n]
+            self._arr = grown
+        if n > self._arr_n:
+            self._arr[self._arr_n : n] = self.pages[self._arr_n : n]
+            self._arr_n = n
+        return self._arr[:n]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -279,7 +294,7 @@ class Scheduler:
         kv_len, tok, step, row = (np.zeros(s, np.int32) for _ in range(4))
         active = np.zeros(s, bool)
         for j, r in enumerate(rows):
-            table[j, : len(r.pages)] = r.pages
+            table[j, : len(r.pages)] = r.page_array()
             kv_len[j], tok[j], step[j], row[j], active[j] = r.kv_len, r.next_tok, r.step, r.row, 1
         src, dst = np.zeros(s, np.int32), np.zeros(s, np.int32)
         for j, (a, b) in enumerate(self._copies):
