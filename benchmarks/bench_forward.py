@@ -32,10 +32,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from htpo_jax.config import load_config
 from htpo_jax.models.decoder import Decoder
 from htpo_jax.models.model_config import ModelConfig
-from htpo_jax.train_step import (
+from htpo_jax.rl.train_step import (
     StepConfig,
     TrainState,
     UpdateBatch,
@@ -44,6 +43,7 @@ from htpo_jax.train_step import (
     make_optimizer,
     score_responses,
 )
+from htpo_jax.run.config import load_config
 
 LOSS_NAME = "htpo_loss (train_step.micro_loss)"
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from htpo_jax.loss import dapo_loss, htpo_loss
+from htpo_jax.rl.loss import dapo_loss, htpo_loss
 
 
 def make_batch(b, t, dtype, seed=0):

@@ -10,7 +10,7 @@ attention implementation.
     at a few shapes. Both are compared with a float32 XLA reference; cuDNN passes when its
     error is within 2x XLA's own bf16 error plus a small floor. Without a GPU the cuDNN
     row runs the same padding rotation through XLA (`implementation="xla"`).
-(2) Timing: `htpo_jax.train_step.jit_update` (the trainer's jitted update: micro-batch
+(2) Timing: `htpo_jax.rl.train_step.jit_update` (the trainer's jitted update: micro-batch
     gradient accumulation, HTPO loss, AdamW) on a random Qwen3-0.6B-shaped model (28 layers,
     D 1024, 16 q / 8 kv heads of 128, F 3072, vocab 151,936, tied; bf16 compute over f32
     parameters, remat) at 8 x 4096 tokens, for attention_impl = cudnn, xla, chunked:
@@ -36,16 +36,16 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model_shapes import QWEN3_0P6B, TINY, trainer_decoder  # noqa: E402
 
-from htpo_jax.config import OptimConfig  # noqa: E402
-from htpo_jax.loss import LossConfig  # noqa: E402
 from htpo_jax.models import attention as A  # noqa: E402
-from htpo_jax.train_step import (  # noqa: E402
+from htpo_jax.rl.loss import LossConfig  # noqa: E402
+from htpo_jax.rl.train_step import (  # noqa: E402
     StepConfig,
     TrainState,
     UpdateBatch,
     jit_update,
     make_optimizer,
 )
+from htpo_jax.run.config import OptimConfig  # noqa: E402
 
 ON_GPU = jax.default_backend() == "gpu"
 

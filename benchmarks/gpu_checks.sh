@@ -15,7 +15,7 @@ PY=${PY:-python3}
 parts=${*:-rollout tests update}
 # The machine's own flax / optax unless they cannot import the package; then wheels carried in
 # .whl (the versions the repo is tested with), when there are any.
-if ! $PY -c "import htpo_jax.rollout, htpo_jax.train_step" > "$OUT/import.log" 2>&1 && [ -d .whl ]
+if ! $PY -c "import htpo_jax.rollout, htpo_jax.rl.train_step" > "$OUT/import.log" 2>&1 && [ -d .whl ]
 then
   tail -3 "$OUT/import.log"
   $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \

@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from htpo_jax import packing
+from htpo_jax.rl import packing
 
 
 def fractions(pmask_np, ext_n, r_cap, *, multiple, max_tokens, shards):
@@ -37,11 +37,11 @@ def default_task(max_tokens: int):
     import jax
     from flax import nnx
 
-    from htpo_jax.config import load_config
-    from htpo_jax.data import train_stream
     from htpo_jax.models.hf_io import from_pretrained, load_tokenizer
+    from htpo_jax.rl.sample import sample_and_score
     from htpo_jax.rollout import Sampler
-    from htpo_jax.sample import sample_and_score
+    from htpo_jax.run.config import load_config
+    from htpo_jax.run.data import train_stream
 
     cfg = load_config("configs/default.yaml")
     tok = load_tokenizer(cfg.model.path)

@@ -37,8 +37,8 @@ from jax.sharding import NamedSharding  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model_shapes import qwen3_8b, trainer_decoder  # noqa: E402
 
+from htpo_jax.infra.sharding import logical_to_mesh_spec, make_mesh, state_shardings  # noqa: E402
 from htpo_jax.models.logprobs import logprobs_and_entropy  # noqa: E402
-from htpo_jax.sharding import logical_to_mesh_spec, make_mesh, state_shardings  # noqa: E402
 
 GIB = 2**30
 

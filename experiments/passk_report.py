@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from htpo_jax.plot import passk_figure
+from htpo_jax.tools.plot import passk_figure
 
 KS = ("1", "2", "4", "8", "16", "32", "64")
 

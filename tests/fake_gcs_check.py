@@ -2,7 +2,7 @@
 
 Starts `gcp-storage-emulator` on 127.0.0.1, points tensorstore (arrays) and gcsfs (etils.epath:
 metadata, directories) at it, saves and restores a train-state-like pytree through
-`htpo_jax.checkpoint.Checkpointer("gs://...")`, lists what landed in the bucket, and checks that
+`htpo_jax.run.checkpoint.Checkpointer("gs://...")`, lists what landed in the bucket, and checks that
 no local `gs:` directory appeared. Prints OK at the end. Needs the `[test]` extra (gcsfs,
 gcp-storage-emulator).
 """
@@ -51,7 +51,7 @@ def main() -> None:
         import jax.numpy as jnp
         import numpy as np
 
-        from htpo_jax.checkpoint import Checkpointer
+        from htpo_jax.run.checkpoint import Checkpointer
 
         state = {"w": jnp.arange(6.0).reshape(2, 3), "step": jnp.int32(7), "rng": jax.random.key(3)}
         with Checkpointer("gs://htpo-test/run/checkpoints", save_every=1) as ck:

@@ -36,8 +36,8 @@ def _trace(record: dict) -> None:
 def _install_hooks() -> None:
     import jax
 
-    import htpo_jax.stages as S
-    import htpo_jax.train as T
+    import htpo_jax.run.stages as S
+    import htpo_jax.run.train as T
     from htpo_jax.rewards import scoring
 
     rl_step, collect = T.rl_step, S.collect
@@ -61,7 +61,7 @@ def _install_hooks() -> None:
 
     T.rl_step, S.collect = traced_step, traced_collect
 
-    import htpo_jax.sample as E
+    import htpo_jax.rl.sample as E
 
     score = E.score_lockstep
 
@@ -105,8 +105,8 @@ def _leave_together(me: int) -> None:
 
 
 def _watchdog_check(argv) -> None:
-    from htpo_jax import distributed as dist
-    from htpo_jax.config import load_config
+    from htpo_jax.infra import distributed as dist
+    from htpo_jax.run.config import load_config
 
     cfg = load_config(None, argv)
     dist.initialize(cfg.distributed)
@@ -138,7 +138,7 @@ def main() -> None:
         _watchdog_check(argv)
         return
     _install_hooks()
-    from htpo_jax.train import main as train_main
+    from htpo_jax.run.train import main as train_main
 
     train_main(argv)
 

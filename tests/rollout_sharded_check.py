@@ -24,8 +24,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from tiny_models import left_padded_batch, random_decoder  # noqa: E402
 
 from htpo_jax import rollout  # noqa: E402
+from htpo_jax.infra.sharding import make_mesh, shard_model  # noqa: E402
 from htpo_jax.rollout import EngineConfig, generate  # noqa: E402
-from htpo_jax.sharding import make_mesh, shard_model  # noqa: E402
 
 
 def main():

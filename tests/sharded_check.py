@@ -20,10 +20,10 @@ from flax import nnx  # noqa: E402
 sys.path.insert(0, os.path.dirname(__file__))
 from tiny_models import left_padded_batch, random_decoder  # noqa: E402
 
+from htpo_jax.infra.sharding import make_mesh, shard_model  # noqa: E402
 from htpo_jax.models.decoder import positions_from_mask  # noqa: E402
 from htpo_jax.models.hf_io import from_pretrained, save_pretrained  # noqa: E402
 from htpo_jax.models.logprobs import logprobs_and_entropy  # noqa: E402
-from htpo_jax.sharding import make_mesh, shard_model  # noqa: E402
 
 
 def main():

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from htpo_jax.advantages import dynamic_sampling_keep, grpo_advantages, hard_prompts
+from htpo_jax.rl.advantages import dynamic_sampling_keep, grpo_advantages, hard_prompts
 
 
 def test_grpo_advantages_hand_computed():

@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from htpo_jax.data import PromptDataset
 from htpo_jax.models import from_pretrained
 from htpo_jax.rewards import dapo_math_score
 from htpo_jax.rollout import generate
+from htpo_jax.run.data import PromptDataset
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 MODEL_DIR = ASSETS / "arith_model"

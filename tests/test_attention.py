@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from tiny_models import left_padded_batch, random_decoder
 
+from htpo_jax.infra.sharding import make_mesh
 from htpo_jax.models import attention as A
-from htpo_jax.sharding import make_mesh
 
 B, T, N, K, H = 2, 24, 4, 2, 16  # GQA: 2 query heads per kv head
 

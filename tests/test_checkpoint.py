@@ -6,9 +6,9 @@ import numpy as np
 import optax
 import pytest
 
-from htpo_jax.checkpoint import Checkpointer
-from htpo_jax.config import load_config
-from htpo_jax.data import DataState
+from htpo_jax.run.checkpoint import Checkpointer
+from htpo_jax.run.config import load_config
+from htpo_jax.run.data import DataState
 
 
 def make_state(seed=0):

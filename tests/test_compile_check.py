@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from htpo_jax.topology import GiB, TargetError, resolve_target
+from htpo_jax.infra.topology import GiB, TargetError, resolve_target
 
 ROOT = Path(__file__).resolve().parent.parent
 

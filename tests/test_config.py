@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from htpo_jax.config import (
+from htpo_jax.run.config import (
     Config,
     ConfigError,
     all_keys,
@@ -168,8 +168,8 @@ def test_loss_keys_use_the_loss_bounds():
     """One validator per hyperparameter: every LossConfig field is an `algorithm` key checked by
     the very entry LossConfig itself uses, so a value the config accepts never makes
     LossConfig raise later (the old config allowed clip_ratio_c=0.5, LossConfig did not)."""
-    from htpo_jax.config import AlgorithmConfig
-    from htpo_jax.loss import AGG_MODES, LOSS_BOUNDS, LossConfig
+    from htpo_jax.rl.loss import AGG_MODES, LOSS_BOUNDS, LossConfig
+    from htpo_jax.run.config import AlgorithmConfig
 
     algo = {f.name: f for f in dataclasses.fields(AlgorithmConfig)}
     loss_fields = [f.name for f in dataclasses.fields(LossConfig)]
@@ -192,7 +192,7 @@ def test_loss_keys_use_the_loss_bounds():
 
 def test_trainer_bad_loss_bound_exits_2_with_one_line(capsys):
     """The README's promise for `python -m htpo_jax.train --set algorithm.clip_ratio_c=0.5`."""
-    from htpo_jax.train import main
+    from htpo_jax.run.train import main
 
     with pytest.raises(SystemExit) as e:
         main(["--set", "algorithm.clip_ratio_c=0.5"])

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from htpo_jax.config import load_config
+from htpo_jax.run.config import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PAPER = CONFIGS / "qwen3_8b_dapo_math17k.yaml"

@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from htpo_jax.config import load_config
-from htpo_jax.data import (
+from htpo_jax.run.config import load_config
+from htpo_jax.run.data import (
     DataError,
     DataState,
     PromptDataset,
@@ -136,7 +136,7 @@ def test_bad_rows_skipped_and_counted(tmp_path, tok, caplog):
             {"prompt": [{"role": "user"}], "answer": "3"},  # message without content
         ],
     )
-    with caplog.at_level(logging.WARNING, logger="htpo_jax.data"):
+    with caplog.at_level(logging.WARNING, logger="htpo_jax.run.data"):
         ds = PromptDataset(path, tok)
     assert len(ds) == 2 and ds.n_skipped == 6 and ds.skipped == {str(path): 6}
     warnings = [r.getMessage() for r in caplog.records]

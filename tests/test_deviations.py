@@ -12,9 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_train_step import random_batch, tiny_model
 
-from htpo_jax import balance
-from htpo_jax import evaluate as eval_lib
-from htpo_jax.config import load_config
+from htpo_jax.infra.sharding import make_mesh
 from htpo_jax.rewards.routing import (
     UnknownDataSource,
     check_sources,
@@ -22,15 +20,17 @@ from htpo_jax.rewards.routing import (
     routed_rewards,
 )
 from htpo_jax.rewards.scoring import compute_rewards
-from htpo_jax.sharding import make_mesh
-from htpo_jax.stages import update_all
-from htpo_jax.train_step import (
+from htpo_jax.rl import balance
+from htpo_jax.rl import validation as eval_lib
+from htpo_jax.rl.train_step import (
     StepConfig,
     TrainState,
     jit_update,
     make_optimizer,
     rl_step_schedule,
 )
+from htpo_jax.run.config import load_config
+from htpo_jax.run.stages import update_all
 
 
 def _state(params, tx):

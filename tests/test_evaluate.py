@@ -12,18 +12,12 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from htpo_jax.checkpoint import Checkpointer
-from htpo_jax.config import dump_yaml, load_config
-from htpo_jax.evaluate import (
-    main,
-    maj_at_k,
-    majority_correct,
-    parse_ks,
-    pass_at_k,
-    summarize,
-)
 from htpo_jax.models.hf_io import from_pretrained
-from htpo_jax.train_step import TrainState, make_optimizer
+from htpo_jax.rl.train_step import TrainState, make_optimizer
+from htpo_jax.rl.validation import maj_at_k, majority_correct, pass_at_k, summarize
+from htpo_jax.run.checkpoint import Checkpointer
+from htpo_jax.run.config import dump_yaml, load_config
+from htpo_jax.tools.evaluate import main, parse_ks
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL, DEFAULT = ROOT / "assets" / "arith_model", ROOT / "configs" / "default.yaml"

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 from test_checkpoint import make_state
 
-from htpo_jax import guards
-from htpo_jax.checkpoint import Checkpointer, CheckpointMismatch, CheckpointSaveError
-from htpo_jax.config import ConfigError, load_config
-from htpo_jax.metrics import MetricsLogger, read_metrics
+from htpo_jax.run import lock, preflight, resume_checks, watch
+from htpo_jax.run.checkpoint import Checkpointer, CheckpointMismatch, CheckpointSaveError
+from htpo_jax.run.config import ConfigError, load_config
+from htpo_jax.run.metrics import MetricsLogger, read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 # ---------------------------------------------------------------- lock
 def _write_lock(out: Path, pid: int, host: str | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / guards.LOCK_NAME).write_text(
+    (out / lock.LOCK_NAME).write_text(
         json.dumps({"pid": pid, "host": host or socket.gethostname(), "time": 0})
     )
 
@@ -38,9 +38,9 @@ def test_lock_refuses_a_second_trainer_naming_the_holder(tmp_path):
     try:
         _write_lock(tmp_path, holder.pid)
         with pytest.raises(
-            guards.LaunchError, match=f"in use by another trainer \\(pid {holder.pid}"
+            preflight.LaunchError, match=f"in use by another trainer \\(pid {holder.pid}"
         ):
-            guards.OutputLock(tmp_path).acquire()
+            lock.OutputLock(tmp_path).acquire()
     finally:
         holder.kill()
         holder.wait()
@@ -48,34 +48,34 @@ def test_lock_refuses_a_second_trainer_naming_the_holder(tmp_path):
 
 def test_lock_from_another_host_is_refused(tmp_path):
     _write_lock(tmp_path, 1, host="some-other-host")
-    with pytest.raises(guards.LaunchError, match="some-other-host"):
-        guards.OutputLock(tmp_path).acquire()
+    with pytest.raises(preflight.LaunchError, match="some-other-host"):
+        lock.OutputLock(tmp_path).acquire()
 
 
 def test_stale_lock_is_taken_over_with_a_warning(tmp_path, caplog):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     _write_lock(tmp_path, dead.pid)
-    with caplog.at_level(logging.WARNING, "htpo_jax.guards"):
-        lock = guards.OutputLock(tmp_path).acquire()
-    assert f"stale lock {tmp_path / guards.LOCK_NAME} of pid {dead.pid}" in caplog.text
-    assert json.loads((tmp_path / guards.LOCK_NAME).read_text())["pid"] == os.getpid()
-    lock.release()
-    assert not (tmp_path / guards.LOCK_NAME).exists()
+    with caplog.at_level(logging.WARNING, "htpo_jax.run.lock"):
+        held = lock.OutputLock(tmp_path).acquire()
+    assert f"stale lock {tmp_path / lock.LOCK_NAME} of pid {dead.pid}" in caplog.text
+    assert json.loads((tmp_path / lock.LOCK_NAME).read_text())["pid"] == os.getpid()
+    held.release()
+    assert not (tmp_path / lock.LOCK_NAME).exists()
 
 
 def test_remote_output_dir_is_not_locked():
-    lock = guards.OutputLock("gs://bucket/run").acquire()  # no local file for a URL
-    assert lock.path is None
+    held = lock.OutputLock("gs://bucket/run").acquire()  # no local file for a URL
+    assert held.path is None
 
 
 # ---------------------------------------------------------------- run mixing and config drift
 def test_resume_false_refuses_a_used_checkpoint_dir(tmp_path):
     with pytest.raises(
-        guards.LaunchError, match=r"resume=false but .* holds checkpoints .*\[2, 4\]"
+        preflight.LaunchError, match=r"resume=false but .* holds checkpoints .*\[2, 4\]"
     ):
-        guards.check_fresh_start(str(tmp_path), [2, 4])
-    guards.check_fresh_start(str(tmp_path), [])  # an empty dir is fine
+        resume_checks.check_fresh_start(str(tmp_path), [2, 4])
+    resume_checks.check_fresh_start(str(tmp_path), [])  # an empty dir is fine
 
 
 def test_config_drift_lists_the_keys_that_change_results():
@@ -95,7 +95,7 @@ def test_config_drift_lists_the_keys_that_change_results():
             "rollout.val_n=4",
         ]
     ).to_dict()
-    drift = guards.config_drift(old, new)
+    drift = resume_checks.config_drift(old, new)
     keys = [d.split(":")[0] for d in drift]
     assert keys == [
         "algorithm.loss",
@@ -104,29 +104,29 @@ def test_config_drift_lists_the_keys_that_change_results():
         "optim.warmup_steps",
         "trainer.seed",
     ]
-    with pytest.raises(guards.LaunchError, match="optim.learning_rate: 1e-06 -> 3e-06"):
-        guards.check_drift(old, new, allow=False, step=4)
-    guards.check_drift(old, new, allow=True, step=4)  # allowed: a warning only
-    guards.check_drift(old, old, allow=False, step=4)
+    with pytest.raises(preflight.LaunchError, match="optim.learning_rate: 1e-06 -> 3e-06"):
+        resume_checks.check_drift(old, new, allow=False, step=4)
+    resume_checks.check_drift(old, new, allow=True, step=4)  # allowed: a warning only
+    resume_checks.check_drift(old, old, allow=False, step=4)
 
 
 # ---------------------------------------------------------------- paths
 def test_model_dir_problems_are_one_line(tmp_path):
-    with pytest.raises(guards.LaunchError, match="model.path: .*nope is not a directory"):
-        guards.check_model_dir(str(tmp_path / "nope"))
-    with pytest.raises(guards.LaunchError, match="model.path is empty"):
-        guards.check_model_dir("")
-    with pytest.raises(guards.LaunchError, match="no config.json"):
-        guards.check_model_dir(str(tmp_path))
+    with pytest.raises(preflight.LaunchError, match="model.path: .*nope is not a directory"):
+        preflight.check_model_dir(str(tmp_path / "nope"))
+    with pytest.raises(preflight.LaunchError, match="model.path is empty"):
+        preflight.check_model_dir("")
+    with pytest.raises(preflight.LaunchError, match="no config.json"):
+        preflight.check_model_dir(str(tmp_path))
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(guards.LaunchError, match="no \\*.safetensors"):
-        guards.check_model_dir(str(tmp_path))
+    with pytest.raises(preflight.LaunchError, match="no \\*.safetensors"):
+        preflight.check_model_dir(str(tmp_path))
     (tmp_path / "model.safetensors").write_bytes(b"")
-    guards.check_model_dir(str(tmp_path))
-    with pytest.raises(guards.LaunchError, match="no tokenizer files"):
-        guards.check_model_dir(str(tmp_path), tokenizer=True)
-    with pytest.raises(guards.LaunchError, match="Qwen/Qwen3-0.6B is not a directory"):
-        guards.check_model_dir("Qwen/Qwen3-0.6B")  # a hub id: never downloaded, one line
+    preflight.check_model_dir(str(tmp_path))
+    with pytest.raises(preflight.LaunchError, match="no tokenizer files"):
+        preflight.check_model_dir(str(tmp_path), tokenizer=True)
+    with pytest.raises(preflight.LaunchError, match="Qwen/Qwen3-0.6B is not a directory"):
+        preflight.check_model_dir("Qwen/Qwen3-0.6B")  # a hub id: never downloaded, one line
 
 
 def test_relative_config_paths_resolve_against_the_config_file(tmp_path, monkeypatch):
@@ -170,31 +170,31 @@ def test_infinite_values_and_empty_output_dir_are_refused(override, needle):
 
 # ---------------------------------------------------------------- non-finite and collapse
 def test_nonfinite_watch_stops_after_k_in_a_row():
-    w = guards.NonFiniteWatch(limit=2)
+    w = watch.NonFiniteWatch(limit=2)
     w.check(1, {"train/loss": float("nan"), "train/grad_norm": 1.0})
     w.check(2, {"train/loss": 0.1, "train/grad_norm": 1.0})  # a finite step resets the count
     w.check(3, {"train/loss": 0.1, "train/nonfinite_skipped": 1.0})
-    with pytest.raises(guards.TrainingStopped, match="stopped at step 4: 2 RL step"):
+    with pytest.raises(watch.TrainingStopped, match="stopped at step 4: 2 RL step"):
         w.check(4, {"train/loss": 0.1, "train/grad_norm": float("inf")})
-    guards.NonFiniteWatch(limit=0).check(1, {"train/loss": float("nan")})  # 0: never stops
+    watch.NonFiniteWatch(limit=0).check(1, {"train/loss": float("nan")})  # 0: never stops
 
 
 def test_collapse_warnings_name_the_metric(caplog):
-    w = guards.CollapseWatch(vocab_size=100, window=3, dynamic_sampling=False)
-    with caplog.at_level(logging.WARNING, "htpo_jax.guards"):
+    w = watch.CollapseWatch(vocab_size=100, window=3, dynamic_sampling=False)
+    with caplog.at_level(logging.WARNING, "htpo_jax.run.watch"):
         assert w.check(1, {"train/entropy": 1.0, "train/accuracy": 0.0}) == []
         assert w.check(2, {"train/entropy": 4.5, "train/accuracy": 0.0})  # log(100) = 4.6
         said = w.check(3, {"train/entropy": 1.0, "train/accuracy": 0.0})
     assert "train/accuracy has been 0 for 3 steps" in said[0]
     assert "train/entropy 4.500 is at its maximum" in caplog.text
-    with_ds = guards.CollapseWatch(vocab_size=100, window=1, dynamic_sampling=True)
+    with_ds = watch.CollapseWatch(vocab_size=100, window=1, dynamic_sampling=True)
     assert with_ds.check(1, {"train/accuracy": 0.0}) == []  # dynamic sampling: acc is filtered
 
 
 def test_all_finite():
-    assert guards.all_finite({"a": jnp.ones(3), "i": jnp.arange(3)})
-    assert not guards.all_finite({"a": jnp.ones(3), "b": jnp.array([1.0, jnp.nan])})
-    assert not guards.all_finite([jnp.array([jnp.inf], jnp.bfloat16)])
+    assert watch.all_finite({"a": jnp.ones(3), "i": jnp.arange(3)})
+    assert not watch.all_finite({"a": jnp.ones(3), "b": jnp.array([1.0, jnp.nan])})
+    assert not watch.all_finite([jnp.array([jnp.inf], jnp.bfloat16)])
 
 
 class _FakeCkpt:
@@ -216,13 +216,13 @@ class _FakeCkpt:
 
 def test_a_nonfinite_checkpoint_is_never_written():
     cfg = load_config(overrides=["trainer.output_dir=/x"])
-    watch, ckpt = guards.StepWatch(cfg, vocab_size=10), _FakeCkpt()
+    step_watch, ckpt = watch.StepWatch(cfg, vocab_size=10), _FakeCkpt()
 
     class S:
         params = {"w": jnp.array([1.0, jnp.nan])}
 
-    with pytest.raises(guards.TrainingStopped, match="checkpoint 2 was not written.*kept: \\[1\\]"):
-        watch.save(2, S, {}, ckpt)
+    with pytest.raises(watch.TrainingStopped, match="checkpoint 2 was not written.*kept: \\[1\\]"):
+        step_watch.save(2, S, {}, ckpt)
     assert ckpt.saved == [] and ckpt.closed
 
 
@@ -230,7 +230,7 @@ def test_a_nonfinite_checkpoint_is_never_written():
 def test_truncated_last_metrics_line_is_dropped_with_a_warning(tmp_path, caplog):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "a": 1}\n{"step": 2, "a": 2}\n{"step": 3, "a"')  # disk full
-    with caplog.at_level(logging.WARNING, "htpo_jax.metrics"):
+    with caplog.at_level(logging.WARNING, "htpo_jax.run.metrics"):
         assert [r["step"] for r in read_metrics(path)] == [1, 2]
         MetricsLogger(tmp_path, resume_step=2)
     assert f"{path}: dropping the truncated last line 3" in caplog.text
@@ -254,7 +254,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
         ckpt.save(1, make_state(1), {"tag": "one"})
         ckpt.save(2, make_state(2), {"tag": "two"})
     _corrupt(tmp_path / "2")
-    with caplog.at_level(logging.WARNING, "htpo_jax.checkpoint"):
+    with caplog.at_level(logging.WARNING, "htpo_jax.run.checkpoint"):
         with Checkpointer(tmp_path) as ckpt:
             state, extra = ckpt.restore_latest(make_state(0))
     assert extra["tag"] == "one"
@@ -272,7 +272,7 @@ def test_missing_file_in_newest_and_verify_reject(tmp_path, caplog):
         ckpt.save(3, make_state(3))
     shutil.rmtree(tmp_path / "3" / "state")  # a missing item
     reject_2 = lambda s: "is rejected" if float(s["params"]["embed_vd"][0, 0]) == 2.0 else None
-    with caplog.at_level(logging.WARNING, "htpo_jax.checkpoint"):
+    with caplog.at_level(logging.WARNING, "htpo_jax.run.checkpoint"):
         with Checkpointer(tmp_path) as ckpt:
             _, extra = ckpt.restore_latest(make_state(0), verify=reject_2)
     assert extra["step"] == 1
@@ -358,6 +358,6 @@ def test_trainer_info_lines_show_although_orbax_configured_logging(caplog):
     logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("htpo_jax.train").info("resumed from x at step 3")
     assert "resumed from" not in caplog.text  # the bug: INFO lines were never created
-    guards.setup_logging()
+    preflight.setup_logging()
     logging.getLogger("htpo_jax.train").info("resumed from x at step 3")
     assert "resumed from x at step 3" in caplog.text

@@ -13,11 +13,11 @@ from test_checkpoint import make_state
 from test_train import overrides
 from tiny_models import small_qwen3
 
-from htpo_jax import guards
-from htpo_jax import train as T
-from htpo_jax.checkpoint import Checkpointer
-from htpo_jax.config import dump_yaml, load_config
 from htpo_jax.models.hf_io import save_pretrained
+from htpo_jax.run import lock, watch
+from htpo_jax.run import train as T
+from htpo_jax.run.checkpoint import Checkpointer
+from htpo_jax.run.config import dump_yaml, load_config
 from htpo_jax.tasks.arith import write_task_data, write_tokenizer
 
 
@@ -55,7 +55,7 @@ def test_resume_false_on_a_used_dir_refuses(tiny_run_dir, tmp_path, capsys):
     assert code == 2
     assert line.startswith("error: checkpoint.resume=false but") and "[3]" in line
     assert not (out / "config.yaml").exists()  # nothing written by a launch that failed
-    assert not (out / guards.LOCK_NAME).exists()  # and the lock released
+    assert not (out / lock.LOCK_NAME).exists()  # and the lock released
 
 
 def _foreign_checkpoint(out, extra):
@@ -126,8 +126,8 @@ def test_second_trainer_on_one_dir_is_refused(tiny_run_dir, tmp_path, capsys, mo
     out.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        lock = {"pid": holder.pid, "host": __import__("socket").gethostname(), "time": 0}
-        (out / guards.LOCK_NAME).write_text(json.dumps(lock))
+        held = {"pid": holder.pid, "host": __import__("socket").gethostname(), "time": 0}
+        (out / lock.LOCK_NAME).write_text(json.dumps(held))
         code, line = run_main(overrides(tiny_run_dir, out), capsys)
     finally:
         holder.kill()
@@ -139,7 +139,7 @@ def test_second_trainer_on_one_dir_is_refused(tiny_run_dir, tmp_path, capsys, mo
 def _run_with_checkpoint(tiny_run_dir, tmp_path, poison: bool):
     """A run dir as train leaves it (config.yaml + checkpoints/1), without training."""
     from htpo_jax.models.hf_io import from_pretrained
-    from htpo_jax.train_step import TrainState, make_optimizer
+    from htpo_jax.rl.train_step import TrainState, make_optimizer
 
     out = tmp_path / "run"
     cfg = load_config(None, overrides(tiny_run_dir, out)[1:])
@@ -158,7 +158,7 @@ def _run_with_checkpoint(tiny_run_dir, tmp_path, poison: bool):
 
 
 def test_export_refuses_nonfinite_weights(tiny_run_dir, tmp_path, capsys):
-    from htpo_jax.export import main as export_main
+    from htpo_jax.tools.export import main as export_main
 
     run = _run_with_checkpoint(tiny_run_dir, tmp_path, poison=True)
     with pytest.raises(SystemExit) as e:
@@ -169,7 +169,7 @@ def test_export_refuses_nonfinite_weights(tiny_run_dir, tmp_path, capsys):
 
 
 def test_export_works_from_another_directory(tiny_run_dir, tmp_path, monkeypatch):
-    from htpo_jax.export import export
+    from htpo_jax.tools.export import export
 
     _run_with_checkpoint(tiny_run_dir, tmp_path, poison=False)
     elsewhere = tmp_path / "elsewhere"
@@ -201,8 +201,8 @@ def test_nan_recipe_stops_with_one_line_and_only_finite_checkpoints(tiny_run_dir
     steps = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
     for step in steps:  # whatever was written is finite
         tree = ocp.StandardCheckpointer().restore(out / "checkpoints" / str(step) / "state")
-        assert guards.all_finite(tree["params"]), step
-    from htpo_jax.export import main as export_main
+        assert watch.all_finite(tree["params"]), step
+    from htpo_jax.tools.export import main as export_main
 
     if steps:
         export_main(["--run", str(out), "--out", str(tmp_path / "hf")])

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tiny_models import run_on_fake_devices
 
-from htpo_jax.loss import (
+from htpo_jax.rl.loss import (
     GROUP_NAMES,
     LOSSES,
     LossConfig,
@@ -331,7 +331,7 @@ import jax, jax.numpy as jnp, numpy as np, sys
 sys.path.insert(0, {tests!r})
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from test_loss import random_batch
-from htpo_jax.loss import htpo_loss
+from htpo_jax.rl.loss import htpo_loss
 assert jax.device_count() == 8
 args = [jnp.asarray(x) for x in random_batch(16, 96, 4)]
 f = jax.jit(jax.value_and_grad(lambda lp, *a: htpo_loss(lp, *a)[0]))

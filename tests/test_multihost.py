@@ -19,10 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from htpo_jax import distributed as dist
-from htpo_jax.checkpoint import Checkpointer, StorageError, checkpoint_path
-from htpo_jax.config import ConfigError, load_config
-from htpo_jax.metrics import read_metrics
+from htpo_jax.infra import distributed as dist
+from htpo_jax.rl.sample import score_lockstep, shard_bounds
+from htpo_jax.run.checkpoint import Checkpointer, StorageError, checkpoint_path
+from htpo_jax.run.config import ConfigError, load_config
+from htpo_jax.run.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "multihost_worker.py"
@@ -111,7 +112,7 @@ def test_checkpoint_on_a_fake_gcs_server():
 def test_shard_bounds_cover_every_row_once():
     for n in range(0, 40):
         for hosts in range(1, 6):
-            rows = [r for h in range(hosts) for r in range(*dist.shard_bounds(n, hosts, h))]
+            rows = [r for h in range(hosts) for r in range(*shard_bounds(n, hosts, h))]
             assert rows == list(range(n)), (n, hosts)
 
 
@@ -122,7 +123,7 @@ def test_score_lockstep_one_process_is_compute_rewards():
     texts = ["Answer: 3", "Answer: 4", "no answer"]
     truths = ["3", "3", "3"]
     lengths = np.array([10, 20000, 30])
-    r1, b1 = dist.score_lockstep(texts, truths, lengths, cfg)
+    r1, b1 = score_lockstep(texts, truths, lengths, cfg)
     r2, b2 = compute_rewards(texts, truths, lengths, cfg)
     np.testing.assert_array_equal(r1, r2)
     np.testing.assert_array_equal(b1.acc, b2.acc)

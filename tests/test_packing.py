@@ -11,11 +11,8 @@ from hypothesis import strategies as st
 from test_train import overrides, tiny_run_dir  # noqa: F401, F811 (a fixture)
 from test_train_step import random_batch, tiny_model
 
-from htpo_jax import packing
-from htpo_jax.config import load_config
-from htpo_jax.metrics import read_metrics
-from htpo_jax.train import main
-from htpo_jax.train_step import (
+from htpo_jax.rl import packing
+from htpo_jax.rl.train_step import (
     StepConfig,
     TrainState,
     jit_apply_grads,
@@ -25,6 +22,9 @@ from htpo_jax.train_step import (
     packed_update,
     score_responses,
 )
+from htpo_jax.run.config import load_config
+from htpo_jax.run.metrics import read_metrics
+from htpo_jax.run.train import main
 
 
 def test_length_bucket_values():

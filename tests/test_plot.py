@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("matplotlib")  # in the [test] extra; `[plot]` for users
 import matplotlib.image as mpimg  # noqa: E402
 
-from htpo_jax.plot import GROUPS, labelled, main  # noqa: E402
+from htpo_jax.tools.plot import GROUPS, labelled, main  # noqa: E402
 
 
 def _summary(path, scale):

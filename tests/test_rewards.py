@@ -137,7 +137,7 @@ def test_pool_kills_hung_worker():
 
 
 def test_compute_rewards_from_config():
-    from htpo_jax.config import load_config
+    from htpo_jax.run.config import load_config
 
     cfg = load_config(
         overrides=["rollout.max_response_length=100", "algorithm.overlong_buffer_len=20"]

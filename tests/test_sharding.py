@@ -9,7 +9,7 @@ import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from htpo_jax.sharding import (
+from htpo_jax.infra.sharding import (
     LOGICAL_AXIS_RULES,
     constrain,
     logical_to_mesh_spec,

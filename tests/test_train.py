@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from tiny_models import small_qwen3
 
-from htpo_jax.config import load_config
-from htpo_jax.metrics import read_metrics
 from htpo_jax.models.hf_io import save_pretrained
+from htpo_jax.run.config import load_config
+from htpo_jax.run.metrics import read_metrics
+from htpo_jax.run.train import main
 from htpo_jax.tasks.arith import write_task_data, write_tokenizer
-from htpo_jax.train import main
 
 VOLATILE = ("time/",)  # wall-clock metrics differ between runs
 
@@ -97,8 +97,8 @@ def test_two_step_smoke(tiny_run_dir, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from htpo_jax.export import export
     from htpo_jax.models.hf_io import from_pretrained
+    from htpo_jax.tools.export import export
 
     assert export(out, tmp_path / "hf") == 2
     ours = from_pretrained(tmp_path / "hf", dtype=jnp.float32)
@@ -217,7 +217,7 @@ def test_config_yaml_written_is_loadable(tiny_run_dir, tmp_path):
 
 def fake_scored(acc_groups, g, width=4, r=5):
     """A Scored round with the given per-prompt correctness patterns ([P, G] bools)."""
-    from htpo_jax.sample import Scored
+    from htpo_jax.rl.sample import Scored
 
     acc = np.asarray(acc_groups, bool).reshape(-1)
     p = len(acc_groups)
@@ -236,7 +236,7 @@ def fake_scored(acc_groups, g, width=4, r=5):
 
 
 def test_dynamic_sampling_keeps_mixed_groups_and_draws_more(monkeypatch):
-    import htpo_jax.stages as S
+    import htpo_jax.run.stages as S
 
     cfg = load_config(
         None,

@@ -7,8 +7,8 @@ import pytest
 from flax import nnx
 from tiny_models import run_on_fake_devices, small_qwen3
 
-from htpo_jax.config import load_config
-from htpo_jax.train_step import StepConfig, TrainState, UpdateBatch, jit_update, make_optimizer
+from htpo_jax.rl.train_step import StepConfig, TrainState, UpdateBatch, jit_update, make_optimizer
+from htpo_jax.run.config import load_config
 
 
 def tiny_model():
@@ -74,9 +74,9 @@ SHARDED = """
 import sys; sys.path.insert(0, {tests!r})
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
-from htpo_jax.config import load_config
-from htpo_jax.sharding import make_mesh, shard_model, logical_sharding
-from htpo_jax.train_step import StepConfig, TrainState, jit_update, make_optimizer
+from htpo_jax.run.config import load_config
+from htpo_jax.infra.sharding import make_mesh, shard_model, logical_sharding
+from htpo_jax.rl.train_step import StepConfig, TrainState, jit_update, make_optimizer
 from test_train_step import tiny_model, random_batch
 assert jax.device_count() == 4
 cfg = load_config(None, ["optim.learning_rate=1e-2", "optim.warmup_steps=0"])

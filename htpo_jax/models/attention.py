@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from htpo_jax.sharding import logical_to_mesh_spec
+from htpo_jax.infra.sharding import logical_to_mesh_spec
 
 ATTENTION_IMPLS = ("auto", "xla", "chunked", "splash", "cudnn")
 AUTO_CHUNK = 2048  # auto: above this many positions the XLA path goes query-chunked

@@ -67,9 +67,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from htpo_jax.infra.sharding import constrain
 from htpo_jax.models.attention import attend_in_query_chunks, resolve_impl, self_attention
 from htpo_jax.models.model_config import ModelConfig
-from htpo_jax.sharding import constrain
 
 CACHE_LOGICAL_AXES = ("cache_layers", "cache_batch", "cache_seq", "cache_kv_heads", "head_dim")
 

@@ -24,10 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from htpo_jax.infra.sharding import variable_sharding
 from htpo_jax.models.decoder import Decoder, DenseGeneral
 from htpo_jax.models.model_config import ModelConfig
 from htpo_jax.models.safetensors_io import LazyCheckpoint, write_checkpoint
-from htpo_jax.sharding import variable_sharding
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def from_pretrained(
     `dtype` is the compute dtype, `param_dtype` the stored one (default: `dtype`); `remat`,
     `attention_chunk_size`, `attention_impl` and `scan_layers` are passed to `Decoder`. With
     `mesh`, every parameter is created already sharded by its logical axes
-    (`htpo_jax.sharding`), each device reading only its own slice from the memory-mapped file.
+    (`htpo_jax.infra.sharding`), each device reading only its own slice from the memory-mapped file.
     """
     cfg = ModelConfig.from_pretrained(path)
     param_dtype = dtype if param_dtype is None else param_dtype
@@ -242,3 +242,13 @@ def load_tokenizer(path: str | os.PathLike):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def pad_id(tokenizer) -> int:
+    """The one padding id of the run: prompts' left padding and response slots after the end.
+    The tokenizer's pad token, else its EOS, else 0 (padding is always masked; it only has to be
+    a valid token id)."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(tokenizer, "eos_token_id", None)
+    return int(pad) if pad is not None else 0

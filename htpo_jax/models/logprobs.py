@@ -23,7 +23,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from htpo_jax.sharding import constrain
+from htpo_jax.infra.sharding import constrain
 
 
 def chunked_logprobs_and_entropy(

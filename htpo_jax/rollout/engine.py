@@ -34,13 +34,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from htpo_jax.distributed import allgather_bytes, put_global
+from htpo_jax.infra.distributed import allgather_bytes, put_global
+from htpo_jax.infra.sharding import without_axes
 from htpo_jax.models.attention import attend_in_query_chunks
 from htpo_jax.rollout import paged_attention as pa
 from htpo_jax.rollout import sampling
 from htpo_jax.rollout.sampling import Rollout
 from htpo_jax.rollout.scheduler import Scheduler, steal_work
-from htpo_jax.sharding import without_axes
 
 
 @dataclasses.dataclass(frozen=True)

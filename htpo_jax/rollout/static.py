@@ -25,10 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from htpo_jax.infra.sharding import constrain
 from htpo_jax.models.decoder import CACHE_LOGICAL_AXES, KVCache, positions_from_mask
 from htpo_jax.rollout import sampling
 from htpo_jax.rollout.sampling import Rollout, bucket, is_eos, prompt_bucket
-from htpo_jax.sharding import constrain
 
 
 @jax.tree_util.register_dataclass

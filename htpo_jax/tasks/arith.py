@@ -5,7 +5,7 @@ solution evaluates it one operation per line and ends with an `Answer: <n>` line
 DAPO reward (`dapo_math_score`) verifies it unchanged. Also here: a ~100-token character-level
 tokenizer with a ChatML template, saved as a `PreTrainedTokenizerFast` that
 `transformers.AutoTokenizer.from_pretrained(dir)` loads offline, and writers for train/val JSONL
-files in the DAPO-Math layout that `htpo_jax.data` reads.
+files in the DAPO-Math layout that `htpo_jax.run.data` reads.
 
 Everything is deterministic in the seed: the generator draws only through `random.Random.random()`,
 whose sequence Python guarantees across versions.

@@ -1,5 +1,8 @@
 """Multi-host runs: start-up, host sync points with a deadline, lockstep scoring, stop requests.
 
+(Lockstep scoring is `rl/sample.score_lockstep`; the shared checkpoint-dir check
+`run/checkpoint.check_shared_dir`.)
+
 Every host runs the same program (JAX multi-controller). This module owns what keeps them in
 step:
 
@@ -10,27 +13,20 @@ step:
   coordination service's key-value store and barriers, never through the accelerators, and each
   waits at most `trainer.collective_timeout_s`: a host that does not arrive turns into a
   `CollectiveTimeout` naming the stage and where every host was (the watchdog), not a silent hang.
-- `score_lockstep`: each host scores its own contiguous shard of the decoded responses; the
-  results are all-gathered, so every host holds the same rewards and takes the same decisions
-  (dynamic-sampling keep masks, number of rounds), and a reward time-out has one verdict.
 - `StopSignals`: SIGTERM / SIGINT and JAX's preemption notices become one agreed stop at a step
   boundary (the trainer then saves and exits 0).
 - `put_global`: host array -> global array without device_put's cross-host equality check.
-- `check_shared_dir`: a multi-host checkpoint directory must be visible to every host.
 
 With one process every collective is the identity and costs nothing.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import logging
-import math
 import os
 import signal
-import uuid
 from collections.abc import Sequence
 
 import jax
@@ -168,58 +164,6 @@ def allgather_arrays(stage: str, **arrays: np.ndarray) -> dict[str, list[np.ndar
     return {k: [p[k] for p in parts] for k in arrays}
 
 
-# ---------------------------------------------------------------- lockstep scoring
-def shard_bounds(n: int, n_hosts: int, host: int) -> tuple[int, int]:
-    """Rows [lo, hi) of n that `host` scores: contiguous, sizes differ by at most one chunk."""
-    per = math.ceil(n / n_hosts) if n else 0
-    return min(host * per, n), min((host + 1) * per, n)
-
-
-def score_lockstep(
-    solutions, ground_truths, response_lengths, cfg, pool=None, stage="reward", data_sources=None
-):
-    """`rewards.compute_rewards` of all N responses, each scored on exactly one host.
-
-    With `data_sources`, each row is scored by the reward its source routes to
-    (`rewards.routing.routed_rewards`); without, by `algorithm.reward_fn`.
-
-    Returns the same (reward [N], RewardBatch) on every host: the array fields of the batch are
-    all-gathered, list fields (the extracted answers) too. One process: compute_rewards itself.
-    """
-    from htpo_jax.rewards import compute_rewards
-    from htpo_jax.rewards.routing import routed_rewards
-
-    def score(sl: slice):
-        sols, truths = list(solutions[sl]), list(ground_truths[sl])
-        lengths = np.asarray(response_lengths)[sl]
-        if data_sources is None:
-            return compute_rewards(sols, truths, lengths, cfg, pool=pool)
-        return routed_rewards(sols, truths, list(data_sources[sl]), lengths, cfg, pool=pool)
-
-    n_hosts = jax.process_count()
-    if n_hosts == 1:
-        return score(slice(None))
-    lo, hi = shard_bounds(len(solutions), n_hosts, jax.process_index())
-    reward, scored = score(slice(lo, hi))
-    arrays = {"reward": np.asarray(reward)}
-    lists = {}
-    for f in dataclasses.fields(scored):
-        v = getattr(scored, f.name)
-        if isinstance(v, np.ndarray):
-            arrays[f.name] = v
-        elif isinstance(v, list | tuple):
-            lists[f.name] = list(v)
-    arrays["lists_json"] = np.frombuffer(json.dumps(lists).encode(), np.uint8)
-    got = allgather_arrays(stage, **arrays)
-    merged_lists = {k: [] for k in lists}
-    for blob in got.pop("lists_json"):
-        for k, v in json.loads(blob.tobytes().decode()).items():
-            merged_lists[k].extend(v)
-    merged = {k: np.concatenate(v) for k, v in got.items()}
-    reward = merged.pop("reward")
-    return reward, dataclasses.replace(scored, **merged, **merged_lists)
-
-
 # ---------------------------------------------------------------- device arrays
 def put_global(x: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
     """A host array that every process holds in full -> a global array with `sharding`.
@@ -231,38 +175,6 @@ def put_global(x: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
         return jax.device_put(x, sharding)
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
-
-
-# ---------------------------------------------------------------- shared checkpoint dir
-def check_shared_dir(directory) -> None:
-    """Refuse (SetupError) a multi-host checkpoint dir that some host cannot see.
-
-    Process 0 writes a marker file; every other host must find it. Orbax's first save would
-    otherwise stall at a barrier and fail with no checkpoint.
-    """
-    if jax.process_count() == 1:
-        return
-    from htpo_jax.checkpoint import checkpoint_path
-
-    directory = checkpoint_path(directory)
-    nonce = uuid.uuid4().hex if jax.process_index() == 0 else ""
-    marker = None
-    if nonce:
-        directory.mkdir(parents=True, exist_ok=True)
-        marker = directory / f".htpo_shared_check_{nonce}"
-        marker.write_text(nonce)
-    nonce = allgather_bytes("checkpoint dir check (write)", nonce.encode())[0].decode()
-    probe = directory / f".htpo_shared_check_{nonce}"
-    seen = probe.exists() and probe.read_text() == nonce
-    verdicts = allgather_bytes("checkpoint dir check (read)", b"1" if seen else b"0")
-    if marker is not None:
-        marker.unlink()
-    blind = [p for p, v in enumerate(verdicts) if v != b"1"]
-    if blind:
-        raise SetupError(
-            f"checkpoint.dir {str(directory)!r} is not shared between hosts: process(es) "
-            f"{blind} cannot see a file process 0 wrote there; use a shared filesystem or gs://"
-        )
 
 
 # ---------------------------------------------------------------- stops and preemption

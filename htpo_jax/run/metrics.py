@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from htpo_jax.sharding import is_main_process
+from htpo_jax.infra.sharding import is_main_process
 
 log = logging.getLogger(__name__)
 

@@ -17,24 +17,25 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from htpo_jax import advantages as adv_lib
-from htpo_jax import balance, guards, packing
-from htpo_jax import distributed as dist
-from htpo_jax.checkpoint import Checkpointer
-from htpo_jax.config import Config
-from htpo_jax.data import PromptStream
-from htpo_jax.metrics import MetricsLogger
+from htpo_jax.infra import distributed as dist
+from htpo_jax.infra.sharding import logical_sharding, to_host
 from htpo_jax.rewards import RewardPool
-from htpo_jax.rollout import Sampler
-from htpo_jax.sample import Scored, sample_and_score
-from htpo_jax.sharding import logical_sharding, to_host
-from htpo_jax.train_step import (
+from htpo_jax.rl import advantages as adv_lib
+from htpo_jax.rl import balance, packing
+from htpo_jax.rl.sample import Scored, sample_and_score
+from htpo_jax.rl.train_step import (
     StepConfig,
     TrainState,
     UpdateBatch,
     packed_update,
     score_responses,
 )
+from htpo_jax.rollout import Sampler
+from htpo_jax.run.checkpoint import Checkpointer
+from htpo_jax.run.config import Config
+from htpo_jax.run.data import PromptStream
+from htpo_jax.run.metrics import MetricsLogger
+from htpo_jax.run.watch import StepWatch
 
 
 class SamplingExhausted(RuntimeError):
@@ -64,8 +65,8 @@ class Components:
     ckpt: Checkpointer
     logger: MetricsLogger
     pool: RewardPool | None
-    watch: guards.StepWatch  # non-finite / collapse / disk checks, and the finite-only save
-    run_id: str  # written into every checkpoint (guards.py)
+    watch: StepWatch  # non-finite / collapse / disk checks, and the finite-only save
+    run_id: str  # written into every checkpoint (run/resume_checks.py)
     start_step: int  # 0, or the restored checkpoint's step
 
 
@@ -150,7 +151,7 @@ def collect(c: Components, params, key) -> tuple[KeptGroups, dict]:
         )
         rounds.append((s, np.flatnonzero(keep)))
         n_kept += int(keep.sum())
-    # Every host derived `keep` from the same all-gathered rewards (dist.score_lockstep); a
+    # Every host derived `keep` from the same all-gathered rewards (sample.score_lockstep); a
     # disagreement here is a bug, reported at once instead of a hang in the next collective.
     dist.agree("filter decision", [len(rounds), n_kept])
     width = max(s.prompt_ids.shape[1] for s, _ in rounds)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +36,8 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
+
+from htpo_jax.infra.distributed import SetupError, allgather_bytes
 
 log = logging.getLogger(__name__)
 
@@ -330,3 +333,33 @@ class Checkpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# ---------------------------------------------------------------- shared checkpoint dir
+def check_shared_dir(directory) -> None:
+    """Refuse (SetupError) a multi-host checkpoint dir that some host cannot see.
+
+    Process 0 writes a marker file; every other host must find it. Orbax's first save would
+    otherwise stall at a barrier and fail with no checkpoint.
+    """
+    if jax.process_count() == 1:
+        return
+    directory = checkpoint_path(directory)
+    nonce = uuid.uuid4().hex if jax.process_index() == 0 else ""
+    marker = None
+    if nonce:
+        directory.mkdir(parents=True, exist_ok=True)
+        marker = directory / f".htpo_shared_check_{nonce}"
+        marker.write_text(nonce)
+    nonce = allgather_bytes("checkpoint dir check (write)", nonce.encode())[0].decode()
+    probe = directory / f".htpo_shared_check_{nonce}"
+    seen = probe.exists() and probe.read_text() == nonce
+    verdicts = allgather_bytes("checkpoint dir check (read)", b"1" if seen else b"0")
+    if marker is not None:
+        marker.unlink()
+    blind = [p for p, v in enumerate(verdicts) if v != b"1"]
+    if blind:
+        raise SetupError(
+            f"checkpoint.dir {str(directory)!r} is not shared between hosts: process(es) "
+            f"{blind} cannot see a file process 0 wrote there; use a shared filesystem or gs://"
+        )

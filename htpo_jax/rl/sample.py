@@ -1,19 +1,25 @@
 """Stages 2-3 of an RL step, ROLLOUT and REWARD: n sampled responses per prompt of a batch,
 decoded and scored (`sample_and_score` -> `Scored`, on the host), plus `stop_tokens` (the EOS ids
-every caller of the sampler shares; the pad id is `data.pad_id`) and `engine_config`
-(RolloutConfig -> the sampler's `engine`). Validation (stage 8) is `evaluate.validate`."""
+every caller of the sampler shares; the pad id is `models.hf_io.pad_id`) and `engine_config`
+(RolloutConfig -> the sampler's `engine`). Validation (stage 8) is `validation.validate`.
+
+`score_lockstep`: each host scores its own contiguous shard of the decoded responses; the
+results are all-gathered, so every host holds the same rewards and takes the same decisions
+(dynamic-sampling keep masks, number of rounds), and a reward time-out has one verdict."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 
 import jax
 import numpy as np
 
-from htpo_jax.data import pad_id
-from htpo_jax.distributed import score_lockstep
+from htpo_jax.infra.distributed import allgather_arrays
+from htpo_jax.infra.sharding import to_host
+from htpo_jax.models.hf_io import pad_id
 from htpo_jax.rollout import EngineConfig
-from htpo_jax.sharding import to_host
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,3 +120,55 @@ def sample_and_score(
         pred=tuple(scored.pred),
         texts=tuple(texts),
     )
+
+
+# ---------------------------------------------------------------- lockstep scoring
+def shard_bounds(n: int, n_hosts: int, host: int) -> tuple[int, int]:
+    """Rows [lo, hi) of n that `host` scores: contiguous, sizes differ by at most one chunk."""
+    per = math.ceil(n / n_hosts) if n else 0
+    return min(host * per, n), min((host + 1) * per, n)
+
+
+def score_lockstep(
+    solutions, ground_truths, response_lengths, cfg, pool=None, stage="reward", data_sources=None
+):
+    """`rewards.compute_rewards` of all N responses, each scored on exactly one host.
+
+    With `data_sources`, each row is scored by the reward its source routes to
+    (`rewards.routing.routed_rewards`); without, by `algorithm.reward_fn`.
+
+    Returns the same (reward [N], RewardBatch) on every host: the array fields of the batch are
+    all-gathered, list fields (the extracted answers) too. One process: compute_rewards itself.
+    """
+    from htpo_jax.rewards import compute_rewards
+    from htpo_jax.rewards.routing import routed_rewards
+
+    def score(sl: slice):
+        sols, truths = list(solutions[sl]), list(ground_truths[sl])
+        lengths = np.asarray(response_lengths)[sl]
+        if data_sources is None:
+            return compute_rewards(sols, truths, lengths, cfg, pool=pool)
+        return routed_rewards(sols, truths, list(data_sources[sl]), lengths, cfg, pool=pool)
+
+    n_hosts = jax.process_count()
+    if n_hosts == 1:
+        return score(slice(None))
+    lo, hi = shard_bounds(len(solutions), n_hosts, jax.process_index())
+    reward, scored = score(slice(lo, hi))
+    arrays = {"reward": np.asarray(reward)}
+    lists = {}
+    for f in dataclasses.fields(scored):
+        v = getattr(scored, f.name)
+        if isinstance(v, np.ndarray):
+            arrays[f.name] = v
+        elif isinstance(v, list | tuple):
+            lists[f.name] = list(v)
+    arrays["lists_json"] = np.frombuffer(json.dumps(lists).encode(), np.uint8)
+    got = allgather_arrays(stage, **arrays)
+    merged_lists = {k: [] for k in lists}
+    for blob in got.pop("lists_json"):
+        for k, v in json.loads(blob.tobytes().decode()).items():
+            merged_lists[k].extend(v)
+    merged = {k: np.concatenate(v) for k, v in got.items()}
+    reward = merged.pop("reward")
+    return reward, dataclasses.replace(scored, **merged, **merged_lists)

@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from htpo_jax.loss import LOSSES, LossConfig, LossInputs, aggregate
 from htpo_jax.models.logprobs import logprobs_and_entropy
+from htpo_jax.rl.loss import LOSSES, LossConfig, LossInputs, aggregate
 
 
 @struct.dataclass

@@ -13,9 +13,9 @@ import dataclasses
 import math
 from pathlib import Path
 
-from htpo_jax.config import Config
+from htpo_jax.run.config import Config
 
-MODELS_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
+MODELS_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
 
 
 @dataclasses.dataclass
@@ -89,9 +89,9 @@ def build_context(cfg: Config, mesh, model_cfg) -> Context:
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec
 
+    from htpo_jax.infra.sharding import variable_sharding
     from htpo_jax.models.decoder import Decoder
-    from htpo_jax.sharding import variable_sharding
-    from htpo_jax.train_step import StepConfig, make_optimizer
+    from htpo_jax.rl.train_step import StepConfig, make_optimizer
 
     with jax.set_mesh(mesh):
         abstract = nnx.eval_shape(
@@ -145,7 +145,7 @@ def array(ctx: Context, shape, dtype, lead: int = 0):
     """Abstract batch array: the axis after `lead` leading axes split over data x fsdp."""
     import jax
 
-    from htpo_jax.sharding import logical_sharding
+    from htpo_jax.infra.sharding import logical_sharding
 
     names = (None,) * lead + ("act_batch",) + (None,) * (len(shape) - lead - 1)
     return jax.ShapeDtypeStruct(shape, dtype, sharding=logical_sharding(names, ctx.mesh, shape))
@@ -154,7 +154,7 @@ def array(ctx: Context, shape, dtype, lead: int = 0):
 def update_batch(ctx: Context, lead: tuple[int, ...], rows: int, prompt: int, width: int):
     import jax.numpy as jnp
 
-    from htpo_jax.train_step import UpdateBatch
+    from htpo_jax.rl.train_step import UpdateBatch
 
     a = lambda shape, dt: array(ctx, lead + shape, dt, lead=len(lead))
     return UpdateBatch(
@@ -181,7 +181,7 @@ def prompt_width(cfg: Config) -> int:
 def micro_shapes(ctx: Context) -> list[tuple[int, int]]:
     """(rows, response width) of the scoring / update micro-batches to check: the widest, and
     with token budgets also the one with the most rows (the log-prob head scales with rows)."""
-    from htpo_jax import packing
+    from htpo_jax.rl import packing
 
     c, p, r = ctx.cfg, prompt_width(ctx.cfg), ctx.cfg.rollout.max_response_length
     if not c.optim.max_tokens_per_micro:
@@ -238,7 +238,7 @@ def old_log_prob_programs(ctx: Context) -> list[Program]:
 
     import jax.numpy as jnp
 
-    from htpo_jax.train_step import score_responses
+    from htpo_jax.rl.train_step import score_responses
 
     p, t = prompt_width(ctx.cfg), ctx.step_cfg.temperature
     out = []
@@ -259,7 +259,7 @@ def update_programs(ctx: Context) -> list[Program]:
     import jax
     import jax.numpy as jnp
 
-    from htpo_jax.train_step import TrainState, jit_apply_grads, jit_micro_grads, jit_update
+    from htpo_jax.rl.train_step import TrainState, jit_apply_grads, jit_micro_grads, jit_update
 
     c, p = ctx.cfg, prompt_width(ctx.cfg)
     state = TrainState(
@@ -313,10 +313,10 @@ def engine_programs(ctx: Context) -> list[Program]:
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec
 
+    from htpo_jax.infra.sharding import make_mesh, without_axes
     from htpo_jax.rollout import engine, sampling
     from htpo_jax.rollout import paged_attention as pa
     from htpo_jax.rollout.scheduler import pow2_at_least
-    from htpo_jax.sharding import make_mesh, without_axes
 
     c, r, m = ctx.cfg, ctx.cfg.rollout, ctx.model_cfg
     d = engine.batch_shards(ctx.mesh)

@@ -27,6 +27,8 @@ from typing import Any
 import flax.struct
 import numpy as np
 
+from htpo_jax.models.hf_io import pad_id
+
 log = logging.getLogger(__name__)
 
 
@@ -179,16 +181,6 @@ def read_rows(path: str | Path, prompt_key: str = "prompt") -> tuple[list[Row], 
 
 # ---------------------------------------------------------------------------------------------
 # The dataset
-
-
-def pad_id(tokenizer) -> int:
-    """The one padding id of the run: prompts' left padding and response slots after the end.
-    The tokenizer's pad token, else its EOS, else 0 (padding is always masked; it only has to be
-    a valid token id)."""
-    pad = getattr(tokenizer, "pad_token_id", None)
-    if pad is None:
-        pad = getattr(tokenizer, "eos_token_id", None)
-    return int(pad) if pad is not None else 0
 
 
 class PromptDataset:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from htpo_jax.loss import AGG_MODES, LOSS_BOUNDS
+from htpo_jax.rl.loss import AGG_MODES, LOSS_BOUNDS
 
 
 def _f(default, help: str, check=None):

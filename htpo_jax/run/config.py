@@ -1,0 +1,453 @@
+"""The run configuration: one tree of frozen dataclasses, loaded from YAML plus `--set` overrides.
+
+Sections: model, data, rollout, algorithm, optim, trainer, checkpoint, mesh, distributed.
+Defaults are the paper's (its train.sh: Qwen3-8B-Base on DAPO-Math-17k). Everything is validated
+before any work starts; a bad value or unknown key raises `ConfigError` with one line that names
+the key and the allowed values or the nearest known key. `cli_config` turns that into a message
+and exit status 2.
+
+The config is never mutated at run time; derive a changed copy with `dataclasses.replace`.
+`docs/CONFIG.md` is generated from the field help in `config_sections`
+(`python -m htpo_jax.config --markdown`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import math
+import os
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from htpo_jax.run.config_sections import (
+    SECTIONS,
+    AlgorithmConfig,
+    CheckpointConfig,
+    Config,
+    DataConfig,
+    DistributedConfig,
+    MeshConfig,
+    ModelSection,
+    OptimConfig,
+    RolloutConfig,
+    TrainerConfig,
+    plain,
+)
+
+# The schema lives in config_sections; its classes are importable from here too.
+__all__ = [
+    "SECTIONS", "AlgorithmConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig",
+    "DistributedConfig", "MeshConfig", "ModelSection", "OptimConfig", "RolloutConfig",
+    "TrainerConfig", "add_config_args", "all_keys", "cli_config", "config_from_args",
+    "config_from_dict", "config_markdown", "dump_yaml", "load_config", "parse_override",
+]  # fmt: skip
+
+
+class ConfigError(ValueError):
+    """A config problem, described in one line that names the key."""
+
+
+def _fields(cls) -> dict[str, tuple[dataclasses.Field, Any]]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls)}
+
+
+def all_keys() -> list[str]:
+    return [f"{s}.{k}" for s, cls in SECTIONS.items() for k in _fields(cls)]
+
+
+def _initials(name: str) -> str:
+    return "".join(part[:1] for part in name.split("_"))
+
+
+def _nearest(key: str) -> str | None:
+    """The known key a typo most likely meant: same section first, then anywhere."""
+    keys = all_keys()
+    section, _, leaf = key.rpartition(".")
+    same_leaf = [k for k in keys if k.rsplit(".", 1)[-1] == leaf]  # right name, wrong section
+    if same_leaf:
+        return same_leaf[0]
+    if section in SECTIONS:
+        leaves = list(_fields(SECTIONS[section]))
+        # abbreviations first ('lr' -> learning_rate, 'rematerialize' -> remat), then spelling
+        near = [
+            k
+            for k in leaves
+            if leaf and (_initials(k) == leaf or k.startswith(leaf) or leaf.startswith(k))
+        ]
+        near = near or difflib.get_close_matches(leaf, leaves, n=1, cutoff=0.6)
+        if near:
+            return f"{section}.{near[0]}"
+    near = difflib.get_close_matches(key, keys, n=1, cutoff=0.75)
+    if near:
+        return near[0]
+    by_leaf = {k.rsplit(".", 1)[-1]: k for k in keys}
+    near = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.7)
+    return by_leaf[near[0]] if near else None
+
+
+def _unknown(key: str) -> ConfigError:
+    near = _nearest(key)
+    hint = f" (did you mean '{near}'?)" if near else ""
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp) -> Any:
+    """Check / convert one YAML value to the field's type; raise a one-line ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not allowed; allowed: {', '.join(allowed)}")
+        return value
+    if origin is tuple:
+        (item_tp, _) = typing.get_args(tp)
+        if isinstance(value, str):  # `--set data.train_files=a.parquet` means a list of one
+            value = [value]
+        if value is None:
+            value = []
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return tuple(_coerce(key, v, item_tp) for v in value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        # YAML 1.1 reads '1e-6' (no dot) as a string; accept any number spelling.
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # .inf / .nan pass every range check below
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if value is None:
+            return ""
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"{key}: unsupported field type {_type_name(tp)}")
+
+
+def config_from_dict(tree: dict | None) -> Config:
+    """Build and validate a Config from a nested dict (missing keys take their defaults)."""
+    tree = tree or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config must be a mapping of sections, got {type(tree).__name__}")
+    sections = {}
+    for name, body in tree.items():
+        if name not in SECTIONS:
+            near = difflib.get_close_matches(str(name), list(SECTIONS), n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            raise ConfigError(f"unknown config section '{name}'{hint}")
+        if body is None:
+            body = {}
+        if not isinstance(body, dict):
+            raise ConfigError(f"{name}: expected a mapping of keys, got {body!r}")
+    for name, cls in SECTIONS.items():
+        body = tree.get(name) or {}
+        known = _fields(cls)
+        kwargs = {}
+        for k, v in body.items():
+            key = f"{name}.{k}"
+            if k not in known:
+                raise _unknown(key)
+            f, tp = known[k]
+            v = _coerce(key, v, tp)
+            check = f.metadata.get("check")
+            if check is not None and not check[0](v):
+                raise ConfigError(f"{key}: {check[1]}, got {v!r}")
+            kwargs[k] = v
+        sections[name] = cls(**kwargs)
+    cfg = Config(**sections)
+    _cross_checks(cfg)
+    return cfg
+
+
+def _cross_checks(c: Config) -> None:
+    def bad(key, msg):
+        raise ConfigError(f"{key}: {msg}")
+
+    if c.data.train_batch_size % c.optim.mini_batch_size:
+        bad(
+            "optim.mini_batch_size",
+            f"must divide data.train_batch_size ({c.data.train_batch_size}), "
+            f"got {c.optim.mini_batch_size}",
+        )
+    responses = c.optim.mini_batch_size * c.rollout.n
+    if responses % c.optim.micro_batch_size:
+        bad(
+            "optim.micro_batch_size",
+            f"must divide optim.mini_batch_size * rollout.n ({responses}), "
+            f"got {c.optim.micro_batch_size}",
+        )
+    if c.algorithm.overlong_buffer_enable and (
+        c.algorithm.overlong_buffer_len >= c.rollout.max_response_length
+    ):
+        bad(
+            "algorithm.overlong_buffer_len",
+            f"must be < rollout.max_response_length ({c.rollout.max_response_length}), "
+            f"got {c.algorithm.overlong_buffer_len}",
+        )
+    if c.optim.warmup_steps > c.trainer.total_steps:
+        bad("optim.warmup_steps", f"must be <= trainer.total_steps ({c.trainer.total_steps})")
+    mesh = dataclasses.asdict(c.mesh)
+    if sum(v == -1 for v in mesh.values()) > 1:
+        bad("mesh", f"at most one axis may be -1, got {mesh}")
+    if not c.trainer.output_dir.strip():
+        bad("trainer.output_dir", "must not be empty")
+    if len(set(c.trainer.logger)) != len(c.trainer.logger):
+        bad("trainer.logger", f"duplicate entries in {list(c.trainer.logger)}")
+    _check_storage_urls(c, bad)
+
+
+def _check_storage_urls(c: Config, bad) -> None:
+    """gs:// is the one URL scheme for checkpoints; logs stay on local disk (appended per step)."""
+    if "://" in c.trainer.output_dir:
+        bad(
+            "trainer.output_dir",
+            f"must be a local directory (metrics.jsonl is appended every step), got "
+            f"{c.trainer.output_dir!r}; put checkpoints on Cloud Storage with "
+            f"checkpoint.dir=gs://BUCKET/PATH",
+        )
+    if "://" in c.checkpoint.dir and not c.checkpoint.dir.startswith("gs://"):
+        bad("checkpoint.dir", f"only gs:// URLs or local paths, got {c.checkpoint.dir!r}")
+    # a mistyped URL such as gs:/b, possibly made absolute by the path resolution above
+    if "gs:/" in c.checkpoint.dir and "gs://" not in c.checkpoint.dir:
+        bad("checkpoint.dir", f"a Cloud Storage URL is gs://BUCKET/PATH, got {c.checkpoint.dir!r}")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'a.b=c' -> ('a.b', c parsed as a YAML scalar / flow value)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override '{text}' is not of the form section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw  # an unparsable value is taken literally; its field then judges it
+    return key, value
+
+
+def _apply(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    if len(parts) == 1 and parts[0] in SECTIONS and isinstance(value, dict):
+        tree.setdefault(parts[0], {}).update(value)
+        return
+    if len(parts) != 2:
+        raise _unknown(key)
+    section, leaf = parts
+    if section not in SECTIONS or leaf not in _fields(SECTIONS[section]):
+        raise _unknown(key)
+    body = tree.setdefault(section, {})
+    if body is None:
+        body = tree[section] = {}
+    body[leaf] = value
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Defaults, then the YAML file (if any, on top of its `base:` chain), then `a.b=c` overrides
+    in order; validated."""
+    tree: dict = {}
+    if path is not None:
+        tree = _read_config_file(Path(path), ())  # validated: file problems before overrides
+    for text in overrides:
+        _apply(tree, *parse_override(text))
+    _resolve_paths(tree, Path.cwd())  # paths from --set: relative to where the user is
+    if not isinstance(tree.get("trainer"), dict) or "output_dir" not in tree["trainer"]:
+        default = TrainerConfig.output_dir  # the one path with a default: where the user is too
+        tree["trainer"] = {**(tree.get("trainer") or {}), "output_dir": str(Path.cwd() / default)}
+    return config_from_dict(tree)
+
+
+def _read_config_file(p: Path, chain: tuple[Path, ...]) -> dict:
+    """One YAML file as a tree of sections, its relative paths made absolute against its own
+    directory, merged key by key over its `base:` file (itself read the same way). `chain` holds
+    the files that include this one, to stop a cycle."""
+    if not p.is_file():
+        if chain:
+            raise ConfigError(f"{chain[-1]}: base file not found: {p}")
+        raise ConfigError(f"config file not found: {p}")
+    if p.resolve() in chain:
+        cycle = " -> ".join(str(c) for c in (*chain, p.resolve()))
+        raise ConfigError(f"{chain[-1]}: base files form a cycle: {cycle}")
+    try:
+        tree = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{p}:{where} is not valid YAML") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{p}: expected a mapping of sections at the top level")
+    tree = {k: (dict(v) if isinstance(v, dict) else v) for k, v in tree.items()}
+    base = tree.pop("base", None)
+    _resolve_paths(tree, p.resolve().parent)
+    if base is not None:
+        tree = _merge_base(p, base, tree, chain)
+    try:
+        config_from_dict(tree)
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from None
+    return tree
+
+
+def _merge_base(p: Path, base, tree: dict, chain: tuple[Path, ...]) -> dict:
+    """`tree` (file `p`, whose `base:` key was `base`) merged over its base file's tree."""
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{p}: base: expected a YAML file name, got {base!r}")
+    under = _read_config_file(p.resolve().parent / os.path.expanduser(base), (*chain, p.resolve()))
+    for name, body in tree.items():  # sections merge key by key; this file's values win
+        if isinstance(body, dict) and isinstance(under.get(name), dict):
+            body = {**under[name], **body}
+        elif body is None and name in under:
+            continue
+        under[name] = body
+    return under
+
+
+# Keys that name files or directories. Relative values resolve against the config file's
+# directory (or the working directory for --set), so a run and its saved config.yaml work from
+# anywhere. URLs (gs://, s3://, ...) and empty values are left as they are.
+PATH_KEYS = (
+    "model.path",
+    "model.tokenizer_path",
+    "data.train_files",
+    "data.val_files",
+    "trainer.output_dir",
+    "checkpoint.dir",
+)
+
+
+def _abs_path(value, base: Path):
+    if not isinstance(value, str) or not value or "://" in value:
+        return value
+    p = Path(os.path.expanduser(value))
+    return str(p if p.is_absolute() else base / p)
+
+
+def _resolve_paths(tree: dict, base: Path) -> None:
+    for key in PATH_KEYS:
+        section, leaf = key.split(".")
+        body = tree.get(section)
+        if not isinstance(body, dict) or leaf not in body:
+            continue
+        v = body[leaf]
+        if isinstance(v, list | tuple):
+            body[leaf] = [_abs_path(x, base) for x in v]
+        else:
+            body[leaf] = _abs_path(v, base)
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, help="YAML config file")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override keys, e.g. --set optim.learning_rate=1e-6 trainer.total_steps=5",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """load_config from parsed `add_config_args` arguments; on ConfigError print and exit 2."""
+    try:
+        return load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def cli_config(argv: typing.Sequence[str] | None = None, description: str | None = None) -> Config:
+    """Parse `--config PATH --set k=v ...` from argv; a bad config exits 2 with one line."""
+    parser = argparse.ArgumentParser(description=description)
+    add_config_args(parser)
+    return config_from_args(parser.parse_args(argv))
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def _doc_type(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " \\| ".join(f"`{a}`" for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"list of {_doc_type(typing.get_args(tp)[0])}"
+    if isinstance(tp, types.GenericAlias):
+        return str(tp)
+    return tp.__name__
+
+
+def config_markdown() -> str:
+    """docs/CONFIG.md: every key, its type, default and meaning."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated by `python -m htpo_jax.config --markdown > docs/CONFIG.md`; do not edit.",
+        "",
+        "Set keys in a YAML file (`--config run.yaml`, sections as top-level mappings) or on the",
+        "command line (`--set section.key=value`, the value read as YAML). Defaults are the",
+        "paper's (train.sh of the official implementation: Qwen3-8B-Base on DAPO-Math-17k).",
+        "Unknown keys and bad values stop the run before any work, naming the key.",
+        "",
+        "A file can start from another: `base: other.yaml` (relative to the including file; the",
+        "base must be a valid config itself) takes every key of `other.yaml`, then this file's",
+        "keys replace the base's one by one (a section is merged, not replaced). Relative paths",
+        "resolve against the directory of the file that wrote them. `configs/dapo_baseline.yaml`",
+        "is the paper run with `base:` and three keys.",
+        "",
+    ]
+    for name, cls in SECTIONS.items():
+        lines += [f"## `{name}`", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        for k, (f, tp) in _fields(cls).items():
+            default = yaml.safe_dump(plain(f.default), default_flow_style=True).strip()
+            default = default.removesuffix("\n...").removesuffix("...").strip()
+            help_text = f.metadata["help"]
+            if f.metadata.get("check"):
+                help_text += f" ({f.metadata['check'][1].replace('must be ', '')})"
+            lines.append(f"| `{name}.{k}` | {_doc_type(tp)} | `{default}` | {help_text} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: typing.Sequence[str] | None = None) -> None:
+    """Print the resolved config as YAML (or the markdown reference with --markdown)."""
+    parser = argparse.ArgumentParser(description="Validate a config and print it resolved.")
+    add_config_args(parser)
+    parser.add_argument("--markdown", action="store_true", help="print docs/CONFIG.md")
+    args = parser.parse_args(argv)
+    if args.markdown:
+        print(config_markdown(), end="")
+        return
+    print(dump_yaml(config_from_args(args)), end="")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""One trainer per output directory: `OutputLock` (`<output_dir>/.htpo.lock` holds pid and
+host); a lock left by a dead process on this host is taken over with a warning."""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+
+from htpo_jax.run.preflight import LaunchError, is_url
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = ".htpo.lock"
+
+
+# ---------------------------------------------------------------- output-dir lock
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+class OutputLock:
+    """`<output_dir>/.htpo.lock`, created atomically (O_EXCL), removed by `release()`.
+
+    A second trainer on the same dir gets a LaunchError naming the holder. A lock whose process
+    is gone (same host, pid not running) is stale: it is taken over with a warning. A lock held
+    from another host cannot be checked from here, so it is refused too (delete the file if that
+    host's run is over). Remote (gs://) output dirs are not locked: O_EXCL has no meaning there.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike):
+        self.path = None if is_url(output_dir) else Path(output_dir) / LOCK_NAME
+        self.held = False
+
+    def acquire(self) -> OutputLock:
+        if self.path is None:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder.get("pid") == me["pid"] and holder.get("host") == me["host"]:
+                    self.held = True  # this process already holds it (train() called twice)
+                    return self
+                same_host = holder.get("host") == me["host"]
+                pid = holder.get("pid")
+                if same_host and isinstance(pid, int) and not _pid_alive(pid):
+                    log.warning(
+                        "taking over the stale lock %s of pid %d (no longer running)",
+                        self.path,
+                        pid,
+                    )
+                    self.path.unlink(missing_ok=True)
+                    continue
+                raise LaunchError(
+                    f"{self.path.parent} is in use by another trainer (pid {pid} on host "
+                    f"{holder.get('host')}, lock {self.path}); use another trainer.output_dir, "
+                    "or delete the lock file if that run is over"
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            _held.append(self)
+            atexit.register(self.release)  # also on an exception that ends the process
+            return self
+        raise LaunchError(f"could not take the lock {self.path}")
+
+    def _holder(self) -> dict:
+        try:
+            holder = json.loads(self.path.read_text())
+            return holder if isinstance(holder, dict) else {}
+        except (OSError, ValueError):
+            return {}  # being written right now, or garbage: treated as held by an unknown
+
+    def release(self) -> None:
+        if self.held and self.path is not None:
+            holder = self._holder()
+            if holder.get("pid") == os.getpid():
+                self.path.unlink(missing_ok=True)
+        self.held = False
+
+    def __enter__(self) -> OutputLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+_held: list[OutputLock] = []
+
+
+def release_locks() -> None:
+    """Release every lock this process holds (train.main calls it however the run ends)."""
+    while _held:
+        _held.pop().release()

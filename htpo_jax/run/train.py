@@ -1,0 +1,332 @@
+"""`python -m htpo_jax.train [--config FILE] [--set key=value ...]`: a whole HTPO (or baseline) run.
+
+With no arguments it runs `configs/default.yaml`: the small arithmetic model in `assets/`, on CPU.
+
+The loop has purejaxrl's shape: what never changes during a run (config, mesh, graphdef, sampler,
+compiled update, data stream, checkpointer, logger, reward pool) is a frozen `Components`, built
+once by `components()` (a context manager that closes them, also on errors); what changes is the
+`TrainState`, passed explicitly: `state, metrics = rl_step(c, state, step)`. One RL step goes
+through the stages of docs/DESIGN.md: DATA, ROLLOUT, REWARD, FILTER, ADVANTAGE, OLD LOG-PROBS,
+UPDATE (`stages.py`, typed data between them: `Scored` -> `KeptGroups` -> `UpdateBatch`), then
+LOG / EVAL / SAVE (`run_loop`, below).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from htpo_jax.infra import distributed as dist
+from htpo_jax.infra.sharding import is_main_process, make_mesh
+from htpo_jax.models.hf_io import decoder_options, from_pretrained, load_tokenizer
+from htpo_jax.rewards import RewardPool
+from htpo_jax.rewards.routing import UnknownDataSource, check_sources
+from htpo_jax.rl.train_step import (
+    StepConfig,
+    TrainState,
+    jit_apply_grads,
+    jit_micro_grads,
+    jit_update,
+    make_optimizer,
+)
+from htpo_jax.rl.validation import validate
+from htpo_jax.rollout import Sampler
+from htpo_jax.run import lock, preflight, resume_checks, stages, watch
+from htpo_jax.run.checkpoint import (
+    Checkpointer,
+    CheckpointMismatch,
+    CheckpointSaveError,
+    StorageError,
+    check_shared_dir,
+)
+from htpo_jax.run.config import Config, cli_config, dump_yaml
+from htpo_jax.run.data import DataError, DataState, PromptStream, train_stream, val_dataset
+from htpo_jax.run.metrics import MetricsLogger, plain
+from htpo_jax.run.stages import Components, SamplingExhausted
+
+log = logging.getLogger("htpo_jax.train")
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
+
+
+class StageClock:
+    """Wall time of named stages (`time/<stage>`) and of the whole step since creation."""
+
+    def __init__(self):
+        self.start, self.times = time.perf_counter(), {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        self.times[f"time/{name}"] = time.perf_counter() - t0
+
+    def total(self) -> dict:
+        """The stage times and `time/step`, the time since the clock was made."""
+        return {**self.times, "time/step": time.perf_counter() - self.start}
+
+
+def rl_step(c: Components, state: TrainState, step: int) -> tuple[TrainState, dict]:
+    """One RL step: stages 1-7 of DESIGN.md, top to bottom (`stages.py`); returns (new state,
+    metrics). The TrainState is donated to the update: use only the returned one."""
+    clock = StageClock()
+    key = jax.random.fold_in(state.rng, step)
+    with clock("rollout_reward_filter"):  # 1 DATA, 2 ROLLOUT, 3 REWARD, 4 FILTER
+        kept, stats = stages.collect(c, state.params, key)
+    dist.barrier(f"old log-probs step {step}")
+    with clock("old_log_prob"):
+        batch = stages.build_batch(c, kept)  # 5 ADVANTAGE
+        batch, balance_stats = stages.balance_rows(c, batch)
+        batch, mean_ent = stages.old_logprobs(c, state.params, batch)  # 6 OLD LOG-PROBS
+    with clock("update"):
+        state, update_metrics = stages.update_all(c, state, batch)  # 7 UPDATE
+    metrics = {**stats, **balance_stats, **update_metrics, "train/entropy": mean_ent}
+    return state, {**metrics, **clock.total()}
+
+
+# ---------------------------------------------------------------- setup
+@contextlib.contextmanager
+def components(cfg: Config, mesh: jax.sharding.Mesh) -> Iterator[tuple[Components, TrainState]]:
+    """Builds the run's `Components` and its first (or restored) `TrainState`; on leaving, also
+    on an error, closes the reward pool, the logger and the checkpointer (which first waits for a
+    save in flight, except after a collective timeout: the other hosts are gone)."""
+    with contextlib.ExitStack() as stack:
+        out = Path(cfg.trainer.output_dir)
+        preflight.prelaunch(cfg)  # nothing is written to the output dir until the launch validated
+        tokenizer = load_tokenizer(cfg.model.tokenizer_path or cfg.model.path)
+        stream, val_set = train_stream(cfg, tokenizer), val_dataset(cfg, tokenizer)  # before model
+        check_sources([r.data_source for r in stream.dataset.rows], cfg, "data.train_files")
+        if val_set is not None:
+            check_sources([r.data_source for r in val_set.rows], cfg, "data.val_files")
+        model = from_pretrained(
+            cfg.model.path,
+            dtype=jnp.dtype(cfg.model.dtype),
+            param_dtype=jnp.dtype(cfg.model.param_dtype),
+            mesh=mesh,
+            **decoder_options(cfg.model),
+        )
+        sampler, vocab_size = Sampler.from_model(model), model.cfg.vocab_size
+        graphdef, params = nnx.split(model)
+        del model  # the TrainState holds the one copy of the parameters
+        ref_params = jax.tree.map(jnp.copy, params) if cfg.algorithm.use_kl_loss else None
+        o = cfg.optim
+        tx = make_optimizer(
+            o,
+            cfg.trainer.total_steps,
+            o.ppo_epochs * (cfg.data.train_batch_size // o.mini_batch_size),
+        )
+        state = TrainState(
+            params=params,
+            opt_state=tx.init(params),
+            step=jnp.zeros((), jnp.int32),
+            rng=jax.random.key(cfg.trainer.seed),
+        )
+        step_cfg = StepConfig.from_config(cfg)
+        if is_main_process():  # one lock per run, held by the process that writes the shared files
+            lock.OutputLock(out).acquire()
+        dist.set_collective_timeout(cfg.trainer.collective_timeout_s)
+        check_shared_dir(cfg.checkpoint_dir)
+        ckpt = Checkpointer.from_config(cfg)
+        stack.push(
+            lambda _t, e, _tb: None if isinstance(e, dist.CollectiveTimeout) else ckpt.close()
+        )
+        start, run_id = 0, resume_checks.new_run_id()
+        restored = resume_checks.resume(ckpt, state, cfg)
+        if restored is not None:
+            state, extra = restored
+            start, data_state = int(extra["step"]), DataState.from_json(extra["data"])
+            run_id = extra.get("run_id", run_id)
+            stream = PromptStream(stream.dataset, cfg.trainer.seed, cfg.data.shuffle, data_state)
+            log.info("resumed from %s at step %d", cfg.checkpoint_dir, start)
+        if is_main_process():
+            (out / "config.yaml").write_text(dump_yaml(cfg))
+        pool = None
+        if cfg.algorithm.reward_num_workers:
+            a = cfg.algorithm
+            pool = stack.enter_context(
+                RewardPool(a.reward_fn, a.reward_num_workers, a.reward_timeout_s)
+            )
+        logger = MetricsLogger(
+            out,
+            resume_step=start if restored else None,
+            tensorboard="tensorboard" in cfg.trainer.logger,
+        )
+        stack.callback(logger.close)
+        yield (
+            Components(
+                cfg=cfg,
+                mesh=mesh,
+                tokenizer=tokenizer,
+                graphdef=graphdef,
+                sampler=sampler,
+                ref_params=ref_params,
+                step_cfg=step_cfg,
+                update_fn=jit_update(graphdef, tx, step_cfg),
+                packed_fns=(jit_micro_grads(graphdef, step_cfg), jit_apply_grads(tx))
+                if o.max_tokens_per_micro
+                else None,
+                stream=stream,
+                val_set=val_set,
+                ckpt=ckpt,
+                logger=logger,
+                pool=pool,
+                watch=watch.StepWatch(cfg, vocab_size),
+                run_id=run_id,
+                start_step=start,
+            ),
+            state,
+        )
+
+
+# ---------------------------------------------------------------- 8 LOG / EVAL / SAVE
+def run_validation(c: Components, params) -> dict:
+    """Validation metrics of `params` (`validation.validate`, the same key every time), or {}."""
+    if c.val_set is None:
+        return {}
+    t0 = time.perf_counter()
+    key = jax.random.fold_in(jax.random.key(c.cfg.trainer.seed), 2**30)  # same every time
+    out = validate(c.sampler, params, c.tokenizer, c.val_set, c.cfg, rng=key, pool=c.pool)
+    return {**out, "time/val": time.perf_counter() - t0}
+
+
+def save(c: Components, state: TrainState, step: int) -> None:
+    """Checkpoint `state` with what resuming needs: the step, the data position, the config."""
+    extra = {
+        "step": step,
+        "data": c.stream.state.to_json(),
+        "config": c.cfg.to_dict(),
+        "run_id": c.run_id,
+    }
+    c.watch.save(step, state, extra, c.ckpt)
+
+
+def run_loop(c: Components, state: TrainState, stops: dist.StopSignals) -> dict:
+    """Steps `start_step + 1 .. total_steps` (or validation only), logging, validating and
+    saving as configured; returns the run's summary."""
+    t, total = c.cfg.trainer, c.cfg.trainer.total_steps
+    first_val = last_val = stopped = None
+    step, metrics = c.start_step, {}
+    if t.val_only:  # eval.sh's mode: validate the current (restored) policy, then stop
+        last_val = run_validation(c, state.params)
+        c.logger.log(c.start_step, last_val)
+        total = c.start_step
+    elif c.start_step == 0 and t.val_before_train:
+        first_val = run_validation(c, state.params)
+        c.logger.log(0, first_val)
+    bar = tqdm(
+        range(c.start_step + 1, total + 1),
+        initial=c.start_step,
+        total=total,
+        desc="htpo",
+        disable=not t.progress_bar,
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
+    for step in bar:
+        state, metrics = rl_step(c, state, step)
+        if step == total or (t.val_every and step % t.val_every == 0):
+            last_val = run_validation(c, state.params)
+            metrics.update(last_val)
+        metrics["train/lr_step"] = int(state.step)
+        if step % t.log_every == 0 or step == total or "val/accuracy" in metrics:
+            c.logger.log(step, metrics)
+        c.watch.after_step(step, metrics, c.ckpt)  # non-finite stop, collapse, disk
+        stopped = stops.should_stop(step)
+        if c.ckpt.should_save(step, last=step == total) or stopped:
+            save(c, state, step)
+        val = (last_val or first_val or {}).get("val/accuracy", float("nan"))
+        bar.set_postfix(acc=f"{metrics['train/accuracy']:.2f}", val=f"{val:.2f}")
+        if stopped:
+            bar.close()
+            break
+    return {
+        "val_accuracy_before": (first_val or {}).get("val/accuracy"),
+        "val_accuracy_after": (last_val or {}).get("val/accuracy"),
+        "steps": step if stopped else total,
+        "stopped": stopped,
+        # only the main process writes metrics.jsonl (MetricsLogger)
+        "metrics": str(c.logger.path) if c.logger.enabled else None,
+        "checkpoints": c.cfg.checkpoint_dir,
+        "last": plain({k: v for k, v in metrics.items() if isinstance(v, int | float | np.number)}),
+    }
+
+
+def train(cfg: Config) -> dict:
+    """The whole run; returns a summary (accuracy before/after, paths)."""
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    stops = dist.StopSignals()  # SIGTERM / SIGINT: save at the end of the step, exit 0
+    try:  # the handlers go back also when setup or a step raises
+        with jax.set_mesh(mesh), components(cfg, mesh) as (c, state):
+            return run_loop(c, state, stops)
+    finally:
+        stops.close()
+
+
+def print_summary(summary: dict) -> None:
+    """The run's last lines on stdout (main process only: see `main`)."""
+    fmt = lambda x: "n/a" if x is None else f"{x:.3f}"
+    print(
+        f"\nval/accuracy: {fmt(summary['val_accuracy_before'])} (start) -> "
+        f"{fmt(summary['val_accuracy_after'])} (after step {summary['steps']})"
+    )
+    print(f"metrics:     {summary['metrics']}")
+    print(f"checkpoints: {summary['checkpoints']}")
+    if summary.get("stopped"):
+        print(
+            f"stopped after step {summary['steps']} ({summary['stopped']}): checkpoint "
+            f"{summary['steps']} saved in {summary['checkpoints']}; run the same command to resume"
+        )
+
+
+def main(argv=None) -> dict:
+    """The command line: config from `--config` / `--set`, then `train`; bad input exits 2 with
+    one line, a stopped run 1."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--config" not in argv and DEFAULT_CONFIG.exists():
+        argv = ["--config", str(DEFAULT_CONFIG), *argv]
+    cfg = cli_config(argv, description=__doc__.splitlines()[0])
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    preflight.setup_logging()
+    dist.initialize(cfg.distributed)  # before any JAX backend is touched
+    try:
+        summary = train(cfg)
+    except (preflight.LaunchError, DataError, CheckpointMismatch, UnknownDataSource) as e:
+        # bad input: one line
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except (dist.SetupError, StorageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except (watch.TrainingStopped, CheckpointSaveError, SamplingExhausted) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except dist.CollectiveTimeout as e:
+        # Other hosts are stuck or gone: JAX's exit-time shutdown barrier would wait for them.
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        lock.release_locks()
+        logging.shutdown()
+        os._exit(1)
+    finally:
+        lock.release_locks()
+    if is_main_process():
+        print_summary(summary)
+    elif summary.get("stopped"):  # every host's log says why it exited; the summary is process 0's
+        print(
+            f"stopped after step {summary['steps']} ({summary['stopped']}); process "
+            f"{jax.process_index()} exits, process 0 prints the summary"
+        )
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+"""Command-line tools: compile_check (and its programs), export, evaluate, plot.
+The top layer: may import anything.
+"""

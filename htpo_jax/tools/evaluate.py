@@ -1,0 +1,203 @@
+"""`python -m htpo_jax.evaluate --model DIR_OR_RUN --data FILE... [--n 32] [--k 1,2,4] [--out DIR]`:
+the paper's evaluation protocol (n samples per problem, scored by the reward that each row's
+`data_source` routes to) and test-time scaling numbers, per data source.
+
+`--model` is a run directory (its `config.yaml` and latest checkpoint, or `--step N`) or a Hugging
+Face directory (`config.json` + safetensors: exported or third-party models). Sampling uses the
+config's validation settings (`rollout.val_temperature`, `val_top_p`, `val_top_k`,
+`max_response_length`): the run's own config for a run, else `--config` or the package defaults
+(= the paper's train.sh/eval.sh: temperature 1.0, top-p 0.7, 20,480 new tokens); `--set` overrides.
+
+Writes into `--out` (default `<run>/eval/step_<N>`, or `./eval` for an HF directory):
+- `responses.jsonl`: one row per response: `file`, `problem` (index of the problem among the
+  valid rows of its file), `data_source`, `sample`, `response`, `length`, `finished`, `score`,
+  `acc`, `pred`;
+- `summary.json`: `{data_source: {"n", "problems", "mean@<n>", "pass@k": {k: ..}, "maj@k": {k:
+  ..}, "response_length_mean", "truncation_rate"}}`.
+
+The estimators (pass@k, maj@k) and `validate` are in `rl/validation.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from htpo_jax.models.hf_io import decoder_options, from_pretrained, load_tokenizer
+from htpo_jax.rewards.routing import UnknownDataSource, check_sources
+from htpo_jax.rl.train_step import TrainState, make_optimizer
+from htpo_jax.rl.validation import sample_val, summarize
+from htpo_jax.rollout import Sampler
+from htpo_jax.run.checkpoint import Checkpointer
+from htpo_jax.run.config import Config, ConfigError, load_config
+from htpo_jax.run.data import DataError, val_dataset
+
+log = logging.getLogger("htpo_jax.evaluate")
+
+
+class EvalInputError(ValueError):
+    """Bad command-line input (model path, --k, --step): one line, exit 2."""
+
+
+# ---------------------------------------------------------------- the policy
+def load_policy(model_dir: str, step: int | None, config: str | None, overrides: Sequence[str]):
+    """(model, tokenizer, cfg, default out dir, step or None) of a run or an HF directory."""
+    path = Path(model_dir)
+    if (path / "config.yaml").is_file():  # a run: its config, the checkpoint's parameters
+        cfg = load_config(config or path / "config.yaml", list(overrides))
+        model = _build(cfg)
+        _, params = nnx.split(model)
+        tx = make_optimizer(cfg.optim, 1)  # only the optimizer state's structure is needed
+        template = TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), jax.random.key(0))
+        ckpt_dir = cfg.checkpoint.dir or str(path / "checkpoints")
+        with Checkpointer(ckpt_dir, max_to_keep=cfg.checkpoint.max_to_keep) as ckpt:
+            steps = ckpt.all_steps()
+            if not steps:
+                raise EvalInputError(f"--model {model_dir}: no checkpoint in {ckpt_dir}")
+            step = max(steps) if step is None else step
+            if step not in steps:
+                raise EvalInputError(
+                    f"--step {step}: no such checkpoint in {ckpt_dir}; have {steps}"
+                )
+            state, _ = ckpt.restore(step, template)
+        nnx.update(model, state.params)
+        return model, _tokenizer(cfg), cfg, path / "eval" / f"step_{step}", step
+    if (path / "config.json").is_file():  # an HF directory
+        if step is not None:
+            raise EvalInputError(f"--step {step}: {model_dir} is an HF directory, not a run")
+        cfg = load_config(config, list(overrides))  # no --config: the defaults (train.sh's)
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(path)))
+        return _build(cfg), _tokenizer(cfg), cfg, Path("eval"), None
+    raise EvalInputError(
+        f"--model {model_dir}: neither a run directory (config.yaml) nor an HF directory "
+        "(config.json)"
+    )
+
+
+def _build(cfg: Config):
+    return from_pretrained(
+        cfg.model.path,
+        dtype=jnp.dtype(cfg.model.dtype),
+        param_dtype=jnp.dtype(cfg.model.param_dtype),
+        **decoder_options(cfg.model),  # the run's parameter layout (scan_layers) and attention
+    )
+
+
+def _tokenizer(cfg: Config):
+    return load_tokenizer(cfg.model.tokenizer_path or cfg.model.path)
+
+
+# ---------------------------------------------------------------- sampling
+def evaluate(model, tokenizer, cfg: Config, files: Sequence[str], n: int, ks, *, seed: int):
+    """Sample n responses per problem of every file; returns (records, summary)."""
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, val_files=tuple(files)))
+    datasets = []
+    for f in files:  # read and check every file before any sampling
+        one = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, val_files=(f,)))
+        ds = val_dataset(one, tokenizer)
+        check_sources([r.data_source for r in ds.rows], cfg, f)
+        datasets.append((f, ds))
+    key = jax.random.key(seed)
+    sampler, params = Sampler.from_model(model), nnx.state(model)
+    records: list[dict] = []
+    for fi, (f, ds) in enumerate(datasets):
+        for bi, batch in enumerate(ds.iter_batches(cfg.data.val_batch_size)):
+            rng = jax.random.fold_in(jax.random.fold_in(key, fi), bi)
+            s = sample_val(sampler, params, tokenizer, batch, cfg, rng=rng, n=n)
+            for i in range(len(batch) * n):
+                records.append(
+                    {
+                        "file": str(f),
+                        "problem": batch.row_ids[i // n],
+                        "data_source": batch.data_source[i // n],
+                        "sample": i % n,
+                        "response": s.texts[i],
+                        "length": int(s.lengths[i]),
+                        "finished": bool(s.finished[i]),
+                        "score": float(s.score[i]),
+                        "acc": bool(s.acc[i]),
+                        "pred": s.pred[i],
+                    }
+                )
+            log.info(
+                "%s: %d/%d problems", f, min((bi + 1) * cfg.data.val_batch_size, len(ds)), len(ds)
+            )
+    return records, summarize(records, ks)
+
+
+def write(out: Path, records: list[dict], summary: dict) -> None:
+    """responses.jsonl and summary.json into `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "responses.jsonl").open("w") as fh:
+        for rec in records:
+            fh.write(json.dumps(rec) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def parse_ks(text: str | None, n: int) -> list[int]:
+    """'1,2,4' or '1-64' (or a mix); default: powers of two up to n, and n."""
+    if not text:
+        ks = {1 << i for i in range(n.bit_length()) if 1 << i <= n} | {n}
+        return sorted(ks)
+    ks = set()
+    try:
+        for part in text.split(","):
+            lo, sep, hi = part.strip().partition("-")
+            ks |= set(range(int(lo), int(hi) + 1)) if sep else {int(lo)}
+    except ValueError:
+        raise EvalInputError(f"--k {text!r}: expected integers like 1,2,4 or 1-64") from None
+    bad = sorted(k for k in ks if not 0 < k <= n)
+    if bad:
+        raise EvalInputError(f"--k {text!r}: every k must be in [1, n={n}], got {bad}")
+    return sorted(ks)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True, help="run directory or HF directory")
+    ap.add_argument("--step", type=int, default=None, help="checkpoint step of a run (latest)")
+    ap.add_argument("--data", nargs="+", required=True, help=".parquet / .jsonl files")
+    ap.add_argument("--n", type=int, default=32, help="samples per problem (default 32)")
+    ap.add_argument("--k", default=None, help="k of pass@k / maj@k: 1,2,4 or 1-64")
+    ap.add_argument("--out", default=None, help="output directory")
+    ap.add_argument("--config", default=None, help="config YAML (default: the run's)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+    ap.add_argument("--seed", type=int, default=None, help="sampling seed (trainer.seed)")
+    ap.add_argument("--plot", action="store_true", help="also write passk.png")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        if args.n < 1:
+            raise EvalInputError(f"--n must be >= 1, got {args.n}")
+        ks = parse_ks(args.k, args.n)
+        model, tok, cfg, out, step = load_policy(args.model, args.step, args.config, args.set)
+        seed = cfg.trainer.seed if args.seed is None else args.seed
+        records, summary = evaluate(model, tok, cfg, args.data, args.n, ks, seed=seed)
+    except (EvalInputError, ConfigError, DataError, UnknownDataSource) as e:
+        print(f"htpo_jax.evaluate: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    out = Path(args.out) if args.out else out
+    write(out, records, summary)
+    if args.plot:
+        from htpo_jax.tools.plot import passk_figure
+
+        passk_figure({Path(args.model).name: [summary]}, out / "passk.png")
+    for source, s in summary.items():
+        pk = ", ".join(f"pass@{k} {v:.3f}" for k, v in s["pass@k"].items())
+        mean_key = f"mean@{s['n']}"
+        print(f"{source}: {mean_key} {s[mean_key]:.3f}, {pk}")
+    print(f"wrote {out / 'responses.jsonl'} and {out / 'summary.json'}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
