@@ -15,7 +15,7 @@ script prints the model's validation numbers (accuracy at T=1.0, greedy, pass@8,
 Built on the library: the SFT step is the trainer's update (`train_step.jit_update` with the
 `sft` loss, the mean NLL of the response tokens, and `make_optimizer`'s AdamW + cosine schedule),
 and the evaluation samples and scores with `sample.sample_and_score` (the trainer's prompts,
-sampler and reward) and estimates pass@n with `evaluate.pass_at_k`. The shipped weights were made
+sampler and reward) and estimates pass@n with `validation.pass_at_k`. The shipped weights were made
 by an earlier version of this script with the same recipe written out by hand (same optimizer,
 schedule and data order); rerunning it now gives a model of the same quality, not the same bytes.
 """
@@ -45,7 +45,7 @@ from htpo_jax.rollout import Sampler
 from htpo_jax.run.config import load_config
 from htpo_jax.run.data import PromptDataset, read_rows
 from htpo_jax.tasks import arith
-from htpo_jax.tools.evaluate import pass_at_k
+from htpo_jax.rl.validation import pass_at_k
 
 ASSETS = Path(__file__).resolve().parent
 _OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*"}
