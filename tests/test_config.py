@@ -297,3 +297,33 @@ def test_docs_config_md_is_current():
     assert doc == config_markdown(), "regenerate: python -m htpo_jax.config --markdown"
     for key in all_keys():
         assert f"`{key}`" in doc
+
+
+# ---------------------------------------------------------------- issue 20 item 8: YAML input
+def test_duplicate_yaml_key_is_refused_naming_key_and_file(tmp_path):
+    """Before: the second `learning_rate` silently replaced the first."""
+    p = tmp_path / "dup.yaml"
+    p.write_text("optim:\n  learning_rate: 1e-6\n  warmup_steps: 0\n  learning_rate: 3e-4\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert "\n" not in msg and str(p) in msg and "duplicate key 'learning_rate'" in msg, msg
+    assert "line 4" in msg, msg
+    p.write_text("optim: {}\noptim:\n  learning_rate: 1e-6\n")  # a whole section twice
+    with pytest.raises(ConfigError, match="duplicate key 'optim'"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="duplicate key 'learning_rate'"):
+        load_config(None, ["optim={learning_rate: 1, learning_rate: 2}"])
+    # YAML merge keys (<<) are not duplicates: the mapping's own key wins, as YAML says
+    p.write_text("optim:\n  <<: {learning_rate: 1.0e-6}\n  learning_rate: 2.0e-6\n")
+    assert load_config(p).optim.learning_rate == 2e-6
+
+
+def test_non_utf8_yaml_is_one_line(tmp_path):
+    """Before: a UnicodeDecodeError traceback from Path.read_text."""
+    p = tmp_path / "latin1.yaml"
+    p.write_bytes("trainer:\n  output_dir: r\u00e9sultats\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert "\n" not in msg and str(p) in msg and "UTF-8" in msg, msg

@@ -54,6 +54,35 @@ class ConfigError(ValueError):
     """A config problem, described in one line that names the key."""
 
 
+class DuplicateKey(yaml.constructor.ConstructorError):
+    """A mapping that names one key twice (PyYAML would keep the last one silently)."""
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses a mapping with a repeated key: in a config the second
+    value would otherwise replace the first without a word."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<:` merges are overridden by the mapping's own keys, by design
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    repeated = key in seen
+                except TypeError:  # an unhashable key: construct_mapping reports it
+                    continue
+                if repeated:
+                    raise DuplicateKey(None, None, f"duplicate key {key!r}", key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_load(text: str):
+    return yaml.load(text, Loader=UniqueKeyLoader)
+
+
 def _fields(cls) -> dict[str, tuple[dataclasses.Field, Any]]:
     hints = typing.get_type_hints(cls)
     return {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls)}
@@ -246,7 +275,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key:
         raise ConfigError(f"override '{text}' is not of the form section.key=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _yaml_load(raw) if raw.strip() else ""
+    except DuplicateKey as e:
+        raise ConfigError(f"override '{text}': {e.problem}") from None
     except yaml.YAMLError:
         value = raw  # an unparsable value is taken literally; its field then judges it
     return key, value
@@ -295,7 +326,20 @@ def _read_config_file(p: Path, chain: tuple[Path, ...]) -> dict:
         cycle = " -> ".join(str(c) for c in (*chain, p.resolve()))
         raise ConfigError(f"{chain[-1]}: base files form a cycle: {cycle}")
     try:
-        tree = yaml.safe_load(p.read_text()) or {}
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = p.read_bytes()[: e.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{p}: line {line} is not UTF-8 text (byte 0x{e.object[e.start]:02x}); save the "
+            "file as UTF-8"
+        ) from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot be read ({e.strerror or e})") from None
+    try:
+        tree = _yaml_load(text) or {}
+    except DuplicateKey as e:
+        line = e.problem_mark.line + 1
+        raise ConfigError(f"{p}: line {line}: {e.problem}; each key may appear once") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
