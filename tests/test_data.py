@@ -210,3 +210,19 @@ def test_iter_batches_and_config_helpers(tmp_path, tok):
     assert sizes == [3, 3, 1]
     with pytest.raises(DataError, match="train_files is empty"):
         train_stream(load_config(), tok)
+
+
+def test_non_utf8_jsonl_line_is_skipped_and_counted(tmp_path, tok, caplog):
+    """Before: a UnicodeDecodeError traceback out of the file iterator (issue 20 item 8)."""
+    path = tmp_path / "mixed.jsonl"
+    good = [json.dumps(dapo_row(f"q{i}", str(i))).encode() for i in range(3)]
+    latin1 = json.dumps(dapo_row("caf\u00e9", "1"), ensure_ascii=False).encode("latin-1")
+    path.write_bytes(b"\n".join([good[0], latin1, good[1], b"\xff\xfe{", good[2]]) + b"\n")
+    with caplog.at_level(logging.WARNING, logger="htpo_jax.run.data"):
+        rows, skipped = read_rows(path)
+    assert [r.ground_truth for r in rows] == ["0", "1", "2"] and skipped == 2
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "skipped 2" in warning and "row 1 (not UTF-8" in warning, warning
+    path.write_bytes(latin1 + b"\n")  # nothing readable: the usual one-line DataError
+    with pytest.raises(DataError, match="mixed.jsonl: no valid rows"):
+        read_rows(path)

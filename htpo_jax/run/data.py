@@ -3,8 +3,9 @@
 Row layout (DAPO-Math-17k, AIME parquet files): `prompt` = list of chat messages
 `{role, content}`, `reward_model` = `{ground_truth, ...}`, `data_source` = str. JSONL files may use
 the same fields, or the flat form `{"prompt": str, "answer": str}`. A row with a missing or empty
-prompt or ground truth (or an unreadable JSON line) is skipped and counted, with one warning per
-file naming it and the first bad row; a file that is missing or has no valid row is an error.
+prompt or ground truth (or a JSON line that is not JSON, or not UTF-8 text) is skipped and
+counted, with one warning per file naming it and the first bad row; a file that is missing or has
+no valid row is an error.
 
 Rows are tokenized when drawn (a 1.8M-row parquet file loads in seconds): chat template with
 the generation prompt, then encode; prompts longer than `max_prompt_length` keep their last tokens.
@@ -128,8 +129,13 @@ def _parse_row(rec: Any, prompt_key: str, default_source: str) -> tuple[Row | No
     return Row(messages, gt, source), ""
 
 
+class _Skip(str):
+    """A line of a JSONL file that is no record, and why (the reason of the skip warning)."""
+
+
 def _records(path: Path, prompt_key: str) -> Iterator[Any]:
-    """Raw records of one file; an unparsable JSON line yields None (skipped, counted)."""
+    """Raw records of one file; a JSON line that is not UTF-8 text or not JSON yields a `_Skip`
+    (skipped and counted like a row without a prompt)."""
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -143,15 +149,22 @@ def _records(path: Path, prompt_key: str) -> Iterator[Any]:
         for batch in pf.iter_batches(batch_size=65536, columns=columns):
             yield from batch.to_pylist()
     elif suffix in (".jsonl", ".json"):
-        with path.open() as fh:
-            for line in fh:
+        # Bytes, decoded line by line: one stray latin-1 line must cost that row only, as a
+        # malformed JSON line does, not the whole file.
+        with path.open("rb") as fh:
+            for raw in fh:
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    yield _Skip(f"not UTF-8 text: byte 0x{raw[e.start]:02x} at column {e.start}")
+                    continue
                 if not line.strip():
-                    yield None
+                    yield _Skip("bad JSON")
                     continue
                 try:
                     yield json.loads(line)
                 except json.JSONDecodeError:
-                    yield None
+                    yield _Skip("bad JSON")
     else:
         raise DataError(f"{path}: unsupported data file type (use .parquet or .jsonl)")
 
@@ -164,7 +177,7 @@ def read_rows(path: str | Path, prompt_key: str = "prompt") -> tuple[list[Row], 
     rows: list[Row] = []
     skipped, first_bad = 0, None
     for i, rec in enumerate(_records(path, prompt_key)):
-        row, why = _parse_row(rec, prompt_key, path.stem) if rec is not None else (None, "bad JSON")
+        row, why = (None, rec) if isinstance(rec, _Skip) else _parse_row(rec, prompt_key, path.stem)
         if row is None:
             skipped += 1
             first_bad = first_bad or (i, why)
