@@ -360,3 +360,79 @@ def test_tokenizer_loads_offline(tmp_path):
     PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>").save_pretrained(tmp_path)
     assert os.path.exists(tmp_path / "tokenizer.json")
     assert load_tokenizer(tmp_path).pad_token_id == 0
+
+
+# ---------------------------------------------------------------- issue 20 item 7
+@pytest.mark.parametrize(
+    "keys",
+    [
+        # the issue's config: 5.x says default, the 4.x key (which transformers reads first) yarn
+        {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4},
+         "rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
+        {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}},
+        {"rope_parameters": None, "rope_theta": 1e4, "rope_scaling": {"type": "dynamic"}},
+        {"rope_parameters": {"rope_type": "linear", "factor": 2.0},
+         "rope_scaling": {"rope_type": "default"}},
+    ],
+)  # fmt: skip
+def test_rope_scaling_the_decoder_lacks_is_refused_whatever_other_keys_say(keys):
+    """Before: the first config loaded as plain RoPE (max logit error 2.14 vs transformers)."""
+    d = {**hf_config_dict("qwen3", False), **keys}
+    with pytest.raises(ValueError, match=r"rope_type=.* is not supported.*\['default', 'llama3'\]"):
+        ModelConfig.from_hf_dict(d)
+    d = {**hf_config_dict("qwen3", False), "partial_rotary_factor": 0.5}
+    with pytest.raises(ValueError, match="partial_rotary_factor=0.5 is not supported"):
+        ModelConfig.from_hf_dict(d)
+
+
+@pytest.mark.parity
+def test_rope_scaling_and_rope_parameters_read_as_transformers_reads_them():
+    """Both keys present and disagreeing: transformers takes `rope_scaling`; so do we."""
+    torch = pytest.importorskip("torch")
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    d = hf_config_dict("llama", False)
+    d = {
+        **d,
+        "rope_scaling": dict(d["rope_parameters"]),
+        "rope_parameters": {"rope_type": "default"},
+    }
+    hf_cfg = LlamaConfig(**d)
+    inv_hf, _ = ROPE_INIT_FUNCTIONS[hf_cfg.rope_parameters["rope_type"]](
+        hf_cfg, torch.device("cpu")
+    )
+    ours = ModelConfig.from_hf_dict(d)
+    assert ours.rope_scaling is not None
+    np.testing.assert_allclose(rope_inv_freq(ours), inv_hf.numpy(), rtol=1e-6)
+    d["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0}  # incomplete: names the key
+    with pytest.raises(ValueError, match="low_freq_factor"):
+        ModelConfig.from_hf_dict(d)
+
+
+def test_from_pretrained_accepts_dtype_names(tmp_path):
+    """Before: `from_pretrained(dtype="bf16")` raised numpy's TypeError."""
+    save_pretrained(random_decoder("qwen3", False), tmp_path)
+    names = {"bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16, "fp32": jnp.float32}
+    names |= {"float32": jnp.float32, "fp16": jnp.float16, "torch.bfloat16": jnp.bfloat16}
+    for name, want in names.items():
+        model = from_pretrained(tmp_path, dtype=name)
+        assert model.dtype == want and model.embed_tokens[...].dtype == want, name
+    mixed = from_pretrained(tmp_path, dtype="bf16", param_dtype="fp32")
+    assert mixed.dtype == jnp.bfloat16 and mixed.embed_tokens[...].dtype == jnp.float32
+    with pytest.raises(ValueError, match="dtype 'int8'.*bf16"):
+        from_pretrained(tmp_path, dtype="int8")
+
+
+def test_hf_style_keyword_arguments():
+    """Before: `model(input_ids=...)` raised TypeError (the parameter was `input_ids_bt`)."""
+    model = random_decoder("qwen3", False)
+    ids, mask = left_padded_batch(8, b=2, t=9)
+    ref = np.asarray(model(ids, mask))
+    np.testing.assert_array_equal(np.asarray(model(input_ids=ids, attention_mask=mask)), ref)
+    np.testing.assert_array_equal(np.asarray(model(ids, attention_mask=mask)), ref)
+    np.testing.assert_array_equal(np.asarray(model(input_ids_bt=ids, attention_mask=mask)), ref)
+    with pytest.raises(TypeError, match="input_ids or input_ids_bt, not both"):
+        model(ids, input_ids=ids)
+    with pytest.raises(TypeError, match="input_ids"):
+        model(attention_mask=mask)

@@ -446,8 +446,18 @@ class Decoder(nnx.Module):
         x, _ = self._run_layers(x, positions_bt, kv_fn, None, self.remat)
         return self.norm(x)
 
-    def __call__(self, input_ids_bt, attention_mask=None, *, attention_mask_bt=None):
-        """float32 logits [B, T, V]; `attention_mask_bt` is the older name of `attention_mask`."""
+    def __call__(
+        self, input_ids_bt=None, attention_mask=None, *, attention_mask_bt=None, input_ids=None
+    ):
+        """float32 logits [B, T, V]. `input_ids` / `attention_mask` are the HF names (a HF-style
+        `model(input_ids=..., attention_mask=...)` works); `input_ids_bt` / `attention_mask_bt`
+        the older ones. Positional use is unchanged: `model(ids, mask)`."""
+        if input_ids_bt is None:
+            input_ids_bt = input_ids
+        elif input_ids is not None:
+            raise TypeError("pass input_ids or input_ids_bt, not both")
+        if input_ids_bt is None:
+            raise TypeError("Decoder() needs the token ids: model(input_ids) or input_ids=...")
         if attention_mask is None:
             attention_mask = attention_mask_bt
         elif attention_mask_bt is not None:

@@ -101,6 +101,41 @@ def decoder_options(model_cfg) -> dict:
     )
 
 
+# Names people pass for a dtype (transformers, PyTorch, the config's own): all mean these.
+DTYPE_NAMES = {
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "fp32": "float32",
+    "f32": "float32",
+    "float32": "float32",
+    "float": "float32",
+    "fp16": "float16",
+    "f16": "float16",
+    "float16": "float16",
+    "half": "float16",
+}
+
+
+def resolve_dtype(dtype, what: str = "dtype"):
+    """A compute or parameter dtype from a jnp/numpy dtype or a name such as "bf16", "bfloat16",
+    "fp32", "float32" or "torch.bfloat16"; a floating dtype, else a one-line ValueError."""
+    if isinstance(dtype, str):
+        name = dtype.strip().lower().removeprefix("torch.").removeprefix("jnp.")
+        if name not in DTYPE_NAMES:
+            raise ValueError(
+                f"{what} {dtype!r} is not a floating dtype name; use one of "
+                f"{', '.join(sorted(DTYPE_NAMES))}"
+            )
+        return jnp.dtype(DTYPE_NAMES[name])
+    try:
+        resolved = jnp.dtype(dtype)
+    except TypeError:
+        raise ValueError(f"{what} {dtype!r} is not a dtype") from None
+    if not jnp.issubdtype(resolved, jnp.floating):
+        raise ValueError(f"{what} {dtype!r} is not a floating dtype (bfloat16, float32, ...)")
+    return resolved
+
+
 def from_pretrained(
     path: str | os.PathLike,
     *,
@@ -114,13 +149,15 @@ def from_pretrained(
 ) -> Decoder:
     """Loads a HF checkpoint directory (config.json + one or many safetensors files).
 
-    `dtype` is the compute dtype, `param_dtype` the stored one (default: `dtype`); `remat`,
+    `dtype` is the compute dtype, `param_dtype` the stored one (default: `dtype`), each a dtype
+    or a name ("bf16", "bfloat16", "fp32", "float32", ...: `resolve_dtype`); `remat`,
     `attention_chunk_size`, `attention_impl` and `scan_layers` are passed to `Decoder`. With
     `mesh`, every parameter is created already sharded by its logical axes
     (`htpo_jax.infra.sharding`), each device reading only its own slice from the memory-mapped file.
     """
     cfg = ModelConfig.from_pretrained(path)
-    param_dtype = dtype if param_dtype is None else param_dtype
+    dtype = resolve_dtype(dtype)
+    param_dtype = dtype if param_dtype is None else resolve_dtype(param_dtype, "param_dtype")
     np_dtype = np.dtype(param_dtype)
     options = dict(
         remat=remat,
@@ -193,13 +230,14 @@ def save_pretrained(
 ) -> None:
     """Writes `config.json` + safetensors that `transformers.AutoModelForCausalLM` loads.
 
-    `dtype` (default: the parameters' dtype) is the stored dtype. Arrays are fetched from devices
+    `dtype` (default: the parameters' dtype; a dtype or a name such as "bf16") is the stored
+    dtype. Arrays are fetched from devices
     one at a time. Multi-host: every process must call this (sharded arrays are all-gathered);
     only process 0 writes.
     """
     os.makedirs(path, exist_ok=True)
     flat = list(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-    out_dtype = np.dtype(model.param_dtype if dtype is None else dtype)
+    out_dtype = np.dtype(resolve_dtype(model.param_dtype if dtype is None else dtype))
     by_name = {}  # HF name -> (our path, variable, layer index of a stacked one or None)
     for var_path, var in flat:
         layer_paths = _per_layer_paths(model, var_path)

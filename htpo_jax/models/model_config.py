@@ -171,21 +171,50 @@ class ModelConfig:
             return cls.from_hf_dict(json.load(f))
 
 
+def _rope_type(params: dict[str, Any]) -> str:
+    return params.get("rope_type", params.get("type", "default"))
+
+
 def _read_rope(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
-    """(rope_theta, llama3 scaling or None) from either config.json style."""
-    params = hf.get("rope_parameters")  # transformers 5.x
-    if params is None:  # transformers 4.x
-        params = dict(hf.get("rope_scaling") or {})
-        params.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ValueError(
-            f"rope_type={rope_type!r} is not supported; supported rope types: "
-            f"{list(SUPPORTED_ROPE_TYPES)}"
-        )
-    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
-    if rope_type == "default":
+    """(rope_theta, llama3 scaling or None) from either config.json style.
+
+    Both keys are checked before either is used: a config may carry a 5.x `rope_parameters`
+    that says `default` next to a 4.x `rope_scaling` that says `yarn`, and transformers (which
+    reads `rope_scaling` first) would then run yarn while a reader of `rope_parameters` alone
+    ran plain RoPE. Any rope type the decoder does not implement, in either key, is refused.
+    """
+    given = {
+        key: hf[key] for key in ("rope_scaling", "rope_parameters") if isinstance(hf.get(key), dict)
+    }
+    for key, params in given.items():
+        if _rope_type(params) not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(
+                f"{key}: rope_type={_rope_type(params)!r} is not supported; supported rope "
+                f"types: {list(SUPPORTED_ROPE_TYPES)} (the decoder would silently compute "
+                "another position encoding)"
+            )
+    partial = [
+        p.get("partial_rotary_factor")
+        for p in (hf, *given.values())
+        if "partial_rotary_factor" in p
+    ]
+    for factor in partial:
+        if factor not in (None, 1, 1.0):
+            raise ValueError(
+                f"partial_rotary_factor={factor} is not supported (rotary on every head dim only)"
+            )
+    # transformers' precedence: a non-empty rope_scaling replaces rope_parameters.
+    params = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+    theta = params.get("rope_theta")
+    if theta is None:
+        theta = (hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta", 10000.0))
+    theta = float(theta)
+    if _rope_type(params) == "default":
         return theta, None
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    missing = [k for k in keys if k not in params]
+    if missing:
+        raise ValueError(f"rope_type='llama3' needs {', '.join(missing)} in config.json")
     return theta, RopeScaling(
         factor=float(params["factor"]),
         low_freq_factor=float(params["low_freq_factor"]),
