@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from test_checkpoint import make_state
+from tiny_models import hf_config_dict
 
 from htpo_jax.run import lock, preflight, resume_checks, watch
 from htpo_jax.run.checkpoint import Checkpointer, CheckpointMismatch, CheckpointSaveError
@@ -118,7 +119,7 @@ def test_model_dir_problems_are_one_line(tmp_path):
         preflight.check_model_dir("")
     with pytest.raises(preflight.LaunchError, match="no config.json"):
         preflight.check_model_dir(str(tmp_path))
-    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "config.json").write_text(json.dumps(hf_config_dict("qwen3", False)))
     with pytest.raises(preflight.LaunchError, match="no \\*.safetensors"):
         preflight.check_model_dir(str(tmp_path))
     (tmp_path / "model.safetensors").write_bytes(b"")
@@ -361,3 +362,78 @@ def test_trainer_info_lines_show_although_orbax_configured_logging(caplog):
     preflight.setup_logging()
     logging.getLogger("htpo_jax.train").info("resumed from x at step 3")
     assert "resumed from x at step 3" in caplog.text
+
+
+# ---------------------------------------------------------------- issue 20 items 6 and 8
+def test_lock_of_a_checkpoint_dir_names_its_key(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        _write_lock(tmp_path, holder.pid)
+        with pytest.raises(preflight.LaunchError, match="use another checkpoint.dir"):
+            lock.OutputLock(tmp_path, key="checkpoint.dir").acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_lock_that_cannot_be_created_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(preflight.LaunchError, match="trainer.output_dir: cannot create .*file"):
+        lock.OutputLock(tmp_path / "file" / "run").acquire()
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["file", "under_a_file", "unwritable"] + (["proc"] if Path("/proc/self").exists() else []),
+)
+def test_unusable_run_dirs_are_one_line_and_leave_nothing(tmp_path, kind):
+    where = tmp_path / "x"
+    if kind == "file":
+        where.write_text("")
+        target, needle = where, "is a file, not a directory"
+    elif kind == "under_a_file":
+        where.write_text("")
+        target, needle = where / "a" / "b", f"{where} is a file, not a directory"
+    elif kind == "unwritable":
+        where.mkdir()
+        where.chmod(0o555)
+        if os.access(where, os.W_OK):  # root: permission bits do not stop it
+            where.chmod(0o755)
+            pytest.skip("running as root: a read-only mode does not make a dir unwritable")
+        target, needle = where / "run", "cannot write"
+    else:
+        target, needle = Path("/proc/htpo_run"), "cannot write"
+    with pytest.raises(preflight.LaunchError) as e:
+        preflight.check_writable_dir(str(target), "checkpoint.dir")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("checkpoint.dir: ") and needle in msg, msg
+    if kind != "proc":
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]  # no probe file left
+        if where.is_dir():
+            assert list(where.iterdir()) == []
+    preflight.check_writable_dir(str(tmp_path / "new" / "run"), "trainer.output_dir")
+    assert not (tmp_path / "new").exists()  # checked, not created
+
+
+@pytest.mark.parametrize(
+    "config, needle",
+    [
+        ({"model_type": "gpt2", "n_embd": 8}, "model_type='gpt2' in config.json is not supported"),
+        (
+            {**hf_config_dict("qwen3", False), "rope_parameters": None,
+             "rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
+            "rope_type='yarn' is not supported",
+        ),
+        ("{not json", "config.json is not valid JSON"),
+        ({"model_type": "qwen3"}, "config.json lacks 'num_attention_heads'"),
+    ],
+)  # fmt: skip
+def test_a_model_the_decoder_cannot_run_is_one_line(tmp_path, config, needle):
+    """Before: train and evaluate raised a ValueError / KeyError traceback at the model load."""
+    text = config if isinstance(config, str) else json.dumps(config)
+    (tmp_path / "config.json").write_text(text)
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(preflight.LaunchError) as e:
+        preflight.check_model_dir(str(tmp_path))
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"model.path: {tmp_path}") and needle in msg, msg

@@ -210,3 +210,68 @@ def test_nan_recipe_stops_with_one_line_and_only_finite_checkpoints(tiny_run_dir
         with pytest.raises(SystemExit) as e:
             export_main(["--run", str(out), "--out", str(tmp_path / "hf")])
         assert e.value.code == 2
+
+
+# ---------------------------------------------------------------- run directories (issue 20 item 6)
+def test_a_checkpoint_dir_in_use_by_another_run_is_refused(tiny_run_dir, tmp_path, capsys):
+    """Before: two runs with their own output_dir and one checkpoint.dir both wrote there."""
+    shared = tmp_path / "shared_ckpts"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        shared.mkdir()
+        held = {"pid": holder.pid, "host": __import__("socket").gethostname(), "time": 0}
+        (shared / lock.LOCK_NAME).write_text(json.dumps(held))
+        out = tmp_path / "run_b"
+        argv = overrides(tiny_run_dir, out, **{"checkpoint.dir": str(shared)})
+        code, line = run_main(argv, capsys)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert code == 2 and f"pid {holder.pid}" in line and "use another checkpoint.dir" in line, line
+    assert not (out / lock.LOCK_NAME).exists()  # run B's own lock released on the way out
+    assert not any(p.name.isdigit() for p in shared.iterdir())
+
+
+def test_one_run_holds_its_output_and_checkpoint_locks(tiny_run_dir, tmp_path, monkeypatch):
+    """The lock file in a checkpoint dir is invisible to Orbax (steps, restore, cleanup)."""
+    out, ckpts = tmp_path / "run", tmp_path / "ckpts"
+    seen = {}
+
+    def loop(c, state, stops):
+        seen["locks"] = sorted(p.parent.name for p in (out, ckpts) for p in p.glob(lock.LOCK_NAME))
+        c.ckpt.save(1, state, {"step": 1})
+        c.ckpt.wait()
+        seen["steps"] = c.ckpt.all_steps()
+        none = dict.fromkeys(("val_accuracy_before", "val_accuracy_after", "stopped", "metrics"))
+        return {**none, "steps": 1, "checkpoints": str(ckpts), "last": {}}
+
+    monkeypatch.setattr(T, "run_loop", loop)
+    T.main(overrides(tiny_run_dir, out, **{"checkpoint.dir": str(ckpts)}))
+    assert seen == {"locks": ["ckpts", "run"], "steps": [1]}
+    assert not (out / lock.LOCK_NAME).exists() and not (ckpts / lock.LOCK_NAME).exists()
+    with Checkpointer(ckpts) as ckpt:
+        assert ckpt.all_steps() == [1] and (ckpts / "1").is_dir()
+
+
+@pytest.mark.parametrize("which", ["checkpoint.dir", "trainer.output_dir"])
+def test_a_run_dir_that_is_a_file_exits_2_before_the_model_loads(
+    tiny_run_dir, tmp_path, capsys, monkeypatch, which
+):
+    """Before: checkpoint.dir as a file trained, then failed at the first save; an output_dir
+    that cannot be made was a traceback."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    no_model_load(monkeypatch)
+    out = tmp_path / "run"
+    target = blocker if which == "checkpoint.dir" else blocker / "run"
+    code, line = run_main(overrides(tiny_run_dir, out, **{which: str(target)}), capsys)
+    assert code == 2 and line.startswith(f"error: {which}: ") and "is a file" in line, line
+    assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self"), reason="needs /proc")
+def test_an_unwritable_output_dir_exits_2_with_one_line(tiny_run_dir, capsys, monkeypatch):
+    """/proc refuses new files even to root (a read-only mode would not stop root)."""
+    no_model_load(monkeypatch)
+    code, line = run_main(overrides(tiny_run_dir, "/proc/htpo_run"), capsys)
+    assert code == 2 and line.startswith("error: trainer.output_dir: cannot write to"), line

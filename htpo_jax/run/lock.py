@@ -1,5 +1,6 @@
-"""One trainer per output directory: `OutputLock` (`<output_dir>/.htpo.lock` holds pid and
-host); a lock left by a dead process on this host is taken over with a warning."""
+"""One trainer per run directory: `OutputLock` (`<dir>/.htpo.lock` holds pid and host), taken
+on `trainer.output_dir` and on the checkpoint directory; a lock left by a dead process on this
+host is taken over with a warning."""
 
 from __future__ import annotations
 
@@ -30,7 +31,9 @@ def _pid_alive(pid: int) -> bool:
 
 
 class OutputLock:
-    """`<output_dir>/.htpo.lock`, created atomically (O_EXCL), removed by `release()`.
+    """`<directory>/.htpo.lock`, created atomically (O_EXCL), removed by `release()`. `key` is
+    the config key that names the directory (`trainer.output_dir`, `checkpoint.dir`), for the
+    messages.
 
     A second trainer on the same dir gets a LaunchError naming the holder. A lock whose process
     is gone (same host, pid not running) is stale: it is taken over with a warning. A lock held
@@ -38,19 +41,29 @@ class OutputLock:
     host's run is over). Remote (gs://) output dirs are not locked: O_EXCL has no meaning there.
     """
 
-    def __init__(self, output_dir: str | os.PathLike):
+    def __init__(self, output_dir: str | os.PathLike, key: str = "trainer.output_dir"):
         self.path = None if is_url(output_dir) else Path(output_dir) / LOCK_NAME
+        self.key = key
         self.held = False
 
     def acquire(self) -> OutputLock:
         if self.path is None:
             return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise LaunchError(
+                f"{self.key}: cannot create {self.path.parent} ({e.strerror or e})"
+            ) from None
         me = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
+            except OSError as e:
+                if not isinstance(e, FileExistsError):
+                    raise LaunchError(
+                        f"{self.key}: cannot create the lock {self.path} ({e.strerror or e})"
+                    ) from None
                 holder = self._holder()
                 if holder.get("pid") == me["pid"] and holder.get("host") == me["host"]:
                     self.held = True  # this process already holds it (train() called twice)
@@ -67,7 +80,7 @@ class OutputLock:
                     continue
                 raise LaunchError(
                     f"{self.path.parent} is in use by another trainer (pid {pid} on host "
-                    f"{holder.get('host')}, lock {self.path}); use another trainer.output_dir, "
+                    f"{holder.get('host')}, lock {self.path}); use another {self.key}, "
                     "or delete the lock file if that run is over"
                 ) from None
             with os.fdopen(fd, "w") as f:

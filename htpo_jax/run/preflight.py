@@ -1,12 +1,16 @@
 """Checks before anything loads: `LaunchError` (a problem the user can fix before anything
 runs; `train.main` prints it as one line and exits 2), `check_model_dir` (a local
-model/tokenizer directory lacks nothing; never a hub error), `prelaunch` (model, tokenizer and
-data files of a config) and `setup_logging` (the trainer's log lines, Orbax's tracebacks cut)."""
+model/tokenizer directory lacks nothing and holds a model the decoder runs; never a hub error),
+`check_writable_dir` (a run directory can be created and written, checked without writing
+anything that stays), `prelaunch` (model, tokenizer, data files and run directories of a
+config) and `setup_logging` (the trainer's log lines, Orbax's tracebacks cut)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -44,6 +48,55 @@ def check_model_dir(path: str, what: str = "model.path", tokenizer: bool = False
         raise LaunchError(f"{what}: {path} has no config.json")
     if not any(n.endswith(".safetensors") for n in names):
         raise LaunchError(f"{what}: {path} has no *.safetensors weights")
+    check_model_config(p / "config.json", what)
+
+
+def check_model_config(config_json: Path, what: str = "model.path") -> None:
+    """config.json describes a model `models.decoder` runs (family, activation, rope): a gpt2
+    or yarn-scaled model is one line here, not a traceback once the weights are being read."""
+    from htpo_jax.models.model_config import ModelConfig  # light: no JAX arrays are made
+
+    where = f"{what}: {config_json.parent}"
+    try:
+        hf = json.loads(config_json.read_bytes().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        line = f" (line {e.lineno})" if isinstance(e, json.JSONDecodeError) else ""
+        raise LaunchError(f"{where}: config.json is not valid JSON{line}") from None
+    except OSError as e:
+        raise LaunchError(f"{where}: config.json cannot be read ({e.strerror or e})") from None
+    if not isinstance(hf, dict):
+        raise LaunchError(f"{where}: config.json is not a JSON object")
+    try:
+        ModelConfig.from_hf_dict(hf)
+    except KeyError as e:
+        raise LaunchError(f"{where}: config.json lacks {e}") from None
+    except (ValueError, TypeError) as e:
+        raise LaunchError(f"{where}: {e}") from None
+
+
+def check_writable_dir(path: str, what: str) -> None:
+    """A local run directory that exists and can be written, or that can be created: its
+    nearest existing ancestor is a writable directory. Probed with a temporary file, removed at
+    once (permission bits say nothing for root or on a read-only mount). URLs are skipped."""
+    if not path or is_url(path):
+        return
+    p = Path(path)
+    probe = p
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        if probe == p:
+            raise LaunchError(f"{what}: {path} is a file, not a directory")
+        raise LaunchError(f"{what}: cannot create {path}: {probe} is a file, not a directory")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".htpo_write_check_", dir=probe)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        inside = "" if probe == p else f" (it would be created inside {probe})"
+        raise LaunchError(f"{what}: cannot write to {path}{inside}: {e.strerror or e}") from None
 
 
 # ---------------------------------------------------------------- the trainer's calls
@@ -67,9 +120,11 @@ def _drop_traceback(record: logging.LogRecord) -> bool:
     return True
 
 
-def prelaunch(cfg) -> None:
-    """Checks that need no model load: model and tokenizer directories (data files are read
-    right after, still before the model loads)."""
+def prelaunch(cfg, main_process: bool = True) -> None:
+    """Checks that need no model load: model and tokenizer directories, data files, and that
+    the output and checkpoint directories can be written (the output dir only on the main
+    process, the one that writes there; data files are read right after, still before the model
+    loads)."""
     check_model_dir(cfg.model.path, "model.path")
     tok = cfg.model.tokenizer_path or cfg.model.path
     check_model_dir(
@@ -79,3 +134,11 @@ def prelaunch(cfg) -> None:
         if not is_url(f) and not Path(f).is_file():
             key = "data.train_files" if f in cfg.data.train_files else "data.val_files"
             raise LaunchError(f"{key}: data file not found: {f}")
+    if main_process:
+        check_writable_dir(cfg.trainer.output_dir, "trainer.output_dir")
+    check_writable_dir(cfg.checkpoint_dir, checkpoint_key(cfg))
+
+
+def checkpoint_key(cfg) -> str:
+    """The config key that names the run's checkpoint directory, for messages."""
+    return "checkpoint.dir" if cfg.checkpoint.dir else "checkpoint.dir (<output_dir>/checkpoints)"

@@ -102,7 +102,9 @@ def components(cfg: Config, mesh: jax.sharding.Mesh) -> Iterator[tuple[Component
     save in flight, except after a collective timeout: the other hosts are gone)."""
     with contextlib.ExitStack() as stack:
         out = Path(cfg.trainer.output_dir)
-        preflight.prelaunch(cfg)  # nothing is written to the output dir until the launch validated
+        # Nothing is written to the output dir until the launch validated (the run dirs are
+        # checked writable here, by a probe that leaves nothing behind).
+        preflight.prelaunch(cfg, main_process=is_main_process())
         tokenizer = load_tokenizer(cfg.model.tokenizer_path or cfg.model.path)
         stream, val_set = train_stream(cfg, tokenizer), val_dataset(cfg, tokenizer)  # before model
         check_sources([r.data_source for r in stream.dataset.rows], cfg, "data.train_files")
@@ -134,6 +136,10 @@ def components(cfg: Config, mesh: jax.sharding.Mesh) -> Iterator[tuple[Component
         step_cfg = StepConfig.from_config(cfg)
         if is_main_process():  # one lock per run, held by the process that writes the shared files
             lock.OutputLock(out).acquire()
+            # Two runs with their own output dirs but one checkpoint.dir would replace each
+            # other's checkpoints: the checkpoint dir is locked too (the same lock file when it
+            # is the output dir itself).
+            lock.OutputLock(cfg.checkpoint_dir, preflight.checkpoint_key(cfg)).acquire()
         dist.set_collective_timeout(cfg.trainer.collective_timeout_s)
         check_shared_dir(cfg.checkpoint_dir)
         ckpt = Checkpointer.from_config(cfg)
