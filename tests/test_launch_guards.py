@@ -275,3 +275,23 @@ def test_an_unwritable_output_dir_exits_2_with_one_line(tiny_run_dir, capsys, mo
     no_model_load(monkeypatch)
     code, line = run_main(overrides(tiny_run_dir, "/proc/htpo_run"), capsys)
     assert code == 2 and line.startswith("error: trainer.output_dir: cannot write to"), line
+
+
+@pytest.mark.parametrize("change", ["gpt2", "yarn"])
+def test_a_model_the_decoder_cannot_run_exits_2_before_loading(
+    tiny_run_dir, tmp_path, capsys, monkeypatch, change
+):
+    """Before: a ValueError traceback from ModelConfig at the model load (issue 20 item 8)."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_run_dir / "model", model)
+    config = json.loads((model / "config.json").read_text())
+    if change == "gpt2":
+        config["model_type"] = "gpt2"
+    else:
+        config["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
+    (model / "config.json").write_text(json.dumps(config))
+    no_model_load(monkeypatch)
+    code, line = run_main(
+        overrides(tiny_run_dir, tmp_path / "run", **{"model.path": model}), capsys
+    )
+    assert code == 2 and line.startswith(f"error: model.path: {model}") and change in line, line
