@@ -5,6 +5,7 @@ line + exit 2 for bad input."""
 import itertools
 import json
 import math
+import shutil
 from pathlib import Path
 
 import jax
@@ -16,8 +17,8 @@ from htpo_jax.models.hf_io import from_pretrained
 from htpo_jax.rl.train_step import TrainState, make_optimizer
 from htpo_jax.rl.validation import maj_at_k, majority_correct, pass_at_k, summarize
 from htpo_jax.run.checkpoint import Checkpointer
-from htpo_jax.run.config import dump_yaml, load_config
-from htpo_jax.tools.evaluate import main, parse_ks
+from htpo_jax.run.config import ConfigError, dump_yaml, load_config
+from htpo_jax.tools.evaluate import EvalInputError, fit_to_model, load_policy, main, parse_ks
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL, DEFAULT = ROOT / "assets" / "arith_model", ROOT / "configs" / "default.yaml"
@@ -80,6 +81,11 @@ def test_parse_ks():
     assert parse_ks(None, 64) == [1, 2, 4, 8, 16, 32, 64]
     assert parse_ks(None, 6) == [1, 2, 4, 6]
     assert parse_ks("1-4,8", 8) == [1, 2, 3, 4, 8]
+    # before: "3-1" was read as an empty range, and an empty list of k accepted
+    with pytest.raises(EvalInputError, match="the range 3-1 runs backwards"):
+        parse_ks("3-1", 8)
+    with pytest.raises(EvalInputError, match="expected integers"):
+        parse_ks("2-", 8)
 
 
 # ---------------------------------------------------------------- end to end
@@ -143,7 +149,10 @@ def test_evaluate_a_run_directory_checkpoint(tmp_path):
         ("missing", "data file not found"),
         ("unknown_source", "no reward for data_source 'gsm8k_mystery'"),
         ("bad_k", "--k"),
+        ("backwards_k", "runs backwards"),
         ("bad_model", "neither a run directory"),
+        ("gpt2", "model_type='gpt2' in config.json is not supported"),
+        ("yarn", "rope_type='yarn' is not supported"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case, needle):
@@ -152,11 +161,71 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case, needle):
     row["data_source"] = "gsm8k_mystery" if case == "unknown_source" else row["data_source"]
     data.write_text(json.dumps(row) + "\n")
     model = str(tmp_path) if case == "bad_model" else str(MODEL)
-    argv = ["--model", model, "--config", str(DEFAULT), "--data"]
+    if case in ("gpt2", "yarn"):  # before: a ValueError traceback from the model load
+        model = tmp_path / "model"
+        shutil.copytree(MODEL, model)
+        config = json.loads((model / "config.json").read_text())
+        if case == "gpt2":
+            config["model_type"] = "gpt2"
+        else:
+            config["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
+        (model / "config.json").write_text(json.dumps(config))
+    argv = ["--model", str(model), "--config", str(DEFAULT), "--data"]
     argv += [str(tmp_path / "nope.jsonl") if case == "missing" else str(data)]
-    argv += ["--n", "2", "--k", "1,3" if case == "bad_k" else "1,2"]
+    k = {"bad_k": "1,3", "backwards_k": "2-1"}.get(case, "1,2")
+    argv += ["--n", "2", "--k", k]
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
+
+
+# ---------------------------------------------------------------- an HF directory's defaults
+def test_hf_dir_takes_the_response_length_from_the_model(tmp_path):
+    """Before: the package defaults (20,480 new tokens on a 512-position model), and
+    `--set rollout.max_response_length=64` refused because of algorithm.overlong_buffer_len."""
+    model, _, cfg, _, _, fit = load_policy(str(MODEL), None, None, [])
+    assert fit == {"rollout.max_response_length", "algorithm.overlong_buffer_len"}
+    assert model.cfg.max_position_embeddings == 512
+    fitted = fit_to_model(cfg, 512, 40, fit)
+    assert fitted.rollout.max_response_length == 472  # 512 positions - the 40-token prompt
+    assert fitted.algorithm.overlong_buffer_len == round(472 * 4096 / 20480)  # the same share
+    # the issue's command: one key, no --config
+    _, _, cfg, _, _, fit = load_policy(str(MODEL), None, None, ["rollout.max_response_length=64"])
+    assert fit == {"algorithm.overlong_buffer_len"}
+    fitted = fit_to_model(cfg, 512, 40, fit)
+    assert fitted.rollout.max_response_length == 64
+    assert fitted.algorithm.overlong_buffer_len == 13 and fitted.algorithm.overlong_buffer_enable
+    # a chosen length that does not fit is capped; a chosen clash is one line naming the keys
+    _, _, cfg, _, _, fit = load_policy(str(MODEL), None, None, ["rollout.max_response_length=999"])
+    assert fit_to_model(cfg, 512, 40, fit).rollout.max_response_length == 472
+    both = ["rollout.max_response_length=64", "algorithm.overlong_buffer_len=64"]
+    with pytest.raises(ConfigError, match="algorithm.overlong_buffer_len: must be < rollout"):
+        load_policy(str(MODEL), None, None, both)
+    with pytest.raises(EvalInputError, match="longest prompt has 600 tokens.*=512"):
+        fit_to_model(cfg, 512, 600, fit)
+
+
+def test_evaluate_an_hf_dir_with_one_response_length_key(tmp_path, capsys):
+    """The issue's command, end to end: an HF directory, no --config, one --set."""
+    data, out = _small_data(tmp_path, n=2), tmp_path / "eval"
+    argv = ["--model", str(MODEL), "--data", str(data), "--n", "2", "--out", str(out)]
+    summary = main([*argv, "--set", "rollout.max_response_length=24", "data.val_batch_size=2"])
+    recs = [json.loads(x) for x in (out / "responses.jsonl").open()]
+    assert len(recs) == 4 and max(r["length"] for r in recs) <= 24
+    assert sorted(summary) == ["aime24", "arith"]
+
+
+def test_a_run_without_checkpoint_is_one_line_and_leaves_nothing(tmp_path, capsys):
+    """Before: the Checkpointer made an empty checkpoints/ in the run dir on the way out."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(dump_yaml(load_config(DEFAULT, [f"trainer.output_dir={run}"])))
+    data = _small_data(tmp_path, n=2)
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(run), "--data", str(data), "--n", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err == [f"htpo_jax.evaluate: --model {run}: no checkpoint in "
+                                         f"{run / 'checkpoints'}"], err  # fmt: skip
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]

@@ -295,3 +295,25 @@ def test_a_model_the_decoder_cannot_run_exits_2_before_loading(
         overrides(tiny_run_dir, tmp_path / "run", **{"model.path": model}), capsys
     )
     assert code == 2 and line.startswith(f"error: model.path: {model}") and change in line, line
+
+
+def test_export_of_a_run_without_checkpoint_is_one_line_and_leaves_nothing(tiny_run_dir, tmp_path):
+    """Before: the right line, then ~40 lines of Orbax's shutdown traceback (its temp-dir
+    cleanup thread outlived the exit), and an empty checkpoints/ made in the run dir."""
+    out = tmp_path / "run"
+    out.mkdir()
+    cfg = load_config(None, overrides(tiny_run_dir, out)[1:])
+    (out / "config.yaml").write_text(dump_yaml(cfg))
+    proc = subprocess.run(
+        [sys.executable, "-m", "htpo_jax.export", "--run", str(out), "--out", str(tmp_path / "hf")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"},
+    )
+    lines = [x for x in proc.stderr.splitlines() if x.strip()]
+    assert proc.returncode == 2 and lines == [f"export: no checkpoint in {out / 'checkpoints'}"], (
+        proc.stderr
+    )
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
+    assert not (tmp_path / "hf").exists()

@@ -163,13 +163,17 @@ class Checkpointer:
         max_to_keep: int = 3,
         save_every: int = 10,
         async_save: bool = True,
+        read_only: bool = False,
     ):
         self.directory = checkpoint_path(directory)
         self.save_every = save_every
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
-            create=True,
-            cleanup_tmp_directories=True,  # leftovers of a crash mid-save
+            # A reader (export, evaluate) makes no directory and starts no clean-up thread: that
+            # thread, still running when a reader exits at once ("no checkpoint"), printed a
+            # traceback at interpreter shutdown. Orbax's own read_only mode would warn on every use.
+            create=not read_only,
+            cleanup_tmp_directories=not read_only,  # leftovers of a crash mid-save
             enable_async_checkpointing=async_save,
             # The step directory is made before save() returns (the arrays are still written in
             # the background): a lost mount or a file in its place then raises at once, instead
@@ -180,6 +184,16 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=(_STATE, _EXTRA)
         )
+
+    @staticmethod
+    def steps_in(directory: str | os.PathLike, max_to_keep: int = 3) -> list[int]:
+        """Steps of the complete checkpoints in `directory` ([] when it does not exist), read
+        without creating or changing anything there."""
+        path = checkpoint_path(directory)
+        if not path.exists():
+            return []
+        with Checkpointer(path, max_to_keep=max_to_keep, read_only=True) as ckpt:
+            return ckpt.all_steps()
 
     @classmethod
     def from_config(cls, cfg) -> Checkpointer:

@@ -46,7 +46,8 @@ __all__ = [
     "SECTIONS", "AlgorithmConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig",
     "DistributedConfig", "MeshConfig", "ModelSection", "OptimConfig", "RolloutConfig",
     "TrainerConfig", "add_config_args", "all_keys", "cli_config", "config_from_args",
-    "config_from_dict", "config_markdown", "dump_yaml", "load_config", "parse_override",
+    "config_from_dict", "config_markdown", "dump_yaml", "load_config", "load_tree",
+    "parse_override",
 ]  # fmt: skip
 
 
@@ -180,8 +181,11 @@ def _coerce(key: str, value: Any, tp) -> Any:
     raise TypeError(f"{key}: unsupported field type {_type_name(tp)}")
 
 
-def config_from_dict(tree: dict | None) -> Config:
-    """Build and validate a Config from a nested dict (missing keys take their defaults)."""
+def config_from_dict(tree: dict | None, cross_checks: bool = True) -> Config:
+    """Build and validate a Config from a nested dict (missing keys take their defaults).
+    Every key's type and range is checked; `cross_checks=False` leaves out the checks between
+    keys (batch sizes that divide, the overlong buffer under the response length, ...), for a
+    tool that uses only some sections and checks those itself (evaluate)."""
     tree = tree or {}
     if not isinstance(tree, dict):
         raise ConfigError(f"config must be a mapping of sections, got {type(tree).__name__}")
@@ -211,7 +215,8 @@ def config_from_dict(tree: dict | None) -> Config:
             kwargs[k] = v
         sections[name] = cls(**kwargs)
     cfg = Config(**sections)
-    _cross_checks(cfg)
+    if cross_checks:
+        _cross_checks(cfg)
     return cfg
 
 
@@ -299,22 +304,40 @@ def _apply(tree: dict, key: str, value: Any) -> None:
     body[leaf] = value
 
 
-def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+def load_config(
+    path: str | Path | None = None,
+    overrides: typing.Sequence[str] = (),
+    *,
+    cross_checks: bool = True,
+) -> Config:
     """Defaults, then the YAML file (if any, on top of its `base:` chain), then `a.b=c` overrides
-    in order; validated."""
+    in order; validated (`cross_checks`: see `config_from_dict`)."""
+    return config_from_dict(load_tree(path, overrides, cross_checks=cross_checks), cross_checks)
+
+
+def load_tree(
+    path: str | Path | None = None,
+    overrides: typing.Sequence[str] = (),
+    *,
+    cross_checks: bool = True,
+) -> dict:
+    """What `load_config` builds its Config from: the keys the file chain and the overrides
+    set (nothing for defaults), paths made absolute; the file is validated, the overrides not
+    yet. A tool tells from it which keys the user chose."""
     tree: dict = {}
     if path is not None:
-        tree = _read_config_file(Path(path), ())  # validated: file problems before overrides
+        # validated: file problems before overrides
+        tree = _read_config_file(Path(path), (), cross_checks)
     for text in overrides:
         _apply(tree, *parse_override(text))
     _resolve_paths(tree, Path.cwd())  # paths from --set: relative to where the user is
     if not isinstance(tree.get("trainer"), dict) or "output_dir" not in tree["trainer"]:
         default = TrainerConfig.output_dir  # the one path with a default: where the user is too
         tree["trainer"] = {**(tree.get("trainer") or {}), "output_dir": str(Path.cwd() / default)}
-    return config_from_dict(tree)
+    return tree
 
 
-def _read_config_file(p: Path, chain: tuple[Path, ...]) -> dict:
+def _read_config_file(p: Path, chain: tuple[Path, ...], cross_checks: bool = True) -> dict:
     """One YAML file as a tree of sections, its relative paths made absolute against its own
     directory, merged key by key over its `base:` file (itself read the same way). `chain` holds
     the files that include this one, to stop a cycle."""
@@ -350,19 +373,21 @@ def _read_config_file(p: Path, chain: tuple[Path, ...]) -> dict:
     base = tree.pop("base", None)
     _resolve_paths(tree, p.resolve().parent)
     if base is not None:
-        tree = _merge_base(p, base, tree, chain)
+        tree = _merge_base(p, base, tree, chain, cross_checks)
     try:
-        config_from_dict(tree)
+        config_from_dict(tree, cross_checks)
     except ConfigError as e:
         raise ConfigError(f"{p}: {e}") from None
     return tree
 
 
-def _merge_base(p: Path, base, tree: dict, chain: tuple[Path, ...]) -> dict:
+def _merge_base(p: Path, base, tree: dict, chain: tuple[Path, ...], cross_checks: bool) -> dict:
     """`tree` (file `p`, whose `base:` key was `base`) merged over its base file's tree."""
     if not isinstance(base, str) or not base:
         raise ConfigError(f"{p}: base: expected a YAML file name, got {base!r}")
-    under = _read_config_file(p.resolve().parent / os.path.expanduser(base), (*chain, p.resolve()))
+    under = _read_config_file(
+        p.resolve().parent / os.path.expanduser(base), (*chain, p.resolve()), cross_checks
+    )
     for name, body in tree.items():  # sections merge key by key; this file's values win
         if isinstance(body, dict) and isinstance(under.get(name), dict):
             body = {**under[name], **body}

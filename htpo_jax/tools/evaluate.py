@@ -7,6 +7,11 @@ Face directory (`config.json` + safetensors: exported or third-party models). Sa
 config's validation settings (`rollout.val_temperature`, `val_top_p`, `val_top_k`,
 `max_response_length`): the run's own config for a run, else `--config` or the package defaults
 (= the paper's train.sh/eval.sh: temperature 1.0, top-p 0.7, 20,480 new tokens); `--set` overrides.
+For an HF directory the response length the user did not choose comes from the model: at most its
+`max_position_embeddings` minus the longest prompt (a chosen one above that is capped, with a
+warning), and an unchosen `algorithm.overlong_buffer_len` keeps the defaults' share of it. Only
+the keys evaluate uses are checked against each other: `--set rollout.max_response_length=64`
+alone is enough.
 
 Writes into `--out` (default `<run>/eval/step_<N>`, or `./eval` for an HF directory):
 - `responses.jsonl`: one row per response: `file`, `problem` (index of the problem among the
@@ -37,9 +42,19 @@ from htpo_jax.rewards.routing import UnknownDataSource, check_sources
 from htpo_jax.rl.train_step import TrainState, make_optimizer
 from htpo_jax.rl.validation import sample_val, summarize
 from htpo_jax.rollout import Sampler
+from htpo_jax.run import preflight
 from htpo_jax.run.checkpoint import Checkpointer
-from htpo_jax.run.config import Config, ConfigError, load_config
+from htpo_jax.run.config import (
+    AlgorithmConfig,
+    Config,
+    ConfigError,
+    RolloutConfig,
+    config_from_dict,
+    load_config,
+    load_tree,
+)
 from htpo_jax.run.data import DataError, val_dataset
+from htpo_jax.run.preflight import LaunchError
 
 log = logging.getLogger("htpo_jax.evaluate")
 
@@ -49,38 +64,112 @@ class EvalInputError(ValueError):
 
 
 # ---------------------------------------------------------------- the policy
+# The keys whose unchosen values an HF directory's model decides (see `fit_to_model`).
+FITTED_KEYS = ("rollout.max_response_length", "algorithm.overlong_buffer_len")
+
+
 def load_policy(model_dir: str, step: int | None, config: str | None, overrides: Sequence[str]):
-    """(model, tokenizer, cfg, default out dir, step or None) of a run or an HF directory."""
+    """(model, tokenizer, cfg, default out dir, step or None, keys to fit) of a run or an HF
+    directory. `keys to fit` (None for a run) are those of FITTED_KEYS the user did not set:
+    `evaluate` sizes them from the model once the prompts are read."""
     path = Path(model_dir)
     if (path / "config.yaml").is_file():  # a run: its config, the checkpoint's parameters
-        cfg = load_config(config or path / "config.yaml", list(overrides))
+        config_file = config or path / "config.yaml"
+        cfg = load_config(config_file, list(overrides), cross_checks=False)
+        check_eval_config(cfg)
+        _check_model(cfg, f"model.path in {config_file}")
+        ckpt_dir = cfg.checkpoint.dir or str(path / "checkpoints")
+        steps = Checkpointer.steps_in(ckpt_dir, cfg.checkpoint.max_to_keep)  # creates nothing
+        if not steps:
+            raise EvalInputError(f"--model {model_dir}: no checkpoint in {ckpt_dir}")
+        step = max(steps) if step is None else step
+        if step not in steps:
+            raise EvalInputError(f"--step {step}: no such checkpoint in {ckpt_dir}; have {steps}")
         model = _build(cfg)
         _, params = nnx.split(model)
         tx = make_optimizer(cfg.optim, 1)  # only the optimizer state's structure is needed
         template = TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), jax.random.key(0))
-        ckpt_dir = cfg.checkpoint.dir or str(path / "checkpoints")
-        with Checkpointer(ckpt_dir, max_to_keep=cfg.checkpoint.max_to_keep) as ckpt:
-            steps = ckpt.all_steps()
-            if not steps:
-                raise EvalInputError(f"--model {model_dir}: no checkpoint in {ckpt_dir}")
-            step = max(steps) if step is None else step
-            if step not in steps:
-                raise EvalInputError(
-                    f"--step {step}: no such checkpoint in {ckpt_dir}; have {steps}"
-                )
+        with Checkpointer(ckpt_dir, cfg.checkpoint.max_to_keep, read_only=True) as ckpt:
             state, _ = ckpt.restore(step, template)
         nnx.update(model, state.params)
-        return model, _tokenizer(cfg), cfg, path / "eval" / f"step_{step}", step
+        return model, _tokenizer(cfg), cfg, path / "eval" / f"step_{step}", step, None
     if (path / "config.json").is_file():  # an HF directory
         if step is not None:
             raise EvalInputError(f"--step {step}: {model_dir} is an HF directory, not a run")
-        cfg = load_config(config, list(overrides))  # no --config: the defaults (train.sh's)
+        tree = load_tree(config, list(overrides), cross_checks=False)  # no --config: defaults
+        chosen = {f"{s}.{k}" for s, body in tree.items() if isinstance(body, dict) for k in body}
+        cfg = config_from_dict(tree, cross_checks=False)
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(path)))
-        return _build(cfg), _tokenizer(cfg), cfg, Path("eval"), None
+        _check_model(cfg, "--model")
+        fit = frozenset(k for k in FITTED_KEYS if k not in chosen)
+        if not fit:  # both chosen: a clash between them is known before the model loads
+            check_eval_config(cfg)
+        return _build(cfg), _tokenizer(cfg), cfg, Path("eval"), None, fit
     raise EvalInputError(
         f"--model {model_dir}: neither a run directory (config.yaml) nor an HF directory "
         "(config.json)"
     )
+
+
+def _check_model(cfg: Config, what: str) -> None:
+    """The model and tokenizer directories, in one line each, before anything loads."""
+    preflight.check_model_dir(cfg.model.path, what)
+    tok_key = "model.tokenizer_path" if cfg.model.tokenizer_path else what
+    preflight.check_model_dir(cfg.model.tokenizer_path or cfg.model.path, tok_key, tokenizer=True)
+
+
+def check_eval_config(cfg: Config) -> None:
+    """The one check between keys that evaluate relies on (the scoring's overlong buffer inside
+    the response length); training's checks (batch sizes, warm-up, mesh) are not its business."""
+    a, r = cfg.algorithm, cfg.rollout
+    if a.overlong_buffer_enable and a.overlong_buffer_len >= r.max_response_length:
+        raise ConfigError(
+            f"algorithm.overlong_buffer_len: must be < rollout.max_response_length "
+            f"({r.max_response_length}), got {a.overlong_buffer_len} (or set "
+            "algorithm.overlong_buffer_enable=false)"
+        )
+
+
+def fit_to_model(cfg: Config, positions: int, longest_prompt: int, fit: frozenset) -> Config:
+    """`cfg` with the response length inside the model's positions (`positions` =
+    max_position_embeddings, `longest_prompt` in tokens): an unchosen length (in `fit`) becomes
+    min(its default, room), a chosen one above the room is capped with a warning; an unchosen
+    overlong buffer keeps the defaults' share of the length. Then `check_eval_config`."""
+    room = positions - longest_prompt
+    if room < 1:
+        raise EvalInputError(
+            f"--data: the longest prompt has {longest_prompt} tokens and the model "
+            f"max_position_embeddings={positions}: no room for a response (lower "
+            "data.max_prompt_length)"
+        )
+    r, a = cfg.rollout, cfg.algorithm
+    length = r.max_response_length
+    if "rollout.max_response_length" in fit:
+        length = min(length, room)
+        if length != r.max_response_length:
+            log.info(
+                "rollout.max_response_length=%d: the model's %d positions minus the longest "
+                "prompt (%d tokens)", length, positions, longest_prompt,
+            )  # fmt: skip
+    elif length > room:
+        log.warning(
+            "rollout.max_response_length=%d does not fit the model's %d positions after a "
+            "%d-token prompt: capped at %d", length, positions, longest_prompt, room,
+        )  # fmt: skip
+        length = room
+    buffer, enable = a.overlong_buffer_len, a.overlong_buffer_enable
+    if "algorithm.overlong_buffer_len" in fit:
+        share = AlgorithmConfig.overlong_buffer_len / RolloutConfig.max_response_length
+        buffer = max(1, round(length * share))
+        if buffer >= length:  # a 1-token response has no room for a buffer
+            enable = False
+    cfg = dataclasses.replace(
+        cfg,
+        rollout=dataclasses.replace(r, max_response_length=length),
+        algorithm=dataclasses.replace(a, overlong_buffer_len=buffer, overlong_buffer_enable=enable),
+    )
+    check_eval_config(cfg)
+    return cfg
 
 
 def _build(cfg: Config):
@@ -97,8 +186,11 @@ def _tokenizer(cfg: Config):
 
 
 # ---------------------------------------------------------------- sampling
-def evaluate(model, tokenizer, cfg: Config, files: Sequence[str], n: int, ks, *, seed: int):
-    """Sample n responses per problem of every file; returns (records, summary)."""
+def evaluate(
+    model, tokenizer, cfg: Config, files: Sequence[str], n: int, ks, *, seed: int, fit=None
+):
+    """Sample n responses per problem of every file; returns (records, summary). `fit`: the
+    keys `fit_to_model` sizes from the model once the prompts are known (None: `cfg` as is)."""
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, val_files=tuple(files)))
     datasets = []
     for f in files:  # read and check every file before any sampling
@@ -106,6 +198,11 @@ def evaluate(model, tokenizer, cfg: Config, files: Sequence[str], n: int, ks, *,
         ds = val_dataset(one, tokenizer)
         check_sources([r.data_source for r in ds.rows], cfg, f)
         datasets.append((f, ds))
+    if fit is not None:
+        longest = max(
+            (len(ids) for _, ds in datasets for ids in ds.encode(range(len(ds)))), default=0
+        )
+        cfg = fit_to_model(cfg, model.cfg.max_position_embeddings, longest, fit)
     key = jax.random.key(seed)
     sampler, params = Sampler.from_model(model), nnx.state(model)
     records: list[dict] = []
@@ -149,12 +246,17 @@ def parse_ks(text: str | None, n: int) -> list[int]:
         ks = {1 << i for i in range(n.bit_length()) if 1 << i <= n} | {n}
         return sorted(ks)
     ks = set()
-    try:
-        for part in text.split(","):
-            lo, sep, hi = part.strip().partition("-")
-            ks |= set(range(int(lo), int(hi) + 1)) if sep else {int(lo)}
-    except ValueError:
-        raise EvalInputError(f"--k {text!r}: expected integers like 1,2,4 or 1-64") from None
+    for part in text.split(","):
+        lo, sep, hi = part.strip().partition("-")
+        try:
+            lo, hi = int(lo), int(hi) if sep else int(lo)
+        except ValueError:
+            raise EvalInputError(f"--k {text!r}: expected integers like 1,2,4 or 1-64") from None
+        if lo > hi:  # range() would give nothing: "3-1" was read as no k at all
+            raise EvalInputError(
+                f"--k {text!r}: the range {part.strip()} runs backwards (low-high, e.g. {hi}-{lo})"
+            )
+        ks |= set(range(lo, hi + 1))
     bad = sorted(k for k in ks if not 0 < k <= n)
     if bad:
         raise EvalInputError(f"--k {text!r}: every k must be in [1, n={n}], got {bad}")
@@ -179,10 +281,10 @@ def main(argv=None) -> dict:
         if args.n < 1:
             raise EvalInputError(f"--n must be >= 1, got {args.n}")
         ks = parse_ks(args.k, args.n)
-        model, tok, cfg, out, step = load_policy(args.model, args.step, args.config, args.set)
+        model, tok, cfg, out, step, fit = load_policy(args.model, args.step, args.config, args.set)
         seed = cfg.trainer.seed if args.seed is None else args.seed
-        records, summary = evaluate(model, tok, cfg, args.data, args.n, ks, seed=seed)
-    except (EvalInputError, ConfigError, DataError, UnknownDataSource) as e:
+        records, summary = evaluate(model, tok, cfg, args.data, args.n, ks, seed=seed, fit=fit)
+    except (EvalInputError, ConfigError, DataError, UnknownDataSource, LaunchError) as e:
         print(f"htpo_jax.evaluate: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     out = Path(args.out) if args.out else out

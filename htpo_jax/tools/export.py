@@ -34,6 +34,13 @@ def export(run_dir: str | Path, out: str | Path, step: int | None = None) -> int
         raise FileNotFoundError(f"{config_path} not found: --run must be a run's output_dir")
     cfg = load_config(config_path)
     preflight.check_model_dir(cfg.model.path, f"model.path in {config_path}")
+    ckpt_dir = cfg.checkpoint.dir or str(Path(run_dir) / "checkpoints")
+    steps = Checkpointer.steps_in(ckpt_dir, cfg.checkpoint.max_to_keep)  # before the model loads
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
+    step = max(steps) if step is None else step
+    if step not in steps:
+        raise FileNotFoundError(f"no checkpoint for step {step} in {ckpt_dir}; have {steps}")
     model = from_pretrained(
         cfg.model.path,
         dtype=jnp.dtype(cfg.model.param_dtype),
@@ -43,18 +50,8 @@ def export(run_dir: str | Path, out: str | Path, step: int | None = None) -> int
     _, params = nnx.split(model)
     tx = make_optimizer(cfg.optim, 1)  # only the optimizer state's structure is needed
     template = TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), jax.random.key(0))
-    ckpt_dir = cfg.checkpoint.dir or str(Path(run_dir) / "checkpoints")
-    ckpt = Checkpointer(ckpt_dir, max_to_keep=cfg.checkpoint.max_to_keep)
-    try:
-        steps = ckpt.all_steps()
-        if not steps:
-            raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
-        step = max(steps) if step is None else step
-        if step not in steps:
-            raise FileNotFoundError(f"no checkpoint for step {step} in {ckpt_dir}; have {steps}")
+    with Checkpointer(ckpt_dir, cfg.checkpoint.max_to_keep, read_only=True) as ckpt:
         state, _ = ckpt.restore(step, template)
-    finally:
-        ckpt.close()
     if not watch.all_finite(state.params):
         raise NonFiniteWeights(
             f"checkpoint {step} in {ckpt_dir} holds non-finite (NaN/inf) parameters; "
