@@ -74,3 +74,16 @@ def test_missing_input_is_one_line_and_exit_2(tmp_path, capsys):
             main(argv)
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and len(err) == 1 and "not found" in err[0], err
+
+
+def test_out_into_a_missing_directory_is_created(tmp_path, capsys):
+    """Before: matplotlib's FileNotFoundError traceback (issue 20 item 8)."""
+    runs = [str(_run(tmp_path / "r", 0))]
+    out = tmp_path / "figs" / "new" / "curves.png"
+    assert main(["curves", *runs, "--out", str(out)]) == out
+    _check_png(out, 800, 400)
+    (tmp_path / "blocker").write_text("")  # a file where the directory would go: one line
+    with pytest.raises(SystemExit) as e:
+        main(["curves", *runs, "--out", str(tmp_path / "blocker" / "c.png")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "--out" in err[0] and "blocker" in err[0], err

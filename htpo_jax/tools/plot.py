@@ -9,7 +9,7 @@ one panel per data source. `curves`: from each run's `metrics.jsonl`, validation
 reward, entropy, response length and the 8 HTPO token-group fractions against the RL step.
 Directories given the same LABEL (e.g. `htpo=runs/a htpo=runs/b`) are one curve: the mean, with
 the min-max range over them shaded (the spread over seeds). Without a label, a directory is its
-own curve, named after the directory.
+own curve, named after the directory. The directory of `--out` is created if missing.
 """
 
 from __future__ import annotations
@@ -179,6 +179,16 @@ def _mean_curve_table(ax, groups):
         ax.legend()
 
 
+def _out_dir(out: Path) -> None:
+    """The directory of `--out`, created when missing; one line if it cannot be."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"--out {out}: cannot create its directory {out.parent} ({e.strerror or e})")
+    if out.is_dir():
+        fail(f"--out {out} is a directory; give a file name such as {out / 'figure.png'}")
+
+
 def main(argv=None) -> Path:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="what", required=True)
@@ -190,6 +200,7 @@ def main(argv=None) -> Path:
     c.add_argument("dirs", nargs="+", help="[LABEL=]RUN_DIR (holding metrics.jsonl)")
     c.add_argument("--out", default="curves.png")
     args = ap.parse_args(argv)
+    _out_dir(Path(args.out))  # before the figures: a bad --out is known at once
     groups = labelled(args.dirs)
     if args.what == "passk":
         data = {k: [load_summary(d) for d in v] for k, v in groups.items()}
