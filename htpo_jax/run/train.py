@@ -1,6 +1,7 @@
 """`python -m htpo_jax.train [--config FILE] [--set key=value ...]`: a whole HTPO (or baseline) run.
 
 With no arguments it runs `configs/default.yaml`: the small arithmetic model in `assets/`, on CPU.
+Both are files of the source checkout; an install without them (a wheel) says which are missing.
 
 The loop has purejaxrl's shape: what never changes during a run (config, mesh, graphdef, sampler,
 compiled update, data stream, checkpointer, logger, reward pool) is a frozen `Components`, built
@@ -56,7 +57,28 @@ from htpo_jax.run.metrics import MetricsLogger, plain
 from htpo_jax.run.stages import Components, SamplingExhausted
 
 log = logging.getLogger("htpo_jax.train")
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
+# The default run lives in the repository, next to the package, not inside it: a wheel (or any
+# install that is not a source checkout) has neither of these.
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"
+# What configs/default.yaml reads (tests/test_train.py keeps this list equal to the file's paths).
+DEFAULT_RUN_FILES = (
+    "configs/default.yaml",
+    "assets/arith_model/",
+    "assets/arith/train.jsonl",
+    "assets/arith/val.jsonl",
+)
+
+
+def no_default_run_message() -> str:
+    """The one line of a `python -m htpo_jax.train` without --config where the default run's
+    files are not installed (a wheel ships the package only)."""
+    return (
+        f"no --config given, and the default run is not installed here: it needs "
+        f"{', '.join(DEFAULT_RUN_FILES)} of a source checkout (looked for {DEFAULT_CONFIG}), "
+        "which a wheel does not ship; run from a clone of the repository (pip install -e .), "
+        "or pass --config FILE / --set model.path=... data.train_files=..."
+    )
 
 
 class StageClock:
@@ -298,9 +320,14 @@ def main(argv=None) -> dict:
     """The command line: config from `--config` / `--set`, then `train`; bad input exits 2 with
     one line, a stopped run 1."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--config" not in argv and DEFAULT_CONFIG.exists():
+    given = any(a == "--config" or a.startswith("--config=") for a in argv)
+    if not given and DEFAULT_CONFIG.exists():
         argv = ["--config", str(DEFAULT_CONFIG), *argv]
     cfg = cli_config(argv, description=__doc__.splitlines()[0])
+    if not given and not DEFAULT_CONFIG.exists() and not cfg.model.path:
+        # An install without the repository (a wheel): "model.path is empty" would not say why.
+        print(f"error: {no_default_run_message()}", file=sys.stderr)
+        raise SystemExit(2)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     preflight.setup_logging()
     dist.initialize(cfg.distributed)  # before any JAX backend is touched
