@@ -269,3 +269,82 @@ def test_dynamic_sampling_keeps_mixed_groups_and_draws_more(monkeypatch):
     monkeypatch.setattr(S, "sample_round", lambda c, params, key, n: fake_scored(next(rounds), 2))
     with pytest.raises(S.SamplingExhausted, match="max_num_gen_batches"):
         S.collect(c, None, jax.random.key(0))
+
+
+# ---------------------------------------------------------------- start-up stops, a done run
+def _complete_run(root: Path, out: Path, total: int):
+    """A run dir as a finished run leaves it: config.yaml and checkpoint `total` (no training)."""
+    from flax import nnx
+
+    from htpo_jax.models.hf_io import from_pretrained
+    from htpo_jax.rl.train_step import TrainState, make_optimizer
+    from htpo_jax.run.checkpoint import Checkpointer
+
+    argv = overrides(root, out, **{"trainer.total_steps": total})
+    from htpo_jax.run.train import DEFAULT_CONFIG
+
+    cfg = load_config(DEFAULT_CONFIG, argv[1:])  # what main reads when no --config is given
+    _, params = nnx.split(from_pretrained(cfg.model.path, dtype=jnp.float32))
+    tx = make_optimizer(cfg.optim, cfg.trainer.total_steps, 2)
+    state = TrainState(params, tx.init(params), jnp.asarray(total, jnp.int32), jax.random.key(1))
+    extra = {"config": cfg.to_dict(), "data": {"epoch": 0, "index": 0}, "run_id": "done"}
+    with Checkpointer(out / "checkpoints", async_save=False) as ckpt:
+        ckpt.save(total, state, extra)
+    return argv
+
+
+def test_a_complete_run_says_so_and_does_nothing(tiny_run_dir, tmp_path, capsys, monkeypatch):
+    """Before: `val/accuracy: n/a (start) -> n/a (after step 2)`, as if something had run."""
+    import htpo_jax.run.train as T
+
+    out = tmp_path / "done"
+    argv = _complete_run(tiny_run_dir, out, 2)
+    monkeypatch.setattr(T, "rl_step", lambda *a: pytest.fail("a complete run stepped"))
+    monkeypatch.setattr(T, "run_validation", lambda *a: pytest.fail("a complete run validated"))
+    summary = main(argv)
+    stdout = capsys.readouterr().out.strip().splitlines()
+    assert summary["already_complete"] and summary["steps"] == 2
+    assert stdout == [
+        f"run already complete at step 2 (trainer.total_steps reached; checkpoints in "
+        f"{out / 'checkpoints'}): nothing to do; raise trainer.total_steps to train on, or use a "
+        "new trainer.output_dir"
+    ], stdout
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["2"]  # locks released
+
+
+def test_sigint_during_start_up_says_so_at_once_and_runs_no_step(
+    tiny_run_dir, tmp_path, capsys, monkeypatch
+):
+    """Before: nothing said what happens (the handler's line promised a save "at the end of this
+    step") while the run went on through validation and step 1 to a save."""
+    import os
+    import signal
+
+    import htpo_jax.run.train as T
+
+    load = T.from_pretrained
+    said = []
+
+    def load_then_interrupt(*a, **k):
+        model = load(*a, **k)
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the run is still starting
+        said.append(capsys.readouterr().err)  # what the user has seen right after it
+        return model
+
+    monkeypatch.setattr(T, "from_pretrained", load_then_interrupt)
+    monkeypatch.setattr(T, "rl_step", lambda *a: pytest.fail("a step ran after the stop"))
+    monkeypatch.setattr(T, "run_validation", lambda *a: pytest.fail("validated after the stop"))
+    out = tmp_path / "run"
+    summary = main(overrides(tiny_run_dir, out, **{"trainer.val_before_train": True}))
+    assert said[0].strip().splitlines()[-1] == (
+        "SIGINT received during start-up: stopping before the first step (nothing new to save); "
+        "SIGINT again stops at once"
+    ), said
+    assert summary["stopped"] == "SIGINT" and summary["saved"] is False and summary["steps"] == 0
+    stdout = capsys.readouterr().out.strip().splitlines()
+    assert stdout == [
+        "stopped during start-up (SIGINT): no step run, nothing saved; run the same command to "
+        "start it"
+    ], stdout
+    assert not any(p.name.isdigit() for p in (out / "checkpoints").glob("*"))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored

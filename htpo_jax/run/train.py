@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -238,12 +239,54 @@ def save(c: Components, state: TrainState, step: int) -> None:
     c.watch.save(step, state, extra, c.ckpt)
 
 
+class RunStops(dist.StopSignals):
+    """`StopSignals` that knows when the run is still starting (loading, restoring, the first
+    validation): a signal then says at once that the run stops before its first step, where the
+    plain message promised a save "at the end of this step" that was a minute or more away."""
+
+    starting = True
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.reason is None and self.starting:
+            self.reason = name = signal.Signals(signum).name
+            print(
+                f"{name} received during start-up: stopping before the first step (nothing "
+                f"new to save); {name} again stops at once",
+                file=sys.stderr,
+                flush=True,
+            )
+            return
+        super()._on_signal(signum, frame)
+
+
+def _summary(c: Components, first_val, last_val, steps: int, stopped, metrics, **extra) -> dict:
+    return {
+        "val_accuracy_before": (first_val or {}).get("val/accuracy"),
+        "val_accuracy_after": (last_val or {}).get("val/accuracy"),
+        "steps": steps,
+        "stopped": stopped,
+        # only the main process writes metrics.jsonl (MetricsLogger)
+        "metrics": str(c.logger.path) if c.logger.enabled else None,
+        "checkpoints": c.cfg.checkpoint_dir,
+        "last": plain({k: v for k, v in metrics.items() if isinstance(v, int | float | np.number)}),
+        **extra,
+    }
+
+
 def run_loop(c: Components, state: TrainState, stops: dist.StopSignals) -> dict:
     """Steps `start_step + 1 .. total_steps` (or validation only), logging, validating and
-    saving as configured; returns the run's summary."""
+    saving as configured; returns the run's summary. A stop that came during start-up ends the
+    run before its first step (`saved` False in the summary); a run already at
+    `trainer.total_steps` does nothing (`already_complete`)."""
     t, total = c.cfg.trainer, c.cfg.trainer.total_steps
     first_val = last_val = stopped = None
     step, metrics = c.start_step, {}
+    early = lambda reason: _summary(c, first_val, None, c.start_step, reason, {}, saved=False)
+    if not t.val_only and c.start_step >= total:
+        return _summary(c, None, None, c.start_step, None, {}, already_complete=True)
+    # Every host asks (a collective), so all of them skip the steps together.
+    if not t.val_only and (reason := stops.should_stop(c.start_step)):
+        return early(reason)
     if t.val_only:  # eval.sh's mode: validate the current (restored) policy, then stop
         last_val = run_validation(c, state.params)
         c.logger.log(c.start_step, last_val)
@@ -251,6 +294,10 @@ def run_loop(c: Components, state: TrainState, stops: dist.StopSignals) -> dict:
     elif c.start_step == 0 and t.val_before_train:
         first_val = run_validation(c, state.params)
         c.logger.log(0, first_val)
+        if reason := stops.should_stop(c.start_step):
+            return early(reason)
+    if isinstance(stops, RunStops):
+        stops.starting = False  # from here a signal means: save after this step
     bar = tqdm(
         range(c.start_step + 1, total + 1),
         initial=c.start_step,
@@ -277,22 +324,13 @@ def run_loop(c: Components, state: TrainState, stops: dist.StopSignals) -> dict:
         if stopped:
             bar.close()
             break
-    return {
-        "val_accuracy_before": (first_val or {}).get("val/accuracy"),
-        "val_accuracy_after": (last_val or {}).get("val/accuracy"),
-        "steps": step if stopped else total,
-        "stopped": stopped,
-        # only the main process writes metrics.jsonl (MetricsLogger)
-        "metrics": str(c.logger.path) if c.logger.enabled else None,
-        "checkpoints": c.cfg.checkpoint_dir,
-        "last": plain({k: v for k, v in metrics.items() if isinstance(v, int | float | np.number)}),
-    }
+    return _summary(c, first_val, last_val, step if stopped else total, stopped, metrics)
 
 
 def train(cfg: Config) -> dict:
     """The whole run; returns a summary (accuracy before/after, paths)."""
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    stops = dist.StopSignals()  # SIGTERM / SIGINT: save at the end of the step, exit 0
+    stops = RunStops()  # SIGTERM / SIGINT: save at the end of the step (none yet: stop), exit 0
     try:  # the handlers go back also when setup or a step raises
         with jax.set_mesh(mesh), components(cfg, mesh) as (c, state):
             return run_loop(c, state, stops)
@@ -303,6 +341,21 @@ def train(cfg: Config) -> dict:
 def print_summary(summary: dict) -> None:
     """The run's last lines on stdout (main process only: see `main`)."""
     fmt = lambda x: "n/a" if x is None else f"{x:.3f}"
+    step, where = summary["steps"], summary["checkpoints"]
+    if summary.get("already_complete"):
+        print(
+            f"run already complete at step {step} (trainer.total_steps reached; checkpoints in "
+            f"{where}): nothing to do; raise trainer.total_steps to train on, or use a new "
+            "trainer.output_dir"
+        )
+        return
+    if summary.get("stopped") and summary.get("saved") is False:
+        again = "start it" if step == 0 else f"resume from step {step}"
+        print(
+            f"stopped during start-up ({summary['stopped']}): no step run, nothing saved; run "
+            f"the same command to {again}"
+        )
+        return
     print(
         f"\nval/accuracy: {fmt(summary['val_accuracy_before'])} (start) -> "
         f"{fmt(summary['val_accuracy_after'])} (after step {summary['steps']})"
