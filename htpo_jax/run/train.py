@@ -407,8 +407,14 @@ def main(argv=None) -> dict:
     if is_main_process():
         print_summary(summary)
     elif summary.get("stopped"):  # every host's log says why it exited; the summary is process 0's
+        step = summary["steps"]
+        when = (
+            f"during start-up at step {step}"
+            if summary.get("saved") is False
+            else f"after step {step}"
+        )
         print(
-            f"stopped after step {summary['steps']} ({summary['stopped']}); process "
+            f"stopped {when} ({summary['stopped']}); process "
             f"{jax.process_index()} exits, process 0 prints the summary"
         )
     return summary
