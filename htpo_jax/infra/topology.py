@@ -37,6 +37,28 @@ GENERATIONS = {
 ALIASES = {"v5litepod": "v5e", "v5lite": "v5e"}
 
 
+@dataclasses.dataclass(frozen=True)
+class Peaks:
+    """One chip's peaks: dense bf16 FLOP/s, HBM bytes/s, ICI bytes/s (all links, one way)."""
+
+    bf16_flops: float
+    hbm_bytes_per_s: float
+    ici_bytes_per_s: float
+
+
+# Per chip, from the Cloud TPU system-architecture pages (cloud.google.com/tpu/docs/<gen>, read
+# 2026-12): v4 275 TFLOP/s bf16, 1,200 GB/s HBM2; v5e 197 TFLOP/s, 819 GB/s, ICI 1,600 Gbps;
+# v5p 459 TFLOP/s, 2,765 GB/s, ICI 4,800 Gbps; v6e 918 TFLOP/s, 1,640 GB/s, ICI 3,584 Gbps. The
+# v4 page gives no per-chip ICI figure: 2,400 Gbps (6 ICI links)
+# is from the TPU v4 paper (Jouppi et al., ISCA 2023) and the least certain number here.
+PEAKS = {
+    "v4": Peaks(275e12, 1200e9, 2400e9 / 8),
+    "v5e": Peaks(197e12, 819e9, 1600e9 / 8),
+    "v5p": Peaks(459e12, 2765e9, 4800e9 / 8),
+    "v6e": Peaks(918e12, 1640e9, 3584e9 / 8),
+}
+
+
 class TargetError(ValueError):
     """A bad --topology / --devices value, in one line."""
 
@@ -49,6 +71,11 @@ class Target:
     hbm_bytes: int
     topology: str = ""  # libtpu name, e.g. "v5p:2x4x4"
     accelerator_type: str = ""  # e.g. "v5p-64", "v5litepod-8"
+
+    @property
+    def peaks(self) -> Peaks | None:
+        """The chip's peaks (None for fake CPU devices: no physical floor to compare with)."""
+        return PEAKS.get(self.name.partition("-")[0]) if self.kind == "tpu" else None
 
     def setup_env(self) -> None:
         """Environment for libtpu / XLA; must run before JAX initializes a backend."""
