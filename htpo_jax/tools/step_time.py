@@ -1,0 +1,304 @@
+"""`python -m htpo_jax.step_time --config FILE --topology v5p-64`: seconds per RL step, by stage.
+
+A step model, not a measurement. It runs the engine's real host scheduler (`rollout.scheduler`,
+one per batch shard, with `steal_work` when `rollout.work_stealing` is on) over a response-length
+distribution with a fake decode (each row ends at its drawn length), and costs every lockstep
+round at that round's shape: K = steps_per_call steps, each reading the shard's weights plus the
+KV of its live rows (`kv_len` from the packed plan) at the chip's HBM bandwidth, or its matmul
+FLOPs at peak if that is longer; the slowest shard sets the round. It adds prefill, the
+old-log-prob (and reference) pass and the update over the token-budget micro-batches those
+lengths give (`rl.packing.plan`, padded to the compiled prompt width, remat recompute
+included), FSDP all-gathers / reduce-scatters at ICI bandwidth (overlapped: a micro-batch takes
+the longer of compute and collective), the AdamW step as HBM traffic, and `--gen-rounds`
+generation rounds (dynamic sampling).
+
+Floors are what the chips allow for the useful work: decode, every useful token packed into
+full-width steps (weights once per step) plus its own KV reads; scoring and update, 2 / 6 x
+matmul parameters x real (unpadded) tokens plus causal attention at peak. The ratio estimate /
+floor is the waste the schedule and the padding add. Not covered: host time, the Python
+scheduler itself, input pipeline, reward scoring, compiler inefficiency (`compile_check --time`
+reports the compiler's own figures per program), preemption.
+
+Lengths: `synthetic` (default) draws bench_stealing.py's DAPO-like model (per prompt a mean
+log-uniform in [max/41, max/2.56] -- 500 .. 8,000 at the paper's 20,480 -- and n geometric
+lengths around it, capped); or a file of integers (one per line, or a JSON list).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from htpo_jax.infra.topology import TargetError, resolve_target
+from htpo_jax.rl import packing
+from htpo_jax.rollout.scheduler import Scheduler, steal_work
+from htpo_jax.run.config import Config, add_config_args, config_from_args
+from htpo_jax.tools.compile_programs import MODELS_DIR, model_config_path, prompt_width
+
+DEFAULT_CONFIG = MODELS_DIR.parent / "default.yaml"
+STAGES = ("prefill", "decode", "old_log_prob", "ref_log_prob", "update", "optimizer")
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """The model numbers the cost needs (from its config.json)."""
+
+    layers: int
+    matmul_params: int  # every matmul weight, the LM head included (the embedding lookup is not)
+    params: int  # all parameters (the optimizer's state)
+    q_dim: int  # num_heads x head_dim
+    kv_token_bytes: int  # K and V of one token over all layers, compute dtype
+
+    @classmethod
+    def of(cls, m, itemsize: int) -> Shape:
+        d, q, kv = m.hidden_size, m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
+        layer = d * q + 2 * d * kv + q * d + 3 * d * m.intermediate_size
+        head = m.vocab_size * d
+        total = m.num_layers * layer + head * (1 if m.tie_word_embeddings else 2)
+        kvb = 2 * m.num_layers * kv * itemsize
+        return cls(m.num_layers, m.num_layers * layer + head, total, q, kvb)
+
+    def forward_flops(self, rows: int, tokens: int) -> float:
+        """Matmuls + causal attention (QK and PV, half the square) of `rows` rows of `tokens`."""
+        return 2.0 * self.matmul_params * rows * tokens + 2.0 * rows * tokens**2 * self.q_dim * (
+            self.layers
+        )
+
+
+def draw_lengths(prompts: int, n: int, max_new: int, seed: int) -> np.ndarray:
+    """bench_stealing.py's DAPO-like lengths, its 500 .. 8,000 means scaled to `max_new`."""
+    rng = np.random.default_rng(seed)
+    lo, hi = max_new * 500 / 20480, max_new * 8000 / 20480
+    means = np.maximum(np.exp(rng.uniform(np.log(lo), np.log(hi), prompts)), 1.0)
+    return np.minimum(rng.geometric(1.0 / np.repeat(means, n)), max_new).astype(int)
+
+
+def read_lengths(path: str, max_new: int) -> np.ndarray:
+    text = Path(path).read_text()
+    vals = json.loads(text) if text.lstrip().startswith("[") else text.split()
+    out = np.minimum(np.asarray([int(v) for v in vals]), max_new)
+    if out.size == 0 or out.min() < 1:
+        raise ValueError(f"--lengths {path}: expected positive integers")
+    return out
+
+
+class _Sink:
+    def __setitem__(self, key, value):
+        pass
+
+
+def schedule(lengths, prompt_len: int, n: int, shards: int, seqs: int, k: int, ps: int,
+             stealing: bool) -> list[tuple[int, list[int]]]:  # fmt: skip
+    """The engine's schedule of one generate call: per lockstep round, (rows S of the common
+    program, live KV tokens of each shard)."""
+    prompts = [np.ones(prompt_len, np.int32)] * (len(lengths) // n)
+    bounds = np.linspace(0, len(prompts), shards + 1).astype(int)
+    worst = -(-(prompt_len + int(lengths.max())) // ps) + 1
+    pages = seqs * worst + len(prompts) * (-(-prompt_len // ps)) + 1
+    scheds = [Scheduler(prompts, n, int(lengths.max()), page_size=ps, num_pages=pages,
+                        max_num_seqs=seqs, steps_per_call=k, rows=range(lo * n, hi * n))
+              for lo, hi in itertools.pairwise(bounds)]  # fmt: skip
+    rounds = []
+    while not all(s.done for s in scheds):
+        if stealing:
+            steal_work(scheds)
+        for s in scheds:
+            s.advance()
+        need = tuple(int(x) for x in np.max([s.needs() for s in scheds], axis=0))
+        live = []
+        for s in scheds:
+            _, dec = s.pack(*need)
+            live.append(int(dec.kv_len_s[dec.active_s].sum()))
+            tok = np.full((need[0], k), 2, np.int32)
+            for j, r in enumerate(dec.rows):
+                at = lengths[r.row] - 1 - r.step  # EOS at the row's last response index
+                if at < k:
+                    tok[j, at] = 1
+            s.commit(dec, tok, (1,), _Sink(), _Sink(), np.zeros(tok.shape, np.float32))
+            s.end_round()
+        rounds.append((need[0], live))
+    return rounds
+
+
+def micro_cost(shape: Shape, micros, p: int, chips: int, peak: float, ici_s: float,
+               passes: float) -> float:  # fmt: skip
+    """Seconds of a pass over token-budget micro-batches: each the longer of its FLOPs (x
+    `passes` forwards) at peak over all chips and its collectives (`ici_s`)."""
+    t = 0.0
+    for m in micros:
+        flops = passes * shape.forward_flops(len(m.rows), p + m.width)
+        t += max(flops / (chips * peak), ici_s)
+    return t
+
+
+def estimate(cfg: Config, target, model_cfg, lengths: np.ndarray, *, prompt_len: int,
+             gen_rounds: float) -> dict:  # fmt: skip
+    """The step model (see the module docstring); a dict of stages, floors and rates."""
+    pk = target.peaks
+    if pk is None:
+        raise TargetError("step_time needs a TPU target (--topology): CPU devices have no peaks")
+    c, r, chips = cfg, cfg.rollout, target.chips
+    itemsize = 4 if c.model.dtype in ("float32", "fp32") else 2  # compute dtype
+    shape = Shape.of(model_cfg, itemsize)
+    tensor = max(c.mesh.tensor, 1)
+    data = max(c.mesh.data, 1)
+    shards = max(chips // tensor, 1) if c.mesh.fsdp == -1 else data * c.mesh.fsdp
+    seqs = -(-(r.max_num_seqs or 512) // shards)
+    k, ps = r.steps_per_call, r.page_size
+    rounds = schedule(lengths, prompt_len, r.n, shards, seqs, k, ps, r.work_stealing)
+    # Decode: the engine replicates the weights over the batch shards (tensor splits them).
+    w = (shape.matmul_params * itemsize) / tensor
+    kvb = shape.kv_token_bytes / tensor
+    step_flops = lambda s: 2.0 * shape.matmul_params * s / tensor
+    decode = 0.0
+    for s_rows, live in rounds:
+        kv = max(live) + s_rows * k / 2  # the K steps grow each row
+        decode += k * max((w + kv * kvb) / pk.hbm_bytes_per_s, step_flops(s_rows) / pk.bf16_flops)
+    useful = int(lengths.sum())
+    kv_reads = float(np.sum(prompt_len * lengths + lengths * (lengths + 1) / 2)) * kvb
+    min_steps = useful / (shards * seqs)
+    decode_floor = (min_steps * w + kv_reads / shards) / pk.hbm_bytes_per_s
+    n_prompts = len(lengths) // r.n
+    prefill = shape.forward_flops(n_prompts, prompt_len) / (chips * pk.bf16_flops)
+    # Training: the kept groups (train_batch_size prompts), padded to the compiled prompt width.
+    p = prompt_width(c)
+    kept = lengths[: c.data.train_batch_size * r.n]
+    budget = c.optim.max_tokens_per_micro
+
+    def micros(ext):
+        if budget:
+            mult = c.data.pad_to_multiple
+            cap = r.max_response_length
+            return packing.plan(ext, p, max_tokens=budget, shards=shards, multiple=mult, cap=cap)
+        mb = c.optim.micro_batch_size
+        return [packing.Micro(np.arange(mb), r.max_response_length)] * -(-len(ext) // mb)
+
+    gather_s = shape.params * itemsize / pk.ici_bytes_per_s  # FSDP: every chip gathers all
+    score = micro_cost(shape, micros(kept), p, chips, pk.bf16_flops, gather_s, 1.0)
+    ref = score if c.algorithm.use_kl_loss else 0.0
+    passes = 4.0 if c.model.remat else 3.0  # forward, (recompute), backward = 2 forwards
+    mini_rows = c.optim.mini_batch_size * r.n
+    updates = c.optim.ppo_epochs * -(-len(kept) // mini_rows)
+    update = 0.0
+    for i in range(0, len(kept), mini_rows):
+        ms = micros(kept[i : i + mini_rows])
+        # all-gather forward (+ again for the remat/backward) and reduce-scatter the gradient
+        update += micro_cost(shape, ms, p, chips, pk.bf16_flops, 3 * gather_s, passes)
+    update *= c.optim.ppo_epochs
+    # AdamW: f32 params, two moments (read + write) and the f32 gradient (read), FSDP-sharded.
+    opt = updates * 7 * 4 * shape.params / chips / pk.hbm_bytes_per_s
+    tokens = float(np.sum(prompt_len + kept))
+    real = sum(shape.forward_flops(1, prompt_len + int(x)) for x in kept)
+    train_floor = real / (chips * pk.bf16_flops)
+    stages = {
+        "prefill": gen_rounds * prefill,
+        "decode": gen_rounds * decode,
+        "old_log_prob": score,
+        "ref_log_prob": ref,
+        "update": update,
+        "optimizer": opt,
+    }
+    floors = {
+        "prefill": gen_rounds * prefill,
+        "decode": gen_rounds * decode_floor,
+        "old_log_prob": train_floor,
+        "ref_log_prob": train_floor if ref else 0.0,
+        "update": 3 * train_floor * c.optim.ppo_epochs,
+        "optimizer": opt,
+    }
+    total = sum(stages.values())
+    slot_steps = sum(s * k * shards for s, _ in rounds)
+    return {
+        "target": target.name,
+        "chips": chips,
+        "batch_shards": shards,
+        "responses": int(len(lengths)),
+        "mean_length": float(lengths.mean()),
+        "max_length": int(lengths.max()),
+        "decode_rounds": len(rounds),
+        "gen_rounds": gen_rounds,
+        "seconds": stages,
+        "floor_seconds": floors,
+        "total_seconds": total,
+        "share": {s: v / total for s, v in stages.items()},
+        "busy": {
+            "decode": useful / slot_steps,
+            "update": tokens / sum(len(m.rows) * (p + m.width) for m in micros(kept)),
+        },
+        "floor_ratio": {s: stages[s] / floors[s] for s in STAGES if floors[s] > 0},
+        "decode_tokens_per_s_per_chip": useful / decode / chips,
+        "update_mfu": 6.0
+        * shape.matmul_params
+        * tokens
+        * c.optim.ppo_epochs
+        / (update * chips * pk.bf16_flops),
+    }
+
+
+def report(est: dict) -> str:
+    lines = [
+        f"target {est['target']} ({est['chips']} chips, {est['batch_shards']} batch shards): "
+        f"{est['responses']} responses, mean {est['mean_length']:.0f} max {est['max_length']} "
+        f"tokens, {est['decode_rounds']} decode rounds x {est['gen_rounds']} generation rounds",
+        "| stage | seconds | share | floor s | est/floor |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for s in STAGES:
+        sec, fl = est["seconds"][s], est["floor_seconds"][s]
+        ratio = f"{sec / fl:.2f}" if fl else "-"
+        lines.append(f"| {s} | {sec:.4g} | {est['share'][s]:.1%} | {fl:.4g} | {ratio} |")
+    lines.append(f"| total | {est['total_seconds']:.4g} | 100% | "
+                 f"{sum(est['floor_seconds'].values()):.4g} | "
+                 f"{est['total_seconds'] / sum(est['floor_seconds'].values()):.2f} |")  # fmt: skip
+    lines.append(
+        f"decode {est['decode_tokens_per_s_per_chip']:.0f} tokens/s/chip, busy "
+        f"{est['busy']['decode']:.1%} of slot-steps; update MFU {est['update_mfu']:.1%}, "
+        f"{est['busy']['update']:.1%} of computed tokens real"
+    )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_config_args(ap)
+    ap.add_argument("--topology", required=True, help="TPU slice: v5p-8 ... v5e-N, v6e-N, v4-N")
+    ap.add_argument("--lengths", default="synthetic", help="synthetic or a file of lengths")
+    ap.add_argument("--gen-rounds", type=float, default=1.0, help="generation rounds a step")
+    ap.add_argument("--prompt-len", type=int, help="prompt tokens (default min(512, max))")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model-config", help="config.json (or its dir) of the model")
+    ap.add_argument("--json", help="also write the estimate as JSON to this file")
+    a = ap.parse_args(argv)
+    if a.config is None:
+        a.config = str(DEFAULT_CONFIG)
+    cfg = config_from_args(a)
+    from htpo_jax.models.model_config import ModelConfig
+
+    try:
+        target = resolve_target(a.topology, None, None)
+        model_cfg = ModelConfig.from_pretrained(model_config_path(cfg, a.model_config).parent)
+        r = cfg.rollout
+        if a.lengths == "synthetic":
+            lengths = draw_lengths(cfg.data.gen_batch_size, r.n, r.max_response_length, a.seed)
+        else:
+            lengths = read_lengths(a.lengths, r.max_response_length)
+            lengths = lengths[: len(lengths) // r.n * r.n]
+        plen = a.prompt_len or min(512, cfg.data.max_prompt_length)
+        est = estimate(cfg, target, model_cfg, lengths, prompt_len=plen, gen_rounds=a.gen_rounds)
+    except (TargetError, FileNotFoundError, ValueError) as e:
+        print(f"step_time: {e}", file=sys.stderr)
+        return 2
+    print(report(est))
+    if a.json:
+        Path(a.json).write_text(json.dumps(est, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""step_time: the step model over the engine's real scheduler (no compile, no device)."""
+
+import json
+
+import pytest
+
+from htpo_jax.tools import step_time
+
+
+def run(tmp_path, *extra):
+    out = tmp_path / f"est{len(list(tmp_path.iterdir()))}.json"
+    assert step_time.main(["--topology", "v5p-8", "--json", str(out), *extra]) == 0
+    return json.loads(out.read_text())
+
+
+def test_stage_sums_and_longer_lengths_cost_more(tmp_path, capsys):
+    est = run(tmp_path)  # the default config's synthetic lengths
+    assert est["total_seconds"] == pytest.approx(sum(est["seconds"].values()))
+    assert sum(est["share"].values()) == pytest.approx(1.0)
+    assert set(est["seconds"]) == set(step_time.STAGES)
+    for stage, ratio in est["floor_ratio"].items():
+        assert ratio >= 0.999, stage  # nothing beats the floor
+    assert "| decode |" in capsys.readouterr().out
+    n = est["responses"]
+    short, long = tmp_path / "short.txt", tmp_path / "long.txt"
+    short.write_text("\n".join(["4"] * n))
+    long.write_text(json.dumps([64] * n))
+    a, b = run(tmp_path, "--lengths", str(short)), run(tmp_path, "--lengths", str(long))
+    assert b["mean_length"] == 64 and a["mean_length"] == 4
+    assert b["seconds"]["decode"] > a["seconds"]["decode"]
+    for stage in ("old_log_prob", "update"):  # tiny model: the FSDP gathers may bound both
+        assert b["seconds"][stage] >= a["seconds"][stage], stage
+        assert b["floor_seconds"][stage] > a["floor_seconds"][stage], stage
+    assert b["total_seconds"] > a["total_seconds"]
+    two = run(tmp_path, "--lengths", str(long), "--gen-rounds", "2")
+    assert two["seconds"]["decode"] == pytest.approx(2 * b["seconds"]["decode"])
+    assert two["seconds"]["update"] == pytest.approx(b["seconds"]["update"])
+
+
+def test_cpu_devices_and_bad_lengths_are_one_line(tmp_path, capsys):
+    assert step_time.main(["--topology", "cpu:4"]) == 2
+    bad = tmp_path / "bad.txt"
+    bad.write_text("0 3")
+    assert step_time.main(["--topology", "v5p-8", "--lengths", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("step_time:") == 2
