@@ -1,6 +1,8 @@
-"""htpo_loss and the baselines: official golden cases, spec properties, edge rows, accumulation."""
+"""htpo_loss and the baselines: official golden cases, spec properties, edge rows, accumulation,
+the Dr. GRPO divisor, input checks, float16 counts and inert masked slots."""
 
 import dataclasses
+import re
 from pathlib import Path
 
 import jax
@@ -12,12 +14,16 @@ from hypothesis import strategies as st
 from tiny_models import run_on_fake_devices
 
 from htpo_jax.rl.loss import (
+    AGG_MODES,
     GROUP_NAMES,
     LOSSES,
     LossConfig,
     LossInputs,
+    aggregate,
     dapo_loss,
+    dr_grpo_loss,
     entropy_split,
+    grpo_loss,
     high_entropy_only_loss,
     htpo_loss,
 )
@@ -319,11 +325,231 @@ def test_bfloat16_is_preserved_and_jittable():
         dict(high_entropy_ratio=-0.1),
         dict(drop_low_entropy_ratio="a"),
         dict(loss_agg_mode="mean"),
+        dict(clip_ratio_low=np.float32(1.5)),
+        dict(clip_ratio_high=True),
+        dict(max_response_length=0),
+        dict(max_response_length=64.5),
+        dict(max_response_length=True),
     ],
 )
 def test_config_errors_name_the_field(kw):
     with pytest.raises(ValueError, match=next(iter(kw))):
         LossConfig(**kw)
+
+
+def test_config_takes_numpy_scalars():
+    """np.float32(0.2) was refused as out of range (only Python int / float passed the check)."""
+    cfg = LossConfig(
+        clip_ratio_low=np.float32(0.2),
+        clip_ratio_high=np.float64(0.28),
+        clip_ratio_c=np.int64(10),
+        max_response_length=np.int32(64),
+    )
+    assert cfg.clip_ratio_low == float(np.float32(0.2)) and type(cfg.clip_ratio_low) is float
+    assert cfg.clip_ratio_c == 10.0 and cfg.max_response_length == 64
+    assert type(cfg.max_response_length) is int
+    hash(cfg)  # a static jit argument
+    lp, old, ent, adv, mask, hard, correct = map(jnp.asarray, random_batch(4, 20, 1))
+    got, _ = jax.jit(htpo_loss, static_argnames="config")(
+        lp, old, ent, adv, mask, hard, correct, config=cfg
+    )
+    np.testing.assert_allclose(got, htpo_loss(lp, old, ent, adv, mask, hard, correct)[0], 1e-6)
+
+
+def test_dr_grpo_does_not_depend_on_padding():
+    """Dr. GRPO divides each response's token sum by a constant (the maximum response length):
+    padding the same responses from 32 to 64 or 100 columns (garbage in the padding) changes
+    neither the loss nor the gradient. It divided by the width: padding to 64 halved it."""
+    lp, old, _, adv, mask, _, _ = random_batch(4, 32, 1)
+    cfg = LossConfig(max_response_length=64)
+    f = jax.value_and_grad(lambda p, *a, **kw: dr_grpo_loss(p, *a, **kw)[0])
+
+    def padded(width, config):
+        pad = lambda x, v: np.pad(x, ((0, 0), (0, width - 32)), constant_values=v)
+        args = [pad(x, 7.0) for x in (lp, old, adv)] + [pad(mask, 0.0)]
+        loss, grad = f(*map(jnp.asarray, args), config=config)
+        assert not np.asarray(grad)[:, 32:].any()
+        return float(loss), np.asarray(grad)[:, :32]
+
+    want = padded(32, cfg)
+    assert abs(want[0]) > 1e-3
+    for width in (64, 100):
+        got = padded(width, cfg)
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-6, err_msg=str(width))
+        np.testing.assert_allclose(got[1], want[1], rtol=1e-6, atol=1e-9, err_msg=str(width))
+    # The divisor is the constant: the mean over responses of (token sum / 64).
+    loss_bt = jnp.asarray(lp) - jnp.asarray(old)  # any per-token values
+    got = aggregate(loss_bt, mask, "seq-mean-token-sum-norm", max_response_length=64)
+    want_sum = (np.asarray(loss_bt) * mask).sum(-1) / 64
+    np.testing.assert_allclose(got, want_sum.mean(), rtol=1e-6)
+    # Without it (library callers), the documented fallback: the arrays' width T.
+    assert padded(32, LossConfig())[0] == pytest.approx(2 * want[0], rel=1e-6)
+    assert padded(64, LossConfig())[0] == pytest.approx(want[0], rel=1e-6)
+
+
+def _clipped_args(x):
+    return (x.log_prob, x.old_log_prob, x.advantages, x.response_mask)
+
+
+# (entry, positional arguments from a LossInputs), one per public loss
+ENTRIES = {
+    "htpo_loss": (
+        htpo_loss,
+        lambda x: (
+            x.log_prob,
+            x.old_log_prob,
+            x.entropy,
+            x.advantages,
+            x.response_mask,
+            x.hard,
+            x.correct,
+        ),
+    ),
+    "dapo_loss": (dapo_loss, _clipped_args),
+    "grpo_loss": (grpo_loss, _clipped_args),
+    "dr_grpo_loss": (dr_grpo_loss, _clipped_args),
+    "high_entropy_only_loss": (
+        high_entropy_only_loss,
+        lambda x: (x.log_prob, x.old_log_prob, x.entropy, x.advantages, x.response_mask),
+    ),
+}
+
+
+def _inputs(b=4, t=16, seed=4):
+    lp, old, ent, adv, mask, hard, correct = map(jnp.asarray, random_batch(b, t, seed))
+    return LossInputs(lp, old, adv, mask, entropy=ent, hard=hard, correct=correct)
+
+
+# (field, how it is spoiled, the message): the spoiled inputs broadcast and gave another loss
+BAD_SHAPES = [
+    ("response_mask", lambda m: m[:1], "response_mask has shape (1, 16), expected (4, 16)"),
+    ("response_mask", lambda m: m[0], "response_mask has shape (16,), expected (4, 16)"),
+    ("old_log_prob", lambda x: x[:1], "old_log_prob has shape (1, 16), expected (4, 16)"),
+    ("advantages", lambda x: x[:, :1], "advantages has shape (4, 1), expected (4, 16)"),
+    ("log_prob", lambda x: x[None], "log_prob must be [B, T], got shape (1, 4, 16)"),
+    ("entropy", lambda x: x[:1], "entropy has shape (1, 16), expected (4, 16)"),
+    ("hard", lambda h: h[:1], "hard has shape (1,), expected (4,)"),
+    ("correct", lambda c: c[:, None], "correct has shape (4, 1), expected (4,)"),
+]
+
+
+@pytest.mark.parametrize("entry", list(ENTRIES))
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_wrong_shapes_raise_naming_the_argument(entry, jit):
+    fn, args_of = ENTRIES[entry]
+    f = jax.jit(fn) if jit else fn
+    x = _inputs()
+    fn(*args_of(x))  # well-formed: no error
+    tried = 0
+    for field, spoil, msg in BAD_SHAPES:
+        bad = dataclasses.replace(x, **{field: spoil(getattr(x, field))})
+        if all(a is b for a, b in zip(args_of(bad), args_of(x), strict=True)):  # not read
+            continue
+        tried += 1
+        with pytest.raises(ValueError, match=re.escape(f"{entry}: {msg}")):
+            f(*args_of(bad))
+    assert tried >= 5
+
+
+@pytest.mark.parametrize("entry", list(ENTRIES))
+def test_wrong_dtypes_raise_naming_the_argument(entry):
+    fn, args_of = ENTRIES[entry]
+    x = _inputs()
+    bad_fields = {
+        "log_prob": x.log_prob.astype(jnp.int32),
+        "advantages": jnp.sign(x.advantages).astype(jnp.int32),
+        "hard": x.hard.astype(jnp.float32) + 0.4,
+    }
+    for field, value in bad_fields.items():
+        bad = dataclasses.replace(x, **{field: value})
+        if all(a is b for a, b in zip(args_of(bad), args_of(x), strict=True)):
+            continue
+        with pytest.raises(ValueError, match=rf"{entry}: {field} must be a"):
+            fn(*args_of(bad))
+    with pytest.raises(ValueError, match="required"):
+        fn(*(None if a is x.old_log_prob else a for a in args_of(x)))
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, float("nan"), np.float32(0.5), True, np.ones(2)])
+def test_bad_counts_raise(bad):
+    """A host `num_tokens` / `num_sequences` that is not a positive whole number raises (0, -3
+    and 2.5 were clamped to 1 or used as given, silently)."""
+    x = _inputs()
+    for entry, (fn, args_of) in ENTRIES.items():
+        for kw in ("num_tokens", "num_sequences"):
+            with pytest.raises(ValueError, match=rf"{entry}: {kw} must be a"):
+                fn(*args_of(x), **{kw: bad})
+    with pytest.raises(ValueError, match="aggregate: num_tokens"):
+        aggregate(x.log_prob, x.response_mask, num_tokens=bad)
+
+
+def test_counts_accepted_as_numbers_and_traced():
+    x = _inputs()
+    n = float(x.response_mask.sum())
+    want, _ = dapo_loss(*_clipped_args(x))
+    for count in (int(n), n, np.float32(n), np.int64(n), jnp.float32(n)):
+        got, _ = dapo_loss(*_clipped_args(x), num_tokens=count)
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    # traced: not read (no device sync); a traced 0 (an empty mini-batch) is no error
+    f = jax.jit(lambda n, *a: htpo_loss(*a, num_tokens=n, num_sequences=n)[0])
+    args = ENTRIES["htpo_loss"][1](x)
+    assert np.isfinite(float(f(jnp.float32(0), *args)))
+    np.testing.assert_allclose(f(jnp.float32(n), *args), htpo_loss(*args)[0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["htpo", "dapo", "high_entropy_only", "sft"])
+def test_float16_counts_do_not_overflow(name):
+    """80,000 float16 tokens: counted in float16 the count was inf (max 65,504), the loss 0 and
+    the gradient zero. Sums and counts are float32 now; the loss keeps the input dtype."""
+    b, t = 4, 20_000
+    lp, old, ent, adv, mask, hard, correct = random_batch(b, t, 2)
+    mask[:] = 1.0
+
+    def run(dtype):
+        fl = lambda a: jnp.asarray(a, dtype)
+        x = LossInputs(fl(lp), fl(old), fl(adv), fl(mask), fl(ent), jnp.asarray(hard), correct)
+        f = lambda p: LOSSES[name](dataclasses.replace(x, log_prob=p), num_tokens=b * t)[0]
+        loss, g = jax.value_and_grad(f)(x.log_prob)
+        return loss, np.asarray(g, np.float64)
+
+    want, want_g = run(jnp.float32)
+    got, g = run(jnp.float16)
+    assert got.dtype == jnp.float16 and abs(float(want)) > 1e-2
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-2)
+    np.testing.assert_allclose(np.abs(g).sum(), np.abs(want_g).sum(), rtol=3e-2)
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_masked_slots_are_inert(name, agg):
+    """NaN / -inf / inf at masked slots (of log-probs, old log-probs, advantages, entropies)
+    give the same loss and gradient as zeros there, and exactly 0 gradient at those slots (a
+    masked -inf log-prob gave NaN through exp(lp - sg(lp)))."""
+    lp, old, ent, adv, mask, hard, correct = random_batch(5, 24, 6)
+    mask[:, 5] = 0.0  # holes, and a row with none
+    mask[3] = 0.0
+    masked = mask == 0
+
+    def run(fill):
+        def spoil(a, v):
+            return np.where(masked, v, a).astype(np.float32) if fill else a * mask
+
+        arrays = (spoil(lp, -np.inf), spoil(old, np.nan), spoil(adv, np.inf), spoil(ent, np.nan))
+        x = LossInputs(*map(jnp.asarray, arrays[:3]), jnp.asarray(mask), jnp.asarray(arrays[3]),
+                       jnp.asarray(hard), jnp.asarray(correct))  # fmt: skip
+        cfg = LossConfig(loss_agg_mode=agg, max_response_length=32)
+        f = lambda p: LOSSES[name](dataclasses.replace(x, log_prob=p), config=cfg)
+        (loss, metrics), g = jax.value_and_grad(f, has_aux=True)(x.log_prob)
+        return float(loss), np.asarray(g), metrics
+
+    loss, g, metrics = run(fill=True)
+    clean_loss, clean_g, clean_metrics = run(fill=False)
+    assert np.isfinite(loss) and np.isfinite(g).all()
+    assert np.all(g[masked] == 0)
+    assert loss == clean_loss
+    np.testing.assert_array_equal(g, clean_g)
+    for key, v in metrics.items():
+        assert float(v) == float(clean_metrics[key]), key
 
 
 SHARDED = """

@@ -1,5 +1,9 @@
 """Token-budget micro-batches: the plan covers every row once within budget, and the packed
-scoring pass and update equal the padded ones (the loss stays the global token-mean)."""
+scoring pass and update equal the padded ones (the loss stays the global token-mean), for every
+loss and aggregation mode (the Dr. GRPO divisor is a constant, not the micro-batch's width)."""
+
+import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +16,7 @@ from test_train import overrides, tiny_run_dir  # noqa: F401, F811 (a fixture)
 from test_train_step import random_batch, tiny_model
 
 from htpo_jax.rl import packing
+from htpo_jax.rl.loss import AGG_MODES, LOSSES, LossConfig, LossInputs
 from htpo_jax.rl.train_step import (
     StepConfig,
     TrainState,
@@ -68,6 +73,9 @@ def test_padding_fraction_drops_on_skewed_lengths():
     assert after < 0.35 < before
 
 
+MAX_RESPONSE = 64  # rollout.max_response_length of these tests: wider than any batch below
+
+
 def _setup(loss, agg="token-mean"):
     cfg = load_config(
         None,
@@ -77,6 +85,8 @@ def _setup(loss, agg="token-mean"):
             "optim.learning_rate=1e-2",
             "optim.eps=1e-3",
             "optim.warmup_steps=0",
+            f"rollout.max_response_length={MAX_RESPONSE}",
+            "algorithm.overlong_buffer_len=16",
         ],
     )
     sc = StepConfig.from_config(cfg)
@@ -93,13 +103,16 @@ def _state(params, tx):
 @pytest.mark.parametrize(
     "loss,agg",
     [
+        # each aggregation mode once (test_packed_loss_equals_padded: every loss x every mode)
         pytest.param("htpo", "token-mean", marks=pytest.mark.slow),
-        pytest.param("dapo", "token-mean", marks=pytest.mark.slow),
+        pytest.param("dapo", "seq-mean-token-sum", marks=pytest.mark.slow),
         pytest.param("grpo", "seq-mean-token-mean", marks=pytest.mark.slow),
+        pytest.param("dr_grpo", "seq-mean-token-sum-norm", marks=pytest.mark.slow),
     ],
 )
 def test_packed_update_equals_unpacked(loss, agg):
     sc, graphdef, params, tx = _setup(loss, agg)
+    assert sc.loss_config.max_response_length == MAX_RESPONSE
     batch = random_batch(n=8, p=6, r=40, seed=3)
     # one-batch update, every row padded to the full width
     mini = jax.tree.map(lambda x: jnp.asarray(x)[None], batch)
@@ -126,6 +139,86 @@ def test_packed_update_equals_unpacked(loss, agg):
     assert float(m_new["nonfinite_skipped"]) == float(m_ref["nonfinite_skipped"]) == 0.0
     for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(ref.params), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5)
+
+
+def test_step_config_takes_the_dr_grpo_divisor_from_the_rollout():
+    sc = StepConfig.from_config(load_config(None, ["algorithm.loss=dr_grpo"]))
+    assert sc.loss_config.max_response_length == load_config(None).rollout.max_response_length
+
+
+def _cut(x, micro: packing.Micro):
+    """A per-token array [N, R] laid out as `packing.gather` lays out the micro-batch's responses:
+    its rows (fillers copy the first), cut or zero-padded to `micro.width` columns."""
+    rows = np.where(micro.rows >= 0, micro.rows, micro.rows[0])
+    x = np.asarray(x)[rows][:, : micro.width]
+    return np.pad(x, ((0, 0), (0, micro.width - x.shape[1])))
+
+
+@functools.partial(jax.jit, static_argnames=("name", "config"))
+def _loss_and_grad(x: LossInputs, num_tokens, num_seqs, *, name, config):
+    """LOSSES[name]'s value and gradient w.r.t. log_prob."""
+    f = lambda p: LOSSES[name](
+        dataclasses.replace(x, log_prob=p),
+        config=config,
+        num_tokens=num_tokens,
+        num_sequences=num_seqs,
+    )[0]
+    return jax.value_and_grad(f)(x.log_prob)
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_packed_loss_equals_padded(name, agg):
+    """Every loss and aggregation mode, as the trainer calls it (the mini-batch's counts passed
+    to every micro-batch): the micro-batches of a token-budget plan (bucket widths, filler rows)
+    add up to the loss and gradient of the same rows padded to the batch's width and to a wider
+    one, of one padded batch, and of equal micro-batches (the scan's accumulation). The last two
+    group rows otherwise, which high_entropy_only's per-call selection depends on: not for it."""
+    cfg = LossConfig(loss_agg_mode=agg, max_response_length=MAX_RESPONSE)
+    batch = random_batch(n=8, p=6, r=40, seed=3)
+    rm = np.asarray(batch.response_mask)
+    rng = np.random.default_rng(1)
+    lp = (np.asarray(batch.old_log_prob) + rng.normal(0, 0.3, rm.shape) * rm).astype(np.float32)
+    ent = rng.gamma(1.0, 1.0, rm.shape).astype(np.float32)
+    num_tokens, num_seqs = np.float32(rm.sum()), np.float32((rm > 0).any(-1).sum())
+    # jit pays for its compiles only where a loss has loops (the entropy selections); eager
+    # otherwise: a few seconds per test either way on a loaded 2-core box
+    run = _loss_and_grad if name in ("htpo", "high_entropy_only") else _loss_and_grad.__wrapped__
+
+    def accumulated(micros):
+        """(sum of the micro losses, their gradients w.r.t. log_prob scattered back to [N, R])."""
+        total, grad = 0.0, np.zeros_like(rm)
+        for micro in micros:
+            mb = packing.gather(batch, micro)
+            x = LossInputs(
+                *map(jnp.asarray, (_cut(lp, micro), mb.old_log_prob, mb.advantages)),
+                response_mask=jnp.asarray(mb.response_mask),
+                entropy=jnp.asarray(_cut(ent, micro)),
+                hard=jnp.asarray(mb.hard),
+                correct=jnp.asarray(mb.correct),
+            )
+            loss, g = run(x, num_tokens, num_seqs, name=name, config=cfg)
+            g = np.asarray(g)
+            assert not g[:, rm.shape[1] :].any() and not g[micro.rows < 0].any()
+            packing.scatter(g, micro, grad)
+            total += float(loss)
+        return total, grad
+
+    plan = packing.plan(packing.response_extent(rm), 6, max_tokens=60, multiple=8, cap=rm.shape[1])
+    assert len({m.width for m in plan}) > 1 and any((m.rows < 0).any() for m in plan)
+    packed = accumulated(plan)
+    assert abs(packed[0]) > 1e-3
+    refs = {
+        "padded": accumulated([packing.Micro(m.rows, rm.shape[1]) for m in plan]),
+        "wider": accumulated([packing.Micro(m.rows, MAX_RESPONSE) for m in plan]),
+    }
+    if name != "high_entropy_only":
+        refs["one batch"] = accumulated([packing.Micro(np.arange(8), rm.shape[1])])
+        halves = (np.arange(4), np.arange(4, 8))
+        refs["accumulated"] = accumulated([packing.Micro(h, rm.shape[1]) for h in halves])
+    for what, (loss, grad) in refs.items():
+        np.testing.assert_allclose(packed[0], loss, rtol=1e-5, atol=1e-7, err_msg=what)
+        np.testing.assert_allclose(packed[1], grad, rtol=1e-5, atol=1e-8, err_msg=what)
 
 
 def test_packed_scoring_equals_padded():

@@ -69,13 +69,21 @@ class StepConfig:
 
     @classmethod
     def from_config(cls, cfg) -> StepConfig:
-        """The update's settings from a run `Config` (`algorithm`, `rollout.temperature`)."""
+        """The update's settings from a run `Config` (`algorithm`, `rollout.temperature`, and
+        `rollout.max_response_length`: the constant divisor of seq-mean-token-sum-norm)."""
         a = cfg.algorithm
-        # LossConfig's own fields, read by name from `algorithm` (the config declares them all).
-        loss_fields = {f.name: getattr(a, f.name) for f in dataclasses.fields(LossConfig)}
+        # LossConfig's own fields, read by name from `algorithm` (the config declares them all),
+        # but the Dr. GRPO divisor: the rollout's length cap, the same for every (micro-)batch
+        # whatever its padded width.
+        rollout_fields = {"max_response_length": cfg.rollout.max_response_length}
+        loss_fields = {
+            f.name: getattr(a, f.name)
+            for f in dataclasses.fields(LossConfig)
+            if f.name not in rollout_fields
+        }
         return cls(
             loss=a.loss,
-            loss_config=LossConfig(**loss_fields),
+            loss_config=LossConfig(**loss_fields, **rollout_fields),
             temperature=cfg.rollout.temperature,
             use_kl_loss=a.use_kl_loss,
             kl_coef=a.kl_coef,
@@ -183,7 +191,15 @@ def micro_loss(params, graphdef, micro: UpdateBatch, num_tokens, num_seqs, sc: S
     )
     if sc.use_kl_loss:
         kl = kl_penalty(lp, micro.ref_log_prob, sc.kl_loss_type)
-        kl_loss = aggregate(kl, m > 0, sc.loss_config.loss_agg_mode, num_tokens, num_seqs)
+        lc = sc.loss_config
+        kl_loss = aggregate(
+            kl,
+            m > 0,
+            lc.loss_agg_mode,
+            num_tokens,
+            num_seqs,
+            max_response_length=lc.max_response_length,
+        )
         loss = loss + sc.kl_coef * kl_loss
         metrics["kl_loss"] = kl_loss
     metrics["policy_loss"] = loss
