@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -53,10 +54,11 @@ def measure(prog: Program, mesh, limit: int, hlo_dir: str | None = None) -> dict
             raise
         return out_of_memory(prog, str(e), time.perf_counter() - t0)
     seconds = time.perf_counter() - t0
+    text = compiled.as_text() or ""
     if hlo_dir:
         name = "".join(ch if ch.isalnum() else "_" for ch in f"{prog.name}_{prog.shape}")
         Path(hlo_dir).mkdir(parents=True, exist_ok=True)
-        (Path(hlo_dir) / f"{name}.hlo.txt").write_text(compiled.as_text())
+        (Path(hlo_dir) / f"{name}.hlo.txt").write_text(text)
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
@@ -76,6 +78,11 @@ def measure(prog: Program, mesh, limit: int, hlo_dir: str | None = None) -> dict
         "peak": peak,
         "fits": peak <= limit,
         "flops": float((cost or {}).get("flops", float("nan"))),
+        "bytes_accessed": float((cost or {}).get("bytes accessed", float("nan"))),
+        "optimal_seconds": float((cost or {}).get("optimal_seconds", float("nan"))),
+        # Pallas kernels (splash, ragged paged attention) lower to this custom call; the ones
+        # jax ships carry no pl.CostEstimate, so the cost model sees their operands only.
+        "pallas_calls": text.count('custom_call_target="tpu_custom_call"'),
         "compile_seconds": round(seconds, 1),
         "note": prog.note,
     }
@@ -104,6 +111,105 @@ def out_of_memory(prog: Program, message: str, seconds: float) -> dict:
         "compile_seconds": round(seconds, 1),
         "note": "the compiler ran out of memory: " + message.strip().splitlines()[0][:200],
     }
+
+
+# ---------------------------------------------------------------- --time: cost model, floors
+COST_KEYS = ("flops", "bytes_accessed", "optimal_seconds")
+
+
+def per_layer_costs(cfg: Config, mesh, model_cfg, programs, hbm: int) -> dict:
+    """{(program, index): (cost at 1 layer, cost at 2 layers)}, both with the layers unrolled
+    (`model.scan_layers=false`): their difference is one layer, which a `lax.scan` of the layers
+    counts once in the compiler's cost model."""
+    cfg_u = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, scan_layers=False))
+    out: dict = {}
+    for layers in (1, 2):
+        m = dataclasses.replace(model_cfg, num_layers=layers)
+        ctx = dataclasses.replace(build_context(cfg_u, mesh, m), hbm_bytes=hbm)
+        for name in programs:
+            for i, prog in enumerate(PROGRAMS[name](ctx)):
+                r = measure(prog, mesh, 2**62)
+                out.setdefault((name, i), []).append({k: r[k] for k in COST_KEYS})
+    return out
+
+
+def add_time(row: dict, name: str, fits: list | None, cfg: Config, model_cfg, target) -> None:
+    """The row's compiler costs scaled by the trip counts it really runs, the Pallas kernels'
+    FLOPs/bytes from shapes, and the physical floor, all per chip (see docs/TPU.md)."""
+    from htpo_jax.tools.step_time import Shape
+
+    pk, chips = target.peaks, target.chips
+    itemsize = 4 if cfg.model.dtype in ("float32", "fp32") else 2
+    shape = Shape.of(model_cfg, itemsize)
+    tensor = max(cfg.mesh.tensor, 1)
+    trips, notes = 1, []
+    scale = {k: row[k] for k in COST_KEYS}
+    # The optimizer maps over the stacked parameters (no layer loop): its count is already whole.
+    if cfg.model.scan_layers and fits and row["program"] not in ("rollout", "optimizer"):
+        for k in COST_KEYS:
+            scale[k] += (model_cfg.num_layers - 1) * (fits[1][k] - fits[0][k])
+        notes.append(f"x{model_cfg.num_layers} layers (1- and 2-layer unrolled compiles)")
+    nums = [int(x) for x in re.findall(r"\d+", row["shape"])]
+    if row["program"] == "engine_decode":
+        trips = cfg.rollout.steps_per_call  # the decode while loop: its body counted once
+        notes.append(f"x{trips} decode steps")
+    elif row["program"] == "rollout":
+        notes.append("decode loop counted once (not scaled: prefill sits in the same program)")
+    scale = {k: v * trips for k, v in scale.items()}
+    extra_flops = extra_bytes = 0.0
+    floor = float("nan")
+    if row["program"] == "engine_decode":
+        rows, pages = nums[0], nums[1]
+        tokens = rows * pages * cfg.rollout.page_size  # every row at the table's full width
+        kv = tokens * shape.kv_token_bytes / tensor
+        if row["pallas_calls"]:
+            extra_bytes = trips * kv
+            extra_flops = trips * 4.0 * tokens * shape.q_dim * shape.layers / tensor
+        w = shape.matmul_params * itemsize / tensor
+        floor = trips * (w + kv) / pk.hbm_bytes_per_s
+    elif row["program"] == "optimizer":
+        floor = 7 * 4 * shape.params / chips / pk.hbm_bytes_per_s
+    elif row["program"] in ("update", "old_log_prob", "engine_prefill") and len(nums) >= 2:
+        rows, t = (nums[-3], sum(nums[-2:])) if len(nums) >= 3 else (nums[0], nums[1])
+        if row["program"] == "update" and len(nums) == 4:  # jit_update: minis x micro x (p+w)
+            rows = nums[0] * nums[1]
+        passes = (4.0 if cfg.model.remat else 3.0) if row["program"] == "update" else 1.0
+        fwd = shape.forward_flops(rows, t) / chips
+        attn = fwd - 2.0 * shape.matmul_params * rows * t / chips
+        if row["pallas_calls"]:
+            extra_flops = passes * attn
+        floor = (3.0 if row["program"] == "update" else 1.0) * fwd / pk.bf16_flops
+    if row["pallas_calls"]:
+        added = f"+{extra_flops / 1e12:.3g} TFLOP, +{extra_bytes / 2**30:.3g} GiB"
+        notes.append(f"{row['pallas_calls']} Pallas calls not counted by XLA: {added} from shapes")
+    seconds = scale["optimal_seconds"] + max(
+        extra_flops / pk.bf16_flops, extra_bytes / pk.hbm_bytes_per_s
+    )
+    row["time"] = {
+        "trips": trips,
+        "flops": scale["flops"] + extra_flops,
+        "bytes_accessed": scale["bytes_accessed"] + extra_bytes,
+        "compiler_seconds": scale["optimal_seconds"],
+        "seconds": seconds,
+        "floor_seconds": floor,
+        "notes": "; ".join(notes),
+    }
+
+
+def time_table(rows: list[dict]) -> str:
+    head = "| program | shape | TFLOP | GB | compiler s | est s | floor s | est/floor | notes |"
+    lines = [head, "|" + " --- |" * 9]
+    for r in rows:
+        t = r.get("time")
+        if not t:
+            continue
+        fl = t["floor_seconds"]
+        ratio = f"{t['seconds'] / fl:.2f}" if fl == fl and fl > 0 else "-"
+        lines.append(f"| {r['program']} | {r['shape']} | {t['flops'] / 1e12:.4g} | "
+                     f"{t['bytes_accessed'] / 1e9:.4g} | {t['compiler_seconds']:.4g} | "
+                     f"{t['seconds']:.4g} | {fl:.4g} | {ratio} | {t['notes']} |")  # fmt: skip
+    lines.append("per chip, one call of each program; compiler s = XLA's optimal_seconds")
+    return "\n".join(lines)
 
 
 def table(rows: list[dict], hbm: int, limit: int) -> str:
@@ -145,6 +251,7 @@ def run_check(
     fail_fast=False,
     on_row=None,
     hlo_dir=None,
+    time_costs=False,
 ):
     """Compile every selected program on `target`; returns the report dict."""
     from htpo_jax.infra.sharding import make_mesh
@@ -162,11 +269,18 @@ def run_check(
         model_cfg = dataclasses.replace(model_cfg, num_layers=layers)
     ctx = dataclasses.replace(build_context(cfg, mesh, model_cfg), hbm_bytes=target.hbm_bytes)
     limit = int(target.hbm_bytes * (1.0 - headroom))
+    fits = {}
+    if time_costs:
+        if target.peaks is None:
+            raise ConfigProblem("--time needs a TPU target (--topology): no CPU cost model")
+        fits = per_layer_costs(cfg, mesh, model_cfg, programs, target.hbm_bytes)
     rows = []
     for name in programs:
-        for prog in PROGRAMS[name](ctx):
+        for i, prog in enumerate(PROGRAMS[name](ctx)):
             rows.append(measure(prog, mesh, limit, hlo_dir))
             r = rows[-1]
+            if time_costs and "ran out" not in r["note"]:
+                add_time(r, name, fits.get((name, i)), cfg, model_cfg, target)
             if on_row is not None:  # e.g. write the JSON so far: a stopped run keeps its rows
                 on_row(rows)
             print(
@@ -220,6 +334,9 @@ def main(argv=None) -> int:
         "--num-layers", type=int, help="build the model with fewer layers (quick trials only)"
     )
     parser.add_argument("--hlo", metavar="DIR", help="write each compiled program's HLO text here")
+    parser.add_argument(
+        "--time", action="store_true", help="also the compiler's time per program vs its floor"
+    )
     args = parser.parse_args(argv)
     if args.config is None:  # as train.py: the embedded default run
         args.config = str(DEFAULT_CONFIG)
@@ -241,6 +358,7 @@ def main(argv=None) -> int:
             layers=args.num_layers,
             fail_fast=args.fail_fast,
             hlo_dir=args.hlo,
+            time_costs=args.time,
             on_row=(lambda rows: Path(args.json).write_text(json.dumps(rows, indent=2) + "\n"))
             if args.json
             else None,
@@ -251,6 +369,8 @@ def main(argv=None) -> int:
     print(f"target {report['target']} ({report['chips']} chips), mesh {report['mesh']}, "
           f"model {report['model_config']} ({report['num_layers']} layers)")  # fmt: skip
     print(table(report["programs"], report["hbm_per_chip"], report["limit_per_chip"]))
+    if args.time:
+        print(time_table(report["programs"]))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     failed = [r for r in report["programs"] if not r["fits"]]
