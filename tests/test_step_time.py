@@ -1,6 +1,10 @@
 """step_time: the step model over the engine's real scheduler (no compile, no device)."""
 
+import importlib.util
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -44,3 +48,25 @@ def test_cpu_devices_and_bad_lengths_are_one_line(tmp_path, capsys):
     assert step_time.main(["--topology", "v5p-8", "--lengths", str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.count("step_time:") == 2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu")
+def test_scanned_estimate_matches_unrolled_on_tpu(tmp_path):
+    """The trip-count scaling: XLA counts a scanned layer once; the estimate puts the layers
+    back and must match the unrolled program's own count (small model, v5p-8)."""
+    out = {}
+    for scan in ("true", "false"):
+        path = tmp_path / f"{scan}.json"
+        args = ["--topology", "v5p-8", "--programs", "update", "--num-layers", "4",
+                "--set", f"model.scan_layers={scan}", "--time", "--json", str(path)]  # fmt: skip
+        env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+        proc = subprocess.run([sys.executable, "-m", "htpo_jax.compile_check", *args], env=env,
+                              capture_output=True, text=True, timeout=900)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        out[scan] = json.loads(path.read_text())["programs"][0]
+    # Both sides add the Pallas kernels' FLOPs from shapes; the unrolled side is not rescaled.
+    est, unrolled = out["true"]["time"], out["false"]["time"]
+    assert "x4 layers" in est["notes"] and "layers" not in unrolled["notes"]
+    for key in ("flops", "bytes_accessed", "compiler_seconds"):
+        assert est[key] == pytest.approx(unrolled[key], rel=0.10), key

@@ -273,7 +273,8 @@ def run_check(
     if time_costs:
         if target.peaks is None:
             raise ConfigProblem("--time needs a TPU target (--topology): no CPU cost model")
-        fits = per_layer_costs(cfg, mesh, model_cfg, programs, target.hbm_bytes)
+        if cfg.model.scan_layers:  # unrolled layers: the compiler already counts them all
+            fits = per_layer_costs(cfg, mesh, model_cfg, programs, target.hbm_bytes)
     rows = []
     for name in programs:
         for i, prog in enumerate(PROGRAMS[name](ctx)):
