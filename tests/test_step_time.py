@@ -70,3 +70,29 @@ def test_scanned_estimate_matches_unrolled_on_tpu(tmp_path):
     assert "x4 layers" in est["notes"] and "layers" not in unrolled["notes"]
     for key in ("flops", "bytes_accessed", "compiler_seconds"):
         assert est[key] == pytest.approx(unrolled[key], rel=0.10), key
+
+
+def test_compiled_figures_replace_the_roofline_where_given(tmp_path, capsys):
+    """--compiled: a stage whose program the compile_check report holds is costed at the
+    compiler's figure and says so; the others stay roofline; a report of another target is
+    one line."""
+    base = run(tmp_path)
+    from htpo_jax.models.model_config import ModelConfig
+    from htpo_jax.run.config import load_config
+    from htpo_jax.tools.compile_programs import model_config_path
+
+    cfg = load_config(str(step_time.DEFAULT_CONFIG))
+    layers = ModelConfig.from_pretrained(model_config_path(cfg, None).parent).num_layers
+    adamw = {"program": "optimizer", "shape": "AdamW step",
+             "time": {"seconds": 2 * base["floor_seconds"]["optimizer"]}}  # fmt: skip
+    report = tmp_path / "compiled.json"
+    report.write_text(json.dumps({"target": "v5p-8", "num_layers": layers, "programs": [adamw]}))
+    est = run(tmp_path, "--compiled", str(report))
+    assert est["seconds"]["optimizer"] == pytest.approx(2 * base["seconds"]["optimizer"])
+    assert est["source"]["optimizer"].startswith("compiler x2.00 (optimizer")
+    assert est["seconds"]["decode"] == base["seconds"]["decode"]
+    assert {est["source"][s] for s in step_time.STAGES if s != "optimizer"} == {"roofline"}
+    assert "| compiler x2.00" in capsys.readouterr().out
+    report.write_text(json.dumps({"target": "v5p-64", "num_layers": layers, "programs": []}))
+    assert step_time.main(["--topology", "v5p-8", "--compiled", str(report)]) == 2
+    assert "--compiled: report is for v5p-64" in capsys.readouterr().err

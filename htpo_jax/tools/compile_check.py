@@ -158,8 +158,10 @@ def add_time(row: dict, name: str, fits: list | None, cfg: Config, model_cfg, ta
     scale = {k: v * trips for k, v in scale.items()}
     extra_flops = extra_bytes = 0.0
     floor = float("nan")
+    dims = {}  # the call's shape, for step_time's calibration (`step_time --compiled`)
     if row["program"] == "engine_decode":
         rows, pages = nums[0], nums[1]
+        dims = {"rows": rows, "pages": pages}
         tokens = rows * pages * cfg.rollout.page_size  # every row at the table's full width
         kv = tokens * shape.kv_token_bytes / tensor
         if row["pallas_calls"]:
@@ -173,6 +175,7 @@ def add_time(row: dict, name: str, fits: list | None, cfg: Config, model_cfg, ta
         rows, t = (nums[-3], sum(nums[-2:])) if len(nums) >= 3 else (nums[0], nums[1])
         if row["program"] == "update" and len(nums) == 4:  # jit_update: minis x micro x (p+w)
             rows = nums[0] * nums[1]
+        dims = {"rows": rows, "tokens": t}
         passes = (4.0 if cfg.model.remat else 3.0) if row["program"] == "update" else 1.0
         fwd = shape.forward_flops(rows, t) / chips
         attn = fwd - 2.0 * shape.matmul_params * rows * t / chips
@@ -193,6 +196,7 @@ def add_time(row: dict, name: str, fits: list | None, cfg: Config, model_cfg, ta
         "seconds": seconds,
         "floor_seconds": floor,
         "notes": "; ".join(notes),
+        **dims,
     }
 
 

@@ -127,48 +127,71 @@ def schedule(lengths, prompt_len: int, n: int, shards: int, seqs: int, k: int, p
 
 
 def micro_cost(shape: Shape, micros, p: int, chips: int, peak: float, ici_s: float,
-               passes: float) -> float:  # fmt: skip
+               passes: float, factor: float = 1.0) -> float:  # fmt: skip
     """Seconds of a pass over token-budget micro-batches: each the longer of its FLOPs (x
-    `passes` forwards) at peak over all chips and its collectives (`ici_s`)."""
+    `passes` forwards) at peak over all chips (x the compiler's `factor`) and its collectives
+    (`ici_s`)."""
     t = 0.0
     for m in micros:
         flops = passes * shape.forward_flops(len(m.rows), p + m.width)
-        t += max(flops / (chips * peak), ici_s)
+        t += max(factor * flops / (chips * peak), ici_s)
     return t
 
 
-def estimate(cfg: Config, target, model_cfg, lengths: np.ndarray, *, prompt_len: int,
-             gen_rounds: float) -> dict:  # fmt: skip
-    """The step model (see the module docstring); a dict of stages, floors and rates."""
-    pk = target.peaks
-    if pk is None:
-        raise TargetError("step_time needs a TPU target (--topology): CPU devices have no peaks")
-    c, r, chips = cfg, cfg.rollout, target.chips
-    itemsize = 4 if c.model.dtype in ("float32", "fp32") else 2  # compute dtype
-    shape = Shape.of(model_cfg, itemsize)
-    tensor = max(c.mesh.tensor, 1)
-    data = max(c.mesh.data, 1)
-    shards = max(chips // tensor, 1) if c.mesh.fsdp == -1 else data * c.mesh.fsdp
-    seqs = -(-(r.max_num_seqs or 512) // shards)
-    k, ps = r.steps_per_call, r.page_size
-    rounds = schedule(lengths, prompt_len, r.n, shards, seqs, k, ps, r.work_stealing)
-    # Decode: the engine replicates the weights over the batch shards (tensor splits them).
-    w = (shape.matmul_params * itemsize) / tensor
-    kvb = shape.kv_token_bytes / tensor
-    step_flops = lambda s: 2.0 * shape.matmul_params * s / tensor
-    decode = 0.0
-    for s_rows, live in rounds:
-        kv = max(live) + s_rows * k / 2  # the K steps grow each row
-        decode += k * max((w + kv * kvb) / pk.hbm_bytes_per_s, step_flops(s_rows) / pk.bf16_flops)
-    useful = int(lengths.sum())
-    kv_reads = float(np.sum(prompt_len * lengths + lengths * (lengths + 1) / 2)) * kvb
-    min_steps = useful / (shards * seqs)
-    decode_floor = (min_steps * w + kv_reads / shards) / pk.hbm_bytes_per_s
-    n_prompts = len(lengths) // r.n
-    prefill = shape.forward_flops(n_prompts, prompt_len) / (chips * pk.bf16_flops)
-    # Training: the kept groups (train_batch_size prompts), padded to the compiled prompt width.
+def compiler_factors(report: dict, cfg: Config, target, shape: Shape) -> dict:
+    """{stage: (factor, label)} from a `compile_check --time` report of the same run: for each
+    compiled program, the compiler's seconds for one call (XLA's optimal_seconds scaled by its
+    loop trips, the Pallas kernels' FLOPs/bytes added from shapes) over what this model's
+    roofline gives the same call. Decode: the per-step part outside the paged-attention kernel
+    (weights, matmuls, sampling), whose KV reads stay costed from shapes here as there."""
+    pk, chips, tensor = target.peaks, target.chips, max(cfg.mesh.tensor, 1)
+    if report.get("target") != target.name or report.get("num_layers") != shape.layers:
+        raise ValueError(f"--compiled: report is for {report.get('target')} with "
+                         f"{report.get('num_layers')} layers, not {target.name} with "
+                         f"{shape.layers}")  # fmt: skip
+    itemsize = 4 if cfg.model.dtype in ("float32", "fp32") else 2
+    w_s = shape.matmul_params * itemsize / tensor / pk.hbm_bytes_per_s
+    passes = 4.0 if cfg.model.remat else 3.0
+    stages = {"engine_prefill": "prefill", "engine_decode": "decode", "optimizer": "optimizer",
+              "old_log_prob": "old_log_prob", "update": "update"}  # fmt: skip
+    best: dict = {}
+    for row in report["programs"]:
+        t, stage = row.get("time"), stages.get(row["program"])
+        if not t or stage is None or ("rows" not in t and stage != "optimizer"):
+            continue
+        if stage == "decode":
+            work, secs = t["rows"], t["compiler_seconds"] / t["trips"]
+            flops = 2.0 * shape.matmul_params * t["rows"] / tensor
+            roof = max(w_s, flops / pk.bf16_flops)
+            if not row.get("pallas_calls"):  # XLA attention: the compiler counted the KV reads
+                kv = t["rows"] * t["pages"] * cfg.rollout.page_size * shape.kv_token_bytes
+                roof = max(w_s + kv / tensor / pk.hbm_bytes_per_s, flops / pk.bf16_flops)
+        elif stage == "optimizer":
+            work, secs = 1, t["seconds"]
+            roof = 7 * 4 * shape.params / chips / pk.hbm_bytes_per_s
+        else:
+            work, secs = t["rows"] * t["tokens"], t["seconds"]
+            fwd = shape.forward_flops(t["rows"], t["tokens"]) / pk.bf16_flops
+            roof = fwd / tensor if stage == "prefill" else fwd / chips  # engine: per chip
+            roof *= passes if stage == "update" else 1.0
+        if stage not in best or work > best[stage][0]:  # the call with the most work
+            label = f"compiler x{secs / roof:.2f} ({row['program']} {row['shape']})"
+            best[stage] = (work, secs / roof, label)
+    out = {s: (f, label) for s, (_, f, label) in best.items()}
+    if "old_log_prob" in out:
+        out.setdefault("ref_log_prob", out["old_log_prob"])
+    return out
+
+
+def train_costs(c: Config, target, shape: Shape, kept: np.ndarray, prompt_len: int,
+                f: dict) -> dict:  # fmt: skip
+    """Seconds and floors of the training stages over the kept responses' lengths (`kept`, the
+    real prompts `prompt_len` tokens, padded to the compiled prompt width); `f`: the compiler
+    factors per stage (1.0 = roofline)."""
+    pk, chips, r = target.peaks, target.chips, c.rollout
+    itemsize = 4 if c.model.dtype in ("float32", "fp32") else 2
+    shards = batch_shards(c, chips)
     p = prompt_width(c)
-    kept = lengths[: c.data.train_batch_size * r.n]
     budget = c.optim.max_tokens_per_micro
 
     def micros(ext):
@@ -180,7 +203,8 @@ def estimate(cfg: Config, target, model_cfg, lengths: np.ndarray, *, prompt_len:
         return [packing.Micro(np.arange(mb), r.max_response_length)] * -(-len(ext) // mb)
 
     gather_s = shape.params * itemsize / pk.ici_bytes_per_s  # FSDP: every chip gathers all
-    score = micro_cost(shape, micros(kept), p, chips, pk.bf16_flops, gather_s, 1.0)
+    score = micro_cost(shape, micros(kept), p, chips, pk.bf16_flops, gather_s, 1.0,
+                       f["old_log_prob"])  # fmt: skip
     ref = score if c.algorithm.use_kl_loss else 0.0
     passes = 4.0 if c.model.remat else 3.0  # forward, (recompute), backward = 2 forwards
     mini_rows = c.optim.mini_batch_size * r.n
@@ -189,29 +213,88 @@ def estimate(cfg: Config, target, model_cfg, lengths: np.ndarray, *, prompt_len:
     for i in range(0, len(kept), mini_rows):
         ms = micros(kept[i : i + mini_rows])
         # all-gather forward (+ again for the remat/backward) and reduce-scatter the gradient
-        update += micro_cost(shape, ms, p, chips, pk.bf16_flops, 3 * gather_s, passes)
+        update += micro_cost(shape, ms, p, chips, pk.bf16_flops, 3 * gather_s, passes,
+                             f["update"])  # fmt: skip
     update *= c.optim.ppo_epochs
     # AdamW: f32 params, two moments (read + write) and the f32 gradient (read), FSDP-sharded.
-    opt = updates * 7 * 4 * shape.params / chips / pk.hbm_bytes_per_s
+    opt_floor = updates * 7 * 4 * shape.params / chips / pk.hbm_bytes_per_s
     tokens = float(np.sum(prompt_len + kept))
     real = sum(shape.forward_flops(1, prompt_len + int(x)) for x in kept)
     train_floor = real / (chips * pk.bf16_flops)
-    stages = {
-        "prefill": gen_rounds * prefill,
-        "decode": gen_rounds * decode,
-        "old_log_prob": score,
-        "ref_log_prob": ref,
-        "update": update,
-        "optimizer": opt,
+    computed = sum(len(m.rows) * (p + m.width) for m in micros(kept))
+    return {
+        "seconds": {
+            "old_log_prob": score,
+            "ref_log_prob": ref,
+            "update": update,
+            "optimizer": f["optimizer"] * opt_floor,
+        },  # fmt: skip
+        "floor_seconds": {
+            "old_log_prob": train_floor,
+            "ref_log_prob": train_floor if ref else 0.0,
+            "update": 3 * train_floor * c.optim.ppo_epochs,
+            "optimizer": opt_floor,
+        },  # fmt: skip
+        "tokens": tokens,
+        "busy": tokens / computed,
+        "update_mfu": 6.0
+        * shape.matmul_params
+        * tokens
+        * c.optim.ppo_epochs
+        / (update * chips * pk.bf16_flops),
+        "flops_per_token": real / tokens * 3,  # forward + backward, attention included
     }
-    floors = {
-        "prefill": gen_rounds * prefill,
-        "decode": gen_rounds * decode_floor,
-        "old_log_prob": train_floor,
-        "ref_log_prob": train_floor if ref else 0.0,
-        "update": 3 * train_floor * c.optim.ppo_epochs,
-        "optimizer": opt,
-    }
+
+
+def batch_shards(c: Config, chips: int) -> int:
+    tensor, data = max(c.mesh.tensor, 1), max(c.mesh.data, 1)
+    return max(chips // tensor, 1) if c.mesh.fsdp == -1 else data * c.mesh.fsdp
+
+
+def estimate(cfg: Config, target, model_cfg, lengths: np.ndarray, *, prompt_len: int,
+             gen_rounds: float, compiled: dict | None = None) -> dict:  # fmt: skip
+    """The step model (see the module docstring); a dict of stages, floors and rates. With
+    `compiled` (a `compile_check --time` report), each stage whose program it holds is costed
+    at the compiler's figure (`compiler_factors`); the rest stay roofline arithmetic."""
+    pk = target.peaks
+    if pk is None:
+        raise TargetError("step_time needs a TPU target (--topology): CPU devices have no peaks")
+    c, r, chips = cfg, cfg.rollout, target.chips
+    itemsize = 4 if c.model.dtype in ("float32", "fp32") else 2  # compute dtype
+    shape = Shape.of(model_cfg, itemsize)
+    tensor = max(c.mesh.tensor, 1)
+    shards = batch_shards(c, chips)
+    seqs = -(-(r.max_num_seqs or 512) // shards)
+    k, ps = r.steps_per_call, r.page_size
+    rounds = schedule(lengths, prompt_len, r.n, shards, seqs, k, ps, r.work_stealing)
+    cal = compiler_factors(compiled, c, target, shape) if compiled else {}
+    f = {s: cal[s][0] if s in cal else 1.0 for s in STAGES}
+    # Decode: the engine replicates the weights over the batch shards (tensor splits them).
+    w = (shape.matmul_params * itemsize) / tensor
+    kvb = shape.kv_token_bytes / tensor
+    step_flops = lambda s: 2.0 * shape.matmul_params * s / tensor
+    decode = 0.0
+    for s_rows, live in rounds:
+        kv = max(live) + s_rows * k / 2  # the K steps grow each row
+        if "decode" in cal:  # the compiler's step outside the kernel + the kernel's KV reads
+            fixed = max(w / pk.hbm_bytes_per_s, step_flops(s_rows) / pk.bf16_flops)
+            decode += k * (f["decode"] * fixed + kv * kvb / pk.hbm_bytes_per_s)
+        else:
+            mem = (w + kv * kvb) / pk.hbm_bytes_per_s
+            decode += k * max(mem, step_flops(s_rows) / pk.bf16_flops)
+    useful = int(lengths.sum())
+    kv_reads = float(np.sum(prompt_len * lengths + lengths * (lengths + 1) / 2)) * kvb
+    min_steps = useful / (shards * seqs)
+    decode_floor = (min_steps * w + kv_reads / shards) / pk.hbm_bytes_per_s
+    n_prompts = len(lengths) // r.n
+    prefill_floor = shape.forward_flops(n_prompts, prompt_len) / (chips * pk.bf16_flops)
+    prefill = f["prefill"] * prefill_floor
+    # Training: the kept groups (train_batch_size prompts), padded to the compiled prompt width.
+    kept = lengths[: c.data.train_batch_size * r.n]
+    tr = train_costs(c, target, shape, kept, prompt_len, f)
+    stages = {"prefill": gen_rounds * prefill, "decode": gen_rounds * decode, **tr["seconds"]}
+    floors = {"prefill": gen_rounds * prefill_floor, "decode": gen_rounds * decode_floor,
+              **tr["floor_seconds"]}  # fmt: skip
     total = sum(stages.values())
     slot_steps = sum(s * k * shards for s, _ in rounds)
     return {
@@ -229,15 +312,12 @@ def estimate(cfg: Config, target, model_cfg, lengths: np.ndarray, *, prompt_len:
         "share": {s: v / total for s, v in stages.items()},
         "busy": {
             "decode": useful / slot_steps,
-            "update": tokens / sum(len(m.rows) * (p + m.width) for m in micros(kept)),
+            "update": tr["busy"],
         },
         "floor_ratio": {s: stages[s] / floors[s] for s in STAGES if floors[s] > 0},
+        "source": {s: cal[s][1] if s in cal else "roofline" for s in STAGES},
         "decode_tokens_per_s_per_chip": useful / decode / chips,
-        "update_mfu": 6.0
-        * shape.matmul_params
-        * tokens
-        * c.optim.ppo_epochs
-        / (update * chips * pk.bf16_flops),
+        "update_mfu": tr["update_mfu"],
     }
 
 
@@ -246,16 +326,17 @@ def report(est: dict) -> str:
         f"target {est['target']} ({est['chips']} chips, {est['batch_shards']} batch shards): "
         f"{est['responses']} responses, mean {est['mean_length']:.0f} max {est['max_length']} "
         f"tokens, {est['decode_rounds']} decode rounds x {est['gen_rounds']} generation rounds",
-        "| stage | seconds | share | floor s | est/floor |",
-        "| --- | --- | --- | --- | --- |",
+        "| stage | seconds | share | floor s | est/floor | cost from |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for s in STAGES:
         sec, fl = est["seconds"][s], est["floor_seconds"][s]
         ratio = f"{sec / fl:.2f}" if fl else "-"
-        lines.append(f"| {s} | {sec:.4g} | {est['share'][s]:.1%} | {fl:.4g} | {ratio} |")
-    lines.append(f"| total | {est['total_seconds']:.4g} | 100% | "
-                 f"{sum(est['floor_seconds'].values()):.4g} | "
-                 f"{est['total_seconds'] / sum(est['floor_seconds'].values()):.2f} |")  # fmt: skip
+        lines.append(f"| {s} | {sec:.4g} | {est['share'][s]:.1%} | {fl:.4g} | {ratio} | "
+                     f"{est['source'][s]} |")  # fmt: skip
+    floor = sum(est["floor_seconds"].values())
+    lines.append(f"| total | {est['total_seconds']:.4g} | 100% | {floor:.4g} | "
+                 f"{est['total_seconds'] / floor:.2f} | |")  # fmt: skip
     lines.append(
         f"decode {est['decode_tokens_per_s_per_chip']:.0f} tokens/s/chip, busy "
         f"{est['busy']['decode']:.1%} of slot-steps; update MFU {est['update_mfu']:.1%}, "
@@ -274,6 +355,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model-config", help="config.json (or its dir) of the model")
     ap.add_argument("--json", help="also write the estimate as JSON to this file")
+    ap.add_argument("--compiled", metavar="FILE",
+                    help="compile_check --time --json report of this run and target: cost its "
+                    "programs at the compiler's figures")  # fmt: skip
     a = ap.parse_args(argv)
     if a.config is None:
         a.config = str(DEFAULT_CONFIG)
@@ -290,7 +374,9 @@ def main(argv=None) -> int:
             lengths = read_lengths(a.lengths, r.max_response_length)
             lengths = lengths[: len(lengths) // r.n * r.n]
         plen = a.prompt_len or min(512, cfg.data.max_prompt_length)
-        est = estimate(cfg, target, model_cfg, lengths, prompt_len=plen, gen_rounds=a.gen_rounds)
+        compiled = json.loads(Path(a.compiled).read_text()) if a.compiled else None
+        est = estimate(cfg, target, model_cfg, lengths, prompt_len=plen, gen_rounds=a.gen_rounds,
+                       compiled=compiled)  # fmt: skip
     except (TargetError, FileNotFoundError, ValueError) as e:
         print(f"step_time: {e}", file=sys.stderr)
         return 2
