@@ -58,6 +58,7 @@ def engine_config(r) -> EngineConfig | str:
         return "static"
     return EngineConfig(max_num_seqs=r.max_num_seqs, page_size=r.page_size,
                         num_pages=r.num_pages, kv_memory_fraction=r.kv_memory_fraction,
+                        cpu_kv_budget_gib=r.cpu_kv_budget_gib,
                         steps_per_call=r.steps_per_call,
                         work_stealing=r.work_stealing)  # fmt: skip
 

@@ -49,8 +49,9 @@ class EngineConfig:
 
     max_num_seqs: int = 0  # rows decoding at once (0: min(rows, 512))
     page_size: int = 16  # tokens per page
-    num_pages: int = 0  # pages in the pool (0: kv_memory_fraction of free memory, capped)
-    kv_memory_fraction: float = 0.5  # of the device's free memory (host RAM on CPU)
+    num_pages: int = 0  # pages in the pool (0: what the call can use, within the budget)
+    kv_memory_fraction: float = 0.5  # pool budget: this share of the device's memory
+    cpu_kv_budget_gib: float = 2.0  # and on CPU (host RAM) never more than this
     steps_per_call: int = 16  # decode steps per host round-trip (K)
     work_stealing: bool = True  # batch shards take waiting rows from each other (scheduler.py)
     min_slots: int = 1  # smallest compiled batch (a long tail of 1-2 rows runs at their cost)
@@ -228,8 +229,8 @@ def unroll_layers(weight_bytes: int = 0, free: int | None = None) -> bool:
 
 
 # Reference decode: the windows gathered once per call (a copy of S x Pb pages) may take this
-# fraction of the device's free memory; larger ones are gathered a layer at a time in every step.
-WINDOW_MEMORY_FRACTION = 0.125
+# fraction of the pool's memory budget; larger ones are gathered a layer at a time in every step.
+WINDOW_MEMORY_FRACTION = 0.25
 
 
 # The two programs: module-level `jax.jit`s whose static arguments are the graphdef
@@ -322,20 +323,66 @@ def batch_shards(mesh) -> int:
 
 
 # ---------------------------------------------------------------------- sizes
-def free_memory_bytes() -> int:
-    """Free memory of this process's first device: bytes_limit - bytes_in_use where the backend
-    reports them, else the host's available RAM (CPU)."""
+def memory_bytes() -> tuple[int, int]:
+    """(total, free) memory of this process's first device: its bytes_limit and bytes_limit -
+    bytes_in_use where the backend reports them, else the host's RAM (CPU: MemTotal and
+    MemAvailable)."""
     stats = jax.local_devices()[0].memory_stats() or {}
     if "bytes_limit" in stats:
-        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+        total = int(stats["bytes_limit"])
+        return total, total - int(stats.get("bytes_in_use", 0))
+    info = {}
     try:
         with open("/proc/meminfo") as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
+                key, _, rest = line.partition(":")
+                info[key] = int(rest.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
         pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    page = os.sysconf("SC_PAGE_SIZE")
+    total = info.get("MemTotal") or page * os.sysconf("SC_PHYS_PAGES")
+    return total, info.get("MemAvailable") or page * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def free_memory_bytes() -> int:
+    """Free memory of this process's first device (see `memory_bytes`)."""
+    return memory_bytes()[1]
+
+
+def kv_budget_bytes(cfg: EngineConfig, total: int, free: int, on_cpu: bool) -> int:
+    """The most the page pool may take: `kv_memory_fraction` of the device's memory (and of what
+    is free of it), on CPU never more than `cpu_kv_budget_gib`."""
+    budget = cfg.kv_memory_fraction * min(total, max(free, 0))
+    if on_cpu:
+        budget = min(budget, cfg.cpu_kv_budget_gib * 2**30)
+    return int(budget)
+
+
+def pool_pages(cfg: EngineConfig, per_page: int, usable: int, row_pages: int, budget: int,
+               free: int, where: str = "rollout engine") -> int:  # fmt: skip
+    """The pool's pages (the trash page included): `cfg.num_pages` + 1 when set, else the
+    `usable` pages the call can use rounded up to a power of two (calls with other row counts or
+    lengths then reuse the compiled programs), within `budget` bytes. A pool that cannot hold one
+    row at full length (`row_pages`) within the budget, or that exceeds `free` bytes, is a
+    ValueError naming the keys to change, before anything is allocated."""
+    gib = lambda pages: f"{pages * per_page / 2**30:.2f} GiB"
+    if cfg.num_pages:
+        pages = cfg.num_pages + 1
+        if pages * per_page > free:
+            raise ValueError(
+                f"{where}: rollout.num_pages={cfg.num_pages} needs {gib(pages)} of KV cache, only "
+                f"{free / 2**30:.2f} GiB is free; lower rollout.num_pages"
+            )
+        return pages
+    if row_pages * per_page > min(budget, free):
+        raise ValueError(
+            f"{where}: one response at full length needs {gib(row_pages)} of KV cache "
+            f"({row_pages} pages), over the pool's budget of {min(budget, free) / 2**30:.2f} "
+            "GiB; lower rollout.max_response_length or raise rollout.kv_memory_fraction "
+            "(rollout.cpu_kv_budget_gib on CPU)"
+        )
+    wanted = 1 << (usable - 1).bit_length()
+    return max(min(wanted, budget // per_page), row_pages)
 
 
 class Sizes(NamedTuple):
@@ -353,11 +400,11 @@ def resolve_sizes(cfg: EngineConfig, model_cfg, prompt_lens, n, max_new_tokens, 
     shard may be given (work stealing) and every shard's pool must hold at full length.
 
     max_num_seqs: `cfg.max_num_seqs` (the whole call's) split over the shards; 0: min(rows, 512).
-    num_pages = 0: the pages that fit `kv_memory_fraction` of free memory (one device's; on CPU
-    the shards share the host's RAM), but never more than the shard can use (max_num_seqs rows
-    at full length, plus its prompts) rounded up to a power of two.
+    num_pages = 0: what the shard can use (max_num_seqs rows at full length, plus its prompts)
+    rounded up to a power of two, within `kv_budget_bytes` (on CPU the shards share the host's
+    RAM and its budget); see `pool_pages`.
     window_pages: how many pages the reference decode's once-per-call windows may copy
-    (WINDOW_MEMORY_FRACTION of free memory).
+    (WINDOW_MEMORY_FRACTION of the budget).
     unroll: `unroll_layers(weight_bytes, free)`.
     """
     ps = cfg.page_size
@@ -366,25 +413,21 @@ def resolve_sizes(cfg: EngineConfig, model_cfg, prompt_lens, n, max_new_tokens, 
     rows = len(prompt_lens) * n
     seqs = -(-cfg.max_num_seqs // shards) if cfg.max_num_seqs else min(rows, 512)
     longest = max(longest_prompt, *prompt_lens) - 1 + max_new_tokens
-    host_shared = shards if jax.default_backend() == "cpu" else 1
-    free = free_memory_bytes()
+    on_cpu = jax.default_backend() == "cpu"
+    host_shared = shards if on_cpu else 1
+    total, free = memory_bytes()
     if jax.process_count() > 1:  # every process must build the same pool (same programs)
-        got = allgather_bytes("rollout engine: pool size", str(free).encode())
-        free = min(int(x) for x in got)
-    window_pages = int(WINDOW_MEMORY_FRACTION * free) // per_page // host_shared
+        got = allgather_bytes("rollout engine: pool size", f"{total} {free}".encode())
+        total, free = (min(int(x.split()[i]) for x in got) for i in (0, 1))
+    budget = kv_budget_bytes(cfg, total, free, on_cpu) // host_shared
+    window_pages = int(WINDOW_MEMORY_FRACTION * budget) // per_page
     unroll = unroll_layers(weight_bytes, free)
-    if cfg.num_pages:
-        return Sizes(seqs, cfg.num_pages + 1, window_pages, unroll)
     # At most max_num_seqs rows hold pages at once (prompt pages are shared by n rows).
     row_pages = -(-longest // ps) + 1
     usable = (1 << (seqs - 1).bit_length()) * row_pages + sum(
         -(-(ln - 1) // ps) for ln in prompt_lens
     )
-    budget = int(cfg.kv_memory_fraction * free) // per_page // host_shared
-    # The pool's size is part of every program's input shape: a power of two (when the budget
-    # allows) so that calls with other row counts or lengths reuse the compiled programs.
-    wanted = 1 << (usable - 1).bit_length()
-    pages = max(min(wanted, budget), -(-longest // ps) + 1)  # at least one full row
+    pages = pool_pages(cfg, per_page, usable, row_pages, budget, free // host_shared)
     return Sizes(seqs, pages, window_pages, unroll)
 
 

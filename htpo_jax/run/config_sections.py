@@ -106,12 +106,19 @@ class RolloutConfig:
     )
     page_size: int = _f(16, "KV-cache page size in tokens (engine).", POS)
     num_pages: int = _f(
-        0, "KV-cache pages in the pool (engine; 0 = from kv_memory_fraction).", NONNEG
+        0,
+        "KV-cache pages in the pool (engine; 0 = what the call can use, within the budget of "
+        "kv_memory_fraction and cpu_kv_budget_gib).",
+        NONNEG,
     )
     kv_memory_fraction: float = _f(
         0.5,
-        "Share of free device memory (host RAM on CPU) for the page pool when num_pages = 0.",
+        "Most of the device's memory (and of what is free of it) the page pool may take when "
+        "num_pages = 0.",
         OPEN_UNIT,
+    )
+    cpu_kv_budget_gib: float = _f(
+        2.0, "On CPU, the most host RAM (GiB) the page pool may take when num_pages = 0.", POS
     )
     steps_per_call: int = _f(16, "Decode steps per host round-trip of the engine.", POS)
     work_stealing: bool = _f(

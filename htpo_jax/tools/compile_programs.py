@@ -304,9 +304,9 @@ def engine_programs(ctx: Context) -> list[Program]:
     (ragged paged attention). Without batch shards: the single-engine programs on one chip.
 
     Rows per chip S = the decode bucket of ceil(rollout.max_num_seqs / batch shards); the pool
-    holds `rollout.num_pages` pages, or as `engine.resolve_sizes` sizes it: kv_memory_fraction of
-    the HBM left after the weights and the training state, capped at S rows at full length plus
-    the prompts. The page-table width is the bucket of the longest row (prompt + response).
+    holds `rollout.num_pages` pages, or as `engine.pool_pages` sizes it: S rows at full length
+    plus the prompts, within kv_memory_fraction of the HBM left after the weights and the
+    training state. The page-table width is the bucket of the longest row (prompt + response).
     """
     import jax
     import jax.numpy as jnp
@@ -314,6 +314,7 @@ def engine_programs(ctx: Context) -> list[Program]:
     from jax.sharding import NamedSharding, PartitionSpec
 
     from htpo_jax.infra.sharding import make_mesh, without_axes
+    from htpo_jax.rl.sample import engine_config
     from htpo_jax.rollout import engine, sampling
     from htpo_jax.rollout import paged_attention as pa
     from htpo_jax.rollout.scheduler import pow2_at_least
@@ -348,13 +349,12 @@ def engine_programs(ctx: Context) -> list[Program]:
     resident = per_chip_bytes(ctx.opt_state) + per_chip_bytes(ctx.params) + ref_bytes(ctx)
     free = ctx.hbm_bytes - resident - per_chip_bytes(state)
     unroll = engine.unroll_layers(per_chip_bytes(state), max(free, 0))
-    if r.num_pages:
-        pages = r.num_pages + 1
-    else:
-        budget = int(r.kv_memory_fraction * max(free, 0)) // per_page
-        prompts = -(-rows // r.n)
-        usable = rows * row_pages + prompts * -(-prompt // ps)
-        pages = max(min(pow2_at_least(usable), budget), row_pages)
+    ecfg = engine_config(r)
+    on_cpu = ctx.mesh.devices.flat[0].platform == "cpu"
+    budget = engine.kv_budget_bytes(ecfg, ctx.hbm_bytes, free, on_cpu)
+    usable = rows * row_pages + -(-rows // r.n) * -(-prompt // ps)
+    pages = engine.pool_pages(ecfg, per_page, usable, row_pages, budget, max(free, 0),
+                              where="compile_check: engine")  # fmt: skip
     pb = pow2_at_least(row_pages)
     impl = pa.resolve_impl("auto", m.head_dim, ctx.mesh.devices.flat[0].platform)
     pools = jax.eval_shape(
