@@ -19,6 +19,12 @@ floor is the waste the schedule and the padding add. Not covered: host time, the
 scheduler itself, input pipeline, reward scoring, compiler inefficiency (`compile_check --time`
 reports the compiler's own figures per program), preemption.
 
+`--compiled REPORT` (a `compile_check --time --json` report of the same run and target): the
+scoring, update and optimizer stages are costed at the compiler's figures instead, as the
+compiler's seconds for the compiled call over this model's roofline of that call (the factor
+is printed per stage in the 'cost from' column). The engine's prefill and decode stay on the
+roofline: XLA counts their in-place KV pool as traffic (see ENGINE_STAGES).
+
 Lengths: `synthetic` (default) draws bench_stealing.py's DAPO-like model (per prompt a mean
 log-uniform in [max/41, max/2.56] -- 500 .. 8,000 at the paper's 20,480 -- and n geometric
 lengths around it, capped); or a file of integers (one per line, or a JSON list).
@@ -138,12 +144,18 @@ def micro_cost(shape: Shape, micros, p: int, chips: int, peak: float, ici_s: flo
     return t
 
 
+# The engine's programs write their KV pages in place into a pool the size of the free HBM, and
+# XLA's cost model counts that pool as traffic (Qwen3-4B on v5p-8: 430 GB per decode step for
+# 8 GB of weights): their figures would cost the pool, not the work, so they are shown, not used.
+ENGINE_STAGES = ("prefill", "decode")
+
+
 def compiler_factors(report: dict, cfg: Config, target, shape: Shape) -> dict:
     """{stage: (factor, label)} from a `compile_check --time` report of the same run: for each
     compiled program, the compiler's seconds for one call (XLA's optimal_seconds scaled by its
     loop trips, the Pallas kernels' FLOPs/bytes added from shapes) over what this model's
-    roofline gives the same call. Decode: the per-step part outside the paged-attention kernel
-    (weights, matmuls, sampling), whose KV reads stay costed from shapes here as there."""
+    roofline gives the same call (decode: one step outside the paged-attention kernel). The
+    engine's figures are labelled but not used (factor None: see ENGINE_STAGES)."""
     pk, chips, tensor = target.peaks, target.chips, max(cfg.mesh.tensor, 1)
     if report.get("target") != target.name or report.get("num_layers") != shape.layers:
         raise ValueError(f"--compiled: report is for {report.get('target')} with "
@@ -176,7 +188,10 @@ def compiler_factors(report: dict, cfg: Config, target, shape: Shape) -> dict:
             roof *= passes if stage == "update" else 1.0
         if stage not in best or work > best[stage][0]:  # the call with the most work
             label = f"compiler x{secs / roof:.2f} ({row['program']} {row['shape']})"
-            best[stage] = (work, secs / roof, label)
+            factor = secs / roof
+            if stage in ENGINE_STAGES:
+                factor, label = None, f"roofline ({label}: not used, it counts the KV pool)"
+            best[stage] = (work, factor, label)
     out = {s: (f, label) for s, (_, f, label) in best.items()}
     if "old_log_prob" in out:
         out.setdefault("ref_log_prob", out["old_log_prob"])
@@ -268,7 +283,7 @@ def estimate(cfg: Config, target, model_cfg, lengths: np.ndarray, *, prompt_len:
     k, ps = r.steps_per_call, r.page_size
     rounds = schedule(lengths, prompt_len, r.n, shards, seqs, k, ps, r.work_stealing)
     cal = compiler_factors(compiled, c, target, shape) if compiled else {}
-    f = {s: cal[s][0] if s in cal else 1.0 for s in STAGES}
+    f = {s: cal[s][0] if cal.get(s, (None,))[0] is not None else 1.0 for s in STAGES}
     # Decode: the engine replicates the weights over the batch shards (tensor splits them).
     w = (shape.matmul_params * itemsize) / tensor
     kvb = shape.kv_token_bytes / tensor
@@ -276,19 +291,15 @@ def estimate(cfg: Config, target, model_cfg, lengths: np.ndarray, *, prompt_len:
     decode = 0.0
     for s_rows, live in rounds:
         kv = max(live) + s_rows * k / 2  # the K steps grow each row
-        if "decode" in cal:  # the compiler's step outside the kernel + the kernel's KV reads
-            fixed = max(w / pk.hbm_bytes_per_s, step_flops(s_rows) / pk.bf16_flops)
-            decode += k * (f["decode"] * fixed + kv * kvb / pk.hbm_bytes_per_s)
-        else:
-            mem = (w + kv * kvb) / pk.hbm_bytes_per_s
-            decode += k * max(mem, step_flops(s_rows) / pk.bf16_flops)
+        mem = (w + kv * kvb) / pk.hbm_bytes_per_s
+        decode += k * max(mem, step_flops(s_rows) / pk.bf16_flops)
     useful = int(lengths.sum())
     kv_reads = float(np.sum(prompt_len * lengths + lengths * (lengths + 1) / 2)) * kvb
     min_steps = useful / (shards * seqs)
     decode_floor = (min_steps * w + kv_reads / shards) / pk.hbm_bytes_per_s
     n_prompts = len(lengths) // r.n
     prefill_floor = shape.forward_flops(n_prompts, prompt_len) / (chips * pk.bf16_flops)
-    prefill = f["prefill"] * prefill_floor
+    prefill = prefill_floor
     # Training: the kept groups (train_batch_size prompts), padded to the compiled prompt width.
     kept = lengths[: c.data.train_batch_size * r.n]
     tr = train_costs(c, target, shape, kept, prompt_len, f)
