@@ -191,6 +191,8 @@ def compiler_factors(report: dict, cfg: Config, target, shape: Shape) -> dict:
             factor = secs / roof
             if stage in ENGINE_STAGES:
                 factor, label = None, f"roofline ({label}: not used, it counts the KV pool)"
+            elif factor < 1.0:  # below the shapes' own FLOPs: a loop it counted once, unscaled
+                factor, label = None, f"roofline ({label}: not used, under the shapes' FLOPs)"
             best[stage] = (work, factor, label)
     out = {s: (f, label) for s, (_, f, label) in best.items()}
     if "old_log_prob" in out:
