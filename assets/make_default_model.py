@@ -41,11 +41,11 @@ from htpo_jax.models.hf_io import from_pretrained, save_pretrained
 from htpo_jax.models.model_config import ModelConfig
 from htpo_jax.rl.sample import sample_and_score
 from htpo_jax.rl.train_step import StepConfig, TrainState, UpdateBatch, jit_update, make_optimizer
+from htpo_jax.rl.validation import pass_at_k
 from htpo_jax.rollout import Sampler
 from htpo_jax.run.config import load_config
 from htpo_jax.run.data import PromptDataset, read_rows
 from htpo_jax.tasks import arith
-from htpo_jax.rl.validation import pass_at_k
 
 ASSETS = Path(__file__).resolve().parent
 _OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*"}

@@ -51,7 +51,7 @@ from model_shapes import QWEN3_0P6B, TINY, qwen3
 from htpo_jax.models.decoder import Decoder
 from htpo_jax.models.hf_io import save_pretrained
 from htpo_jax.models.model_config import ModelConfig
-from htpo_jax.rollout import bucket, generate, prompt_bucket
+from htpo_jax.rollout import EngineConfig, bucket, generate, prompt_bucket
 from htpo_jax.rollout import engine as engine_mod
 
 CPU_MODEL = qwen3(4096, 256, 768, 4, 4, 2, 64)  # (vocab, D, F, layers, heads, KV heads, head dim)
@@ -178,14 +178,12 @@ def run_case(name: str, case: dict, iters: int, use_hf: bool, hf_threads: str,
 
     def ours(kind, greedy, unroll=None):
         def fn():
-            kw = dict(engine="static") if kind == "static" else dict(stats=engine_stats)
-            engine_mod.UNROLL_LAYERS = unroll
-            try:
-                r = generate(model, ids, mask, max_new_tokens=n, n=n_samples,
-                             rng=jax.random.key(1), greedy=greedy, eos_token_id=eos,
-                             **kw)  # fmt: skip
-            finally:
-                engine_mod.UNROLL_LAYERS = None
+            if kind == "static":
+                kw = dict(engine="static")
+            else:
+                kw = dict(stats=engine_stats, engine=EngineConfig(unroll_layers=unroll))
+            r = generate(model, ids, mask, max_new_tokens=n, n=n_samples, rng=jax.random.key(1),
+                         greedy=greedy, eos_token_id=eos, **kw)  # fmt: skip
             if kind == "engine" and unroll is None:
                 engine_lengths["greedy" if greedy else "sample"] = np.asarray(r.lengths)
             return jax.block_until_ready(r)
@@ -195,7 +193,7 @@ def run_case(name: str, case: dict, iters: int, use_hf: bool, hf_threads: str,
     fns = {}
     for mode in case["modes"]:
         fns[f"engine {mode}"] = ours("engine", mode == "greedy")
-        if layers_ab:  # the other layer form of the reference decode (see engine.UNROLL_LAYERS)
+        if layers_ab:  # the other layer form of the reference decode (EngineConfig.unroll_layers)
             other = not engine_mod.unroll_layers()
             fns[f"engine {'unrolled' if other else 'scanned'} {mode}"] = ours(
                 "engine", mode == "greedy", other

@@ -52,7 +52,32 @@ def test_resolve_sizes_on_cpu_takes_at_most_the_budget():
         want = 512 * (-(-(19 + 20480) // 16) + 1) * per_page  # 512 rows at full length
         assert want > 4 * GIB
         assert sizes.pages * per_page <= gib * GIB
-        assert sizes.window_pages * per_page <= engine.WINDOW_MEMORY_FRACTION * gib * GIB
+        assert sizes.window_pages * per_page <= cfg.window_memory_fraction * gib * GIB
+
+
+def test_plan_sizes_is_the_rule_on_given_memory():
+    """`plan_sizes` reads no memory: the same inputs give the same sizes, the budget follows the
+    given memory, CPU shards share the host's budget, and the window share is a config key."""
+    m = random_decoder("qwen3", False).cfg
+    dtype = jnp.dtype(jnp.float32)
+    per_page = pa.page_bytes(m.num_layers, 16, m.num_kv_heads, m.head_dim, dtype.itemsize)
+    plan = lambda cfg, **kw: engine.plan_sizes(cfg, m, [20] * 40, 8, 20480, dtype, **kw)
+    gpu = dict(total_bytes=80 * GIB, free_bytes=40 * GIB, backend="gpu")
+    sizes = plan(EngineConfig(), **gpu)
+    assert sizes == plan(EngineConfig(), **gpu)
+    assert sizes.seqs == 320 and sizes.pages * per_page <= 20 * GIB  # half of what is free
+    assert sizes.window_pages == int(0.25 * 20 * GIB) // per_page
+    assert (
+        plan(EngineConfig(window_memory_fraction=0.5), **gpu).window_pages
+        == int(0.5 * 20 * GIB) // per_page
+    )
+    cpu = dict(total_bytes=24 * GIB, free_bytes=20 * GIB, backend="cpu")
+    one, four = plan(EngineConfig(), **cpu), plan(EngineConfig(), shards=4, **cpu)
+    assert one.pages * per_page <= 2 * GIB and four.pages * per_page <= GIB // 2
+    with pytest.raises(ValueError, match="^compile_check: one response"):
+        small = 64 * per_page  # under one row at full length (1282 pages)
+        plan(EngineConfig(), total_bytes=small, free_bytes=small, backend="tpu",
+             where="compile_check")  # fmt: skip
 
 
 def test_generate_pool_stays_within_a_small_budget():

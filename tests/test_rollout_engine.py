@@ -79,39 +79,42 @@ def test_windows_over_the_memory_budget_are_gathered_every_step(model, prompts, 
     ref = generate(model, ids, mask, engine="static", **args)
     monkeypatch.setattr(engine._Programs, "decode", spy)
     ours = generate(model, ids, mask, engine=EngineConfig(page_size=4), **args)
-    monkeypatch.setattr(engine, "WINDOW_MEMORY_FRACTION", 0.0)
-    per_step = generate(model, ids, mask, engine=EngineConfig(page_size=4), **args)
+    no_windows = EngineConfig(page_size=4, window_memory_fraction=0.0)
+    per_step = generate(model, ids, mask, engine=no_windows, **args)
     assert seen and seen[0] and not seen[-1]
     assert_same(ours, ref)
     assert_same(per_step, ref)
     # Scanned layers over stacked windows / buffers (a GPU's form when the per-layer weights
     # would not fit), both window paths.
-    monkeypatch.setattr(engine, "UNROLL_LAYERS", False)
-    scanned_per_step = generate(model, ids, mask, engine=EngineConfig(page_size=4), **args)
-    monkeypatch.setattr(engine, "WINDOW_MEMORY_FRACTION", 1.0)
-    scanned = generate(model, ids, mask, engine=EngineConfig(page_size=4), **args)
+    scanned_cfg = EngineConfig(page_size=4, unroll_layers=False, window_memory_fraction=0.0)
+    scanned_per_step = generate(model, ids, mask, engine=scanned_cfg, **args)
+    scanned_cfg = EngineConfig(page_size=4, unroll_layers=False, window_memory_fraction=1.0)
+    scanned = generate(model, ids, mask, engine=scanned_cfg, **args)
     assert seen[-2:] == [False, True]
     assert_same(scanned_per_step, ref)
     assert_same(scanned, ref)
 
 
-def test_unrolled_layers_by_backend_and_memory(monkeypatch):
+def test_unrolled_layers_by_backend_and_memory():
     """Unrolled on CPU always; on a GPU when the weights fit UNROLL_MEMORY_FRACTION of free
-    memory; never on TPU; UNROLL_LAYERS overrides."""
+    memory; never on TPU; EngineConfig.unroll_layers overrides (through `plan_sizes`)."""
     from htpo_jax.rollout import engine
 
-    def on(backend, *args):
-        monkeypatch.setattr(jax, "default_backend", lambda: backend)
-        return engine.unroll_layers(*args)
-
     gib = 2**30
+    on = lambda backend, *args, **kw: engine.unroll_layers(*args, backend=backend, **kw)
     assert on("cpu", 100 * gib, gib)
     assert on("gpu", gib, 8 * gib) and not on("gpu", 3 * gib, 8 * gib)
     assert not on("tpu", 1, 8 * gib)
-    monkeypatch.setattr(engine, "UNROLL_LAYERS", False)
-    assert not on("cpu", 1, gib)
-    monkeypatch.setattr(engine, "UNROLL_LAYERS", True)
-    assert on("tpu", 100 * gib, gib)
+    assert not on("cpu", 1, gib, override=False)
+    assert on("tpu", 100 * gib, gib, override=True)
+    m = random_decoder("qwen3", False).cfg
+    plan = lambda backend, cfg: engine.plan_sizes(
+        cfg, m, [5], 1, 4, jnp.dtype(jnp.float32), total_bytes=gib, free_bytes=gib,
+        backend=backend, weight_bytes=gib,
+    ).unroll  # fmt: skip
+    assert plan("cpu", EngineConfig()) and not plan("gpu", EngineConfig())
+    assert not plan("cpu", EngineConfig(unroll_layers=False))
+    assert plan("tpu", EngineConfig(unroll_layers=True))
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,15 @@ prefilled once). The result, a `Rollout`, holds per response row: `tokens [B, N]
 after the end), `response_mask [B, N]` (1 up to and including the first EOS), `log_probs [B, N]`,
 `lengths [B]` and `finished [B]` (ended with EOS, i.e. not truncated at N = max_new_tokens).
 
+Checked at the entry (`sampling.check_args`, one ValueError naming the argument, on host values
+and static shapes): `rng` any single PRNG key, a typed key of any impl (`jax.random.key(s)`,
+`impl="rbg"`) or legacy raw uint32[2] data (`jax.random.PRNGKey(s)`, read as the threefry key, so
+it samples exactly what `jax.random.key(s)` does); prompt ids / mask both [B, P], integer ids in
+[0, vocab) at the real tokens; a finite temperature (<= 0: greedy); top_k an int >= -1 (-1 or 0:
+off); a float `cache_dtype`; `engine` None / "paged" (the engine), "static" or an `EngineConfig`.
+N is capped at the model's `max_position_embeddings` minus the longest prompt (real tokens), with
+a warning; a prompt that leaves no room is an error.
+
 Modules:
   sampling.py         the Rollout type, buckets, the sampling math and the per-row key rule
   engine.py           the default sampler: continuous batching over a paged KV cache
@@ -119,39 +128,41 @@ class Sampler:
         """Samples `n` responses per left-padded prompt under `params`; see the package docstring.
 
         params: the model's `nnx.State` (as `nnx.split` gives it). prompt_ids, prompt_mask:
-        [B, P] (numpy or jax); rng: a PRNG key (ignored when greedy). `cache_dtype` defaults to
-        the model's compute dtype. `engine`: an `EngineConfig` (None: the defaults, sized from
-        free memory; under a mesh whose data x fsdp axes split the batch, one engine per batch
-        shard) or "static" for the dense reference sampler, whose shapes `batch_bucket` /
-        `length_bucket`
-        round (the engine ignores them). `stats` (a dict, engine only) receives the run's
-        counters (rounds, preemptions, peak KV bytes). Returns a `Rollout` of B * n rows.
+        [B, P] (numpy or jax); rng: a PRNG key, typed or raw `PRNGKey` data (ignored when
+        greedy). max_new_tokens: capped at the model's positions minus the longest prompt (a
+        warning). `cache_dtype` (a float dtype) defaults to the model's compute dtype. `engine`:
+        an `EngineConfig` (None or "paged": the defaults, sized from free memory; under a mesh
+        whose data x fsdp axes split the batch, one engine per batch shard) or "static" for the
+        dense reference sampler, whose shapes `batch_bucket` / `length_bucket` round (the
+        engine ignores them). `stats` (a dict, engine only) receives the run's counters (rounds,
+        preemptions, peak KV bytes). Bad arguments: one ValueError naming the argument (see the
+        package docstring). Returns a `Rollout` of B * n rows.
         """
-        greedy, rng, eos = sampling.check_args(
-            prompt_mask, max_new_tokens=max_new_tokens, rng=rng, n=n, temperature=temperature,
-            top_p=top_p, greedy=greedy, eos_token_id=eos_token_id,
+        kw = sampling.check_args(
+            prompt_ids, prompt_mask, model_cfg=self.model_cfg, max_new_tokens=max_new_tokens,
+            rng=rng, n=n, temperature=temperature, top_p=top_p, top_k=top_k, greedy=greedy,
+            eos_token_id=eos_token_id, cache_dtype=cache_dtype, model_dtype=self.dtype,
         )  # fmt: skip
-        kw = dict(max_new_tokens=int(max_new_tokens), rng=rng, n=int(n), greedy=greedy, eos=eos,
-                  top_p=top_p, top_k=int(top_k), pad_token_id=int(pad_token_id),
-                  cache_dtype=cache_dtype)  # fmt: skip
-        # Under a mesh whose data x fsdp axes split the batch: one engine per batch shard (every
-        # process runs all shards' schedulers, in lockstep; each feeds its own devices).
+        kw["pad_token_id"] = int(pad_token_id)
+        if engine == "paged":  # the config's name for the engine (`rollout.engine: paged`)
+            engine = None
         if engine == "static":
             return static.sample(
-                self, params, prompt_ids, prompt_mask, temperature=temperature,
-                batch_bucket=batch_bucket, length_bucket=length_bucket, **kw,
+                self, params, prompt_ids, prompt_mask, batch_bucket=batch_bucket,
+                length_bucket=length_bucket, **kw,
             )  # fmt: skip
-        if isinstance(engine, str):
+        if not (engine is None or isinstance(engine, EngineConfig)):
             raise ValueError(
-                f"generate: engine must be an EngineConfig or 'static', got {engine!r}"
+                f"generate: engine must be an EngineConfig, 'paged' or 'static', got {engine!r}"
             )
+        # Under a mesh whose data x fsdp axes split the batch: one engine per batch shard (every
+        # process runs all shards' schedulers, in lockstep; each feeds its own devices).
         mesh = jax.sharding.get_mesh()
         if mesh.empty or engine_lib.batch_shards(mesh) == 1:
             mesh = None
         return generate_paged(
-            self, params, prompt_ids, prompt_mask, temperature=float(temperature),
-            config=engine or EngineConfig(), stats=stats, mesh=mesh,
-            **{**kw, "top_p": float(top_p)},
+            self, params, prompt_ids, prompt_mask, config=engine or EngineConfig(), stats=stats,
+            mesh=mesh, **kw,
         )  # fmt: skip
 
 

@@ -56,12 +56,60 @@ class EngineConfig:
     work_stealing: bool = True  # batch shards take waiting rows from each other (scheduler.py)
     min_slots: int = 1  # smallest compiled batch (a long tail of 1-2 rows runs at their cost)
     attention: str = "auto"  # "auto" (TPU kernel on TPU), "reference", "tpu"
+    # Reference decode: layers unrolled over per-layer arrays (True), scanned over stacked ones
+    # (False); None: by backend and memory (`unroll_layers`).
+    unroll_layers: bool | None = None
+    # Reference decode: the windows gathered once per call (a copy of S x Pb pages) may take this
+    # share of the pool's budget; larger ones are gathered a layer at a time in every step.
+    window_memory_fraction: float = 0.25
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillSpec:
+    """The prefill program's static configuration (hashable: a `jax.jit` static argument)."""
+
+    page_size: int  # tokens per page
+    chunk_size: int  # query chunk of the prompts' attention (`attend_in_query_chunks`)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSpec:
+    """The decode program's static configuration (hashable: a `jax.jit` static argument): one
+    compiled program per spec and shape bucket. Build it with `create`, which normalises the
+    sampling arguments as `generate` receives them."""
+
+    page_size: int  # tokens per page
+    steps: int  # decode steps per call (K, `steps_per_call`)
+    max_new_tokens: int  # a row stops after this many sampled tokens
+    greedy: bool
+    top_k: int  # 0: off
+    use_top_p: bool  # nucleus filtering on (top_p < 1)
+    eos: tuple  # token ids that end a row (`sampling.is_eos`)
+    pad: int  # the token written for done rows
+    impl: str  # paged attention: "tpu" (the kernel reads the pool) or "reference"
+    unroll: bool = False  # reference: layers unrolled over per-layer arrays (`unroll_layers`)
+    gather_once: bool = False  # reference: each row's pages gathered once per call (`windows`)
+
+    @classmethod
+    def create(cls, *, page_size: int, steps: int, max_new_tokens: int, greedy: bool, top_k,
+               top_p: float, eos, pad, impl: str, unroll: bool,
+               gather_once: bool = False) -> DecodeSpec:  # fmt: skip
+        """The spec of a call: `unroll` and `gather_once` only off the kernel path."""
+        return cls(page_size, steps, max_new_tokens, greedy, int(top_k), top_p < 1.0, eos,
+                   int(pad), impl, impl != "tpu" and unroll,
+                   impl != "tpu" and gather_once)  # fmt: skip
+
+    def windows(self, gather_once: bool) -> DecodeSpec:
+        """This spec with the reference decode's windows gathered once per call or not."""
+        return dataclasses.replace(self, gather_once=self.impl != "tpu" and bool(gather_once))
 
 
 # ---------------------------------------------------------------------- compiled programs
 # Both programs run the model through `Decoder.forward_kv` with their own kv_fn(layer, q, k, v,
 # kv_state); the pools are stacked over layers ([L, pages, ...]) like every decoder kv_state.
-def _prefill_fn(graphdef, page_size: int, chunk_size: int):
+def _prefill_fn(graphdef, spec: PrefillSpec):
+    page_size, chunk_size = spec.page_size, spec.chunk_size
+
     def run(state, pools, ids_bt, len_b, table_bp):
         model = nnx.merge(graphdef, state)
         b, t = ids_bt.shape
@@ -85,161 +133,213 @@ def _prefill_fn(graphdef, page_size: int, chunk_size: int):
     return run
 
 
-def _decode_fn(graphdef, page_size, k_steps, n_new, greedy, top_k, use_top_p, eos, pad, impl,
-               unroll, gather_once):  # fmt: skip
+class _DecodeCarry(NamedTuple):
+    """The decode while-loop's carry."""
+
+    i: jax.Array  # decode steps taken in this call
+    pools: tuple  # the page pool (every layer stacked)
+    kv_len: jax.Array  # [S] cached tokens per row
+    tok: jax.Array  # [S] the token fed next
+    step: jax.Array  # [S] tokens sampled per row so far
+    active: jax.Array  # [S] rows still decoding
+    out_tok: jax.Array  # [S, K] this call's sampled tokens
+    out_lp: jax.Array  # [S, K] and their log-probs
+    recents: tuple  # reference: per-layer k / v of this call's tokens; TPU: ()
+
+
+# Reference path (`spec.unroll`, see `unroll_layers`): with `spec.gather_once` (the host's choice:
+# the windows fit the memory budget, see `plan_sizes`) each row's pages are gathered once per call
+# into dense per-layer windows (`pa.gather_window`: gathering every step cost more than the
+# attention on XLA:CPU), else one layer's at a time in every step; this call's new keys / values
+# go to small per-layer [S, K, K_steps, H] buffers, written into the pages after the loop. The
+# layers are unrolled over per-layer arrays (a loop copies each slice of a stacked array on every
+# use: XLA:CPU always, and it measured 2x slower on a GPU), or scanned over stacked [L, ...]
+# arrays when the per-layer weights would not fit (GPU). TPU path: the kernel reads only the pool,
+# so each step writes its token there.
+def _stack(items):
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *items)
+
+
+def _reference_buffers(spec: DecodeSpec, model_cfg, pools, table_sp, s: int):
+    """(recents, windows) of the reference decode: zeroed per-layer buffers for this call's k / v
+    and, with `gather_once`, each layer's gathered windows (else False); per-layer tuples when
+    unrolled, stacked [L, ...] arrays when scanned."""
+    n_layers, kh = model_cfg.num_layers, (model_cfg.num_kv_heads, model_cfg.head_dim)
+    k_steps = spec.steps
+    windows = spec.gather_once and [pa.gather_window(pools, j, table_sp) for j in range(n_layers)]
+    recents = [  # per layer: keys [S, K, H, K_steps], values [S, K, K_steps, H]
+        (jnp.zeros((s, kh[0], kh[1], k_steps), pools[0].dtype),
+         jnp.zeros((s, kh[0], k_steps, kh[1]), pools[1].dtype))
+    ] * n_layers  # fmt: skip
+    if spec.unroll:
+        return tuple(recents), windows
+    return _stack(recents), windows and _stack(windows)
+
+
+def _tpu_feed(model, spec: DecodeSpec, table_sp):
+    """One step's model call on the kernel path: each row's k / v written into its page, the
+    kernel attends over the pool. feed(carry) -> (hidden, pools, recents)."""
+    page_size = spec.page_size
+
+    def feed(c: _DecodeCarry):
+        kv_len, active = c.kv_len, c.active
+        col = jnp.take_along_axis(table_sp, (kv_len // page_size)[:, None], axis=1)[:, 0]
+        page_s = jnp.where(active, col, 0)  # done rows write to the trash page
+        off_s = kv_len % page_size
+
+        def kv_fn(layer, q, k, v, pools):  # q [S, 1, N, H], k / v [S, 1, K, H]
+            pools = pa.write_kv(pools, layer, k[:, 0], v[:, 0], page_s, off_s)
+            out = pa.paged_attention_tpu(q[:, 0], pools, layer, table_sp, kv_len + 1)
+            return out[:, None], pools  # [S, 1, N, H]
+
+        hidden, pools = model.forward_kv(c.tok[:, None], kv_len[:, None], c.pools, kv_fn)
+        return hidden, pools, c.recents
+
+    return feed
+
+
+def _reference_feed(model, spec: DecodeSpec, table_sp, kv0_s, windows, layer_states, recent_pos):
+    """One step's model call on the reference path: the step's k / v go to the recents buffers
+    at index i, attention over the row's window (gathered once, or now) and the recents.
+    feed(carry) -> (hidden, pools, recents)."""
+    unroll = spec.unroll
+
+    def feed(c: _DecodeCarry):
+        i, pools = c.i, c.pools
+
+        def kv_fn(layer, q, k, v, recents):  # layer: a Python int when unrolled
+            take = lambda xs: xs[layer] if unroll else jax.tree.map(lambda a: a[layer], xs)
+            rk, rv = take(recents)  # this step's k / v [S, K, H] at recent index i
+            rk = jax.lax.dynamic_update_slice(
+                rk, k[:, 0, :, :, None].astype(rk.dtype), (0, 0, 0, i)
+            )
+            rv = jax.lax.dynamic_update_slice(
+                rv, v[:, 0, :, None, :].astype(rv.dtype), (0, 0, i, 0)
+            )
+            window = take(windows) if windows else pa.gather_window(pools, layer, table_sp)
+            out = pa.window_attention(q[:, 0], window, kv0_s, (rk, rv), recent_pos <= i)
+            if unroll:
+                recents = recents[:layer] + ((rk, rv),) + recents[layer + 1 :]
+            else:
+                new = (rk, rv)
+                recents = tuple(r.at[layer].set(x) for r, x in zip(recents, new, strict=True))
+            return out[:, None], recents
+
+        hidden, recents = model.forward_kv(
+            c.tok[:, None], c.kv_len[:, None], c.recents, kv_fn, layer_states
+        )
+        return hidden, pools, recents
+
+    return feed
+
+
+def _write_recents(spec: DecodeSpec, model_cfg, pools, table_sp, kv0_s, kv_len_end, recents,
+                   recent_pos):  # fmt: skip
+    """The reference decode's tokens of this call into their pages: row s fed
+    kv_len_end - kv0 tokens, at positions kv0 onwards (the other buffer slots go to the trash
+    page)."""
+    n_layers, kh = model_cfg.num_layers, (model_cfg.num_kv_heads, model_cfg.head_dim)
+    s, k_steps, page_size = kv0_s.shape[0], spec.steps, spec.page_size
+    pos_sk = kv0_s[:, None] + recent_pos[None, :]  # [S, K_steps]
+    fed_sk = pos_sk < kv_len_end[:, None]
+    col_sk = jnp.minimum(pos_sk // page_size, table_sp.shape[1] - 1)
+    page_sk = jnp.where(fed_sk, jnp.take_along_axis(table_sp, col_sk, axis=1), 0)
+    page_x, off_x = page_sk.reshape(-1), (pos_sk % page_size).reshape(-1)
+    layer_lx = jnp.arange(n_layers)[:, None]
+    # keys [L, S, K, H, K_steps], values [L, S, K, K_steps, H]
+    rk, rv = _stack(recents) if spec.unroll else recents
+    rk, rv = (
+        rk.transpose(0, 1, 4, 2, 3),
+        rv.transpose(0, 1, 3, 2, 4),
+    )  # [L, S, K_steps, K, H]
+    rk, rv = (r.reshape(n_layers, s * k_steps, *kh) for r in (rk, rv))
+    return pa.write_kv(pools, layer_lx, rk, rv, page_x[None], off_x[None])
+
+
+def _decode_fn(graphdef, spec: DecodeSpec):
+    k_steps, pad = spec.steps, spec.pad
 
     def run(state, pools, table_sp, kv_len_s, tok_s, step_s, row_s, active_s, src_s, dst_s,
             rng, temperature, top_p):  # fmt: skip
         state, layers = state  # layers: `split_layers`' per-layer weights (unroll), else None
         model = nnx.merge(graphdef, state)
         s = tok_s.shape[0]
-        n_layers = model.cfg.num_layers
         # Copy-on-write: newly admitted rows get their prompt's partial last page.
         pools = pa.copy_pages(pools, src_s, dst_s)
         keys_s = sampling.row_keys(rng, row_s)
         out_tok = jnp.full((s, k_steps), pad, jnp.int32)
         out_lp = jnp.zeros((s, k_steps), jnp.float32)
         kv0_s = kv_len_s  # cache length at the start of the call
-        # Reference path (`unroll_layers` picks `unroll`): with `gather_once` (the host's choice:
-        # the windows fit the memory budget, see `resolve_sizes`) each row's pages are gathered
-        # once per call into dense per-layer windows (`pa.gather_window`: gathering every step
-        # cost more than the attention on XLA:CPU), else one layer's at a time in every step;
-        # this call's new keys / values go to small per-layer [S, K, K_steps, H] buffers,
-        # written into the pages after the loop. The layers are unrolled over per-layer arrays
-        # (a loop copies each slice of a stacked array on every use: XLA:CPU always, and it
-        # measured 2x slower on a GPU), or scanned over stacked [L, ...] arrays when the
-        # per-layer weights would not fit (GPU). TPU path: the kernel reads only the pool, so
-        # each step writes its token there.
-        kh = (model.cfg.num_kv_heads, model.cfg.head_dim)
-        stack = lambda items: jax.tree.map(lambda *xs: jnp.stack(xs), *items)
-        if impl != "tpu":
-            windows = gather_once and [
-                pa.gather_window(pools, j, table_sp) for j in range(n_layers)
-            ]
-            layer_states = layers if unroll else None
-            recents = [  # per layer: keys [S, K, H, K_steps], values [S, K, K_steps, H]
-                (jnp.zeros((s, kh[0], kh[1], k_steps), pools[0].dtype),
-                 jnp.zeros((s, kh[0], k_steps, kh[1]), pools[1].dtype))
-            ] * n_layers  # fmt: skip
-            recents, windows = (
-                (tuple(recents), windows)
-                if unroll
-                else (stack(recents), windows and stack(windows))
-            )
+        if spec.impl != "tpu":
+            recents, windows = _reference_buffers(spec, model.cfg, pools, table_sp, s)
         else:
             recents = ()
         recent_pos = jnp.arange(k_steps)
+        if spec.impl == "tpu":
+            feed = _tpu_feed(model, spec, table_sp)
+        else:
+            layer_states = layers if spec.unroll else None
+            feed = _reference_feed(model, spec, table_sp, kv0_s, windows, layer_states, recent_pos)
 
-        def cond(c):
-            return (c[0] < k_steps) & jnp.any(c[5])
+        def cond(c: _DecodeCarry):
+            return (c.i < k_steps) & jnp.any(c.active)
 
-        def body(c):
-            i, pools, kv_len, tok, step, active, out_tok, out_lp, recents = c
-            if impl == "tpu":
-                col = jnp.take_along_axis(table_sp, (kv_len // page_size)[:, None], axis=1)[:, 0]
-                page_s = jnp.where(active, col, 0)  # done rows write to the trash page
-                off_s = kv_len % page_size
-
-                def kv_fn(layer, q, k, v, pools):  # q [S, 1, N, H], k / v [S, 1, K, H]
-                    pools = pa.write_kv(pools, layer, k[:, 0], v[:, 0], page_s, off_s)
-                    out = pa.paged_attention_tpu(q[:, 0], pools, layer, table_sp, kv_len + 1)
-                    return out[:, None], pools  # [S, 1, N, H]
-
-                hidden, pools = model.forward_kv(tok[:, None], kv_len[:, None], pools, kv_fn)
-            else:
-
-                def kv_fn(layer, q, k, v, recents):  # layer: a Python int when unrolled
-                    take = lambda xs: xs[layer] if unroll else jax.tree.map(lambda a: a[layer], xs)
-                    rk, rv = take(recents)  # this step's k / v [S, K, H] at recent index i
-                    rk = jax.lax.dynamic_update_slice(
-                        rk, k[:, 0, :, :, None].astype(rk.dtype), (0, 0, 0, i)
-                    )
-                    rv = jax.lax.dynamic_update_slice(
-                        rv, v[:, 0, :, None, :].astype(rv.dtype), (0, 0, i, 0)
-                    )
-                    window = take(windows) if windows else pa.gather_window(pools, layer, table_sp)
-                    out = pa.window_attention(q[:, 0], window, kv0_s, (rk, rv), recent_pos <= i)
-                    if unroll:
-                        recents = recents[:layer] + ((rk, rv),) + recents[layer + 1 :]
-                    else:
-                        new = (rk, rv)
-                        recents = tuple(
-                            r.at[layer].set(x) for r, x in zip(recents, new, strict=True)
-                        )
-                    return out[:, None], recents
-
-                hidden, recents = model.forward_kv(
-                    tok[:, None], kv_len[:, None], recents, kv_fn, layer_states
-                )
+        def body(c: _DecodeCarry):
+            hidden, pools, recents = feed(c)
+            active, step = c.active, c.step
             new, lp = sampling.sample_step(
                 model.unembed(hidden[:, 0]), keys_s, step, temperature, top_p,
-                greedy=greedy, top_k=top_k, use_top_p=use_top_p,
+                greedy=spec.greedy, top_k=spec.top_k, use_top_p=spec.use_top_p,
             )  # fmt: skip
             new = jnp.where(active, new, pad)
             lp = jnp.where(active, lp, 0.0)
-            out_tok = jax.lax.dynamic_update_slice_in_dim(out_tok, new[:, None], i, 1)  # [S, K]
-            out_lp = jax.lax.dynamic_update_slice_in_dim(out_lp, lp[:, None], i, 1)
-            done = sampling.is_eos(new, eos) | (step + 1 >= n_new)
+            out_tok = jax.lax.dynamic_update_slice_in_dim(c.out_tok, new[:, None], c.i, 1)  # [S, K]
+            out_lp = jax.lax.dynamic_update_slice_in_dim(c.out_lp, lp[:, None], c.i, 1)
+            done = sampling.is_eos(new, spec.eos) | (step + 1 >= spec.max_new_tokens)
             a = active.astype(jnp.int32)
-            return (i + 1, pools, kv_len + a, jnp.where(active, new, tok), step + a,
-                    active & ~done, out_tok, out_lp, recents)  # fmt: skip
+            return _DecodeCarry(c.i + 1, pools, c.kv_len + a, jnp.where(active, new, c.tok),
+                                step + a, active & ~done, out_tok, out_lp, recents)  # fmt: skip
 
-        c = (jnp.int32(0), pools, kv_len_s, tok_s, step_s, active_s, out_tok, out_lp, recents)
+        c = _DecodeCarry(jnp.int32(0), pools, kv_len_s, tok_s, step_s, active_s, out_tok, out_lp,
+                         recents)  # fmt: skip
         c = jax.lax.while_loop(cond, body, c)
-        pools, kv_len_end = c[1], c[2]
-        if impl != "tpu":  # the call's tokens into their pages: row s fed kv_len_end - kv0
-            pos_sk = kv0_s[:, None] + recent_pos[None, :]  # [S, K_steps]
-            fed_sk = pos_sk < kv_len_end[:, None]
-            col_sk = jnp.minimum(pos_sk // page_size, table_sp.shape[1] - 1)
-            page_sk = jnp.where(fed_sk, jnp.take_along_axis(table_sp, col_sk, axis=1), 0)
-            page_x, off_x = page_sk.reshape(-1), (pos_sk % page_size).reshape(-1)
-            layer_lx = jnp.arange(n_layers)[:, None]
-            rk, rv = stack(c[8]) if unroll else c[8]  # [L, S, K, H, K_steps], [L, S, K, K_steps, H]
-            rk, rv = (
-                rk.transpose(0, 1, 4, 2, 3),
-                rv.transpose(0, 1, 3, 2, 4),
-            )  # [L, S, K_steps, K, H]
-            rk, rv = (r.reshape(n_layers, s * k_steps, *kh) for r in (rk, rv))
-            pools = pa.write_kv(pools, layer_lx, rk, rv, page_x[None], off_x[None])
-        return pools, c[6], c[7]
+        pools = c.pools
+        if spec.impl != "tpu":
+            pools = _write_recents(spec, model.cfg, pools, table_sp, kv0_s, c.kv_len, c.recents,
+                                   recent_pos)  # fmt: skip
+        return pools, c.out_tok, c.out_lp
 
     return run
 
 
-# Reference decode: layers unrolled over per-layer arrays (True), scanned over stacked ones
-# (False); None: chosen per call by `unroll_layers` (see `_decode_fn`).
-UNROLL_LAYERS = None
 # The unrolled decode runs on per-layer copies of the stacked weights (`split_layers`, held for a
 # `generate` call: a second copy of the weights): only when that fits this fraction of the
 # device's free memory.
 UNROLL_MEMORY_FRACTION = 0.25
 
 
-def unroll_layers(weight_bytes: int = 0, free: int | None = None) -> bool:
-    """Whether the reference decode runs its layers unrolled. Measured: on XLA:CPU a scanned
-    loop copies each stacked slice on every use (docs/ROLLOUT.md); on an H200 at the Qwen3-0.6B
-    shape the unrolled decode ran 1.8-2.1x faster than the scanned one. On a GPU only when the
-    weights (`weight_bytes`, compute dtype) fit UNROLL_MEMORY_FRACTION of `free`; never on TPU,
-    where the kernel path decodes."""
-    if UNROLL_LAYERS is not None:
-        return UNROLL_LAYERS
-    backend = jax.default_backend()
+def unroll_layers(weight_bytes: int = 0, free: int | None = None, *, backend: str | None = None,
+                  override: bool | None = None) -> bool:  # fmt: skip
+    """Whether the reference decode runs its layers unrolled on `backend` (None: the default
+    backend); `override` (`EngineConfig.unroll_layers`), when not None, decides. Measured: on
+    XLA:CPU a scanned loop copies each stacked slice on every use (docs/ROLLOUT.md); on an H200
+    at the Qwen3-0.6B shape the unrolled decode ran 1.8-2.1x faster than the scanned one. On a
+    GPU only when the weights (`weight_bytes`, compute dtype) fit UNROLL_MEMORY_FRACTION of
+    `free`; never on TPU, where the kernel path decodes."""
+    if override is not None:
+        return override
+    backend = backend or jax.default_backend()
     fits = free is None or weight_bytes <= UNROLL_MEMORY_FRACTION * free
     return backend == "cpu" or (backend == "gpu" and fits)
-
-
-# Reference decode: the windows gathered once per call (a copy of S x Pb pages) may take this
-# fraction of the pool's memory budget; larger ones are gathered a layer at a time in every step.
-WINDOW_MEMORY_FRACTION = 0.25
 
 
 # The two programs: module-level `jax.jit`s whose static arguments are the graphdef
 # (`sampling.StaticGraph`, hashed once per Sampler) and the program's configuration, so jax's own
 # cache keeps one program per (graphdef, configuration, shape bucket). The pool is donated.
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=3)
-def prefill_program(graph: sampling.StaticGraph, key: tuple, state, pools, *args):
-    """`_prefill_fn(graphdef, *key)` on (state, pools, ids_bt, len_b, table_bp)."""
-    return _prefill_fn(graph.graphdef, *key)(state, pools, *args)
+def prefill_program(graph: sampling.StaticGraph, spec: PrefillSpec, state, pools, *args):
+    """`_prefill_fn(graphdef, spec)` on (state, pools, ids_bt, len_b, table_bp)."""
+    return _prefill_fn(graph.graphdef, spec)(state, pools, *args)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -251,10 +351,10 @@ def split_layers(graph: sampling.StaticGraph, state) -> list:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=3)
-def decode_program(graph: sampling.StaticGraph, key: tuple, state, pools, *args):
-    """`_decode_fn(graphdef, *key)` on ((state, layers), pools, table_sp, ..., rng, temperature,
-    top_p); layers: `split_layers(graph, state)` when the key's `unroll` is set, else None."""
-    return _decode_fn(graph.graphdef, *key)(state, pools, *args)
+def decode_program(graph: sampling.StaticGraph, spec: DecodeSpec, state, pools, *args):
+    """`_decode_fn(graphdef, spec)` on ((state, layers), pools, table_sp, ..., rng, temperature,
+    top_p); layers: `split_layers(graph, state)` when `spec.unroll` is set, else None."""
+    return _decode_fn(graph.graphdef, spec)(state, pools, *args)
 
 
 # One engine per batch shard: the same programs under `shard_map` over the mesh's batch axes
@@ -296,15 +396,17 @@ def _mapped(fn, mesh, n_sharded: int, n_out: int):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=4)
-def prefill_program_sharded(graph: sampling.StaticGraph, key: tuple, mesh, state, pools, *args):
+def prefill_program_sharded(graph: sampling.StaticGraph, spec: PrefillSpec, mesh, state, pools,
+                            *args):  # fmt: skip
     """`prefill_program` for every batch shard of `mesh` (args [D, ...])."""
-    return _mapped(_prefill_fn(graph.graphdef, *key), mesh, 3, 1)(state, pools, *args)
+    return _mapped(_prefill_fn(graph.graphdef, spec), mesh, 3, 1)(state, pools, *args)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=4)
-def decode_program_sharded(graph: sampling.StaticGraph, key: tuple, mesh, state, pools, *args):
+def decode_program_sharded(graph: sampling.StaticGraph, spec: DecodeSpec, mesh, state, pools,
+                           *args):  # fmt: skip
     """`decode_program` for every batch shard of `mesh` (per-row args [D, S, ...])."""
-    fn = _decode_fn(graph.graphdef, *key)
+    fn = _decode_fn(graph.graphdef, spec)
     pools, tok, lp = _mapped(fn, mesh, _DECODE_ROW_ARGS, 3)(state, pools, *args)
     # Every process reads every shard's tokens (each runs all shards' schedulers, in lockstep).
     everywhere = jax.NamedSharding(mesh, jax.P())
@@ -318,6 +420,7 @@ def batch_axes(mesh) -> tuple[str, ...]:
 
 
 def batch_shards(mesh) -> int:
+    """How many engines a call on `mesh` runs: the product of its `batch_axes`."""
     sizes = dict(mesh.shape)
     return int(np.prod([sizes[a] for a in batch_axes(mesh)], dtype=np.int64))
 
@@ -386,26 +489,32 @@ def pool_pages(cfg: EngineConfig, per_page: int, usable: int, row_pages: int, bu
 
 
 class Sizes(NamedTuple):
+    """One engine's sizes, as `plan_sizes` decides them."""
+
     seqs: int  # max_num_seqs
     pages: int  # pool pages, the trash page included
     window_pages: int  # pages the once-per-call decode windows may copy
     unroll: bool  # the reference decode's layers unrolled (`unroll_layers`)
 
 
-def resolve_sizes(cfg: EngineConfig, model_cfg, prompt_lens, n, max_new_tokens, cache_dtype,
-                  shards: int = 1, weight_bytes: int = 0,
-                  longest_prompt: int = 0) -> Sizes:  # fmt: skip
+def plan_sizes(cfg: EngineConfig, model_cfg, prompt_lens, n, max_new_tokens, cache_dtype, *,
+               total_bytes: int, free_bytes: int, backend: str, shards: int = 1,
+               weight_bytes: int = 0, longest_prompt: int = 0,
+               where: str = "rollout engine") -> Sizes:  # fmt: skip
     """The sizes of one engine (one batch shard's, whose prompts have lengths `prompt_lens`, out
-    of `shards`); `longest_prompt` (0: max(prompt_lens)): the call's longest prompt, which any
-    shard may be given (work stealing) and every shard's pool must hold at full length.
+    of `shards`) on a device of `backend` with `total_bytes` of memory, `free_bytes` of it free:
+    a pure function (no memory reads, no collectives; `resolve_sizes` is the engine's caller).
+    `longest_prompt` (0: max(prompt_lens)): the call's longest prompt, which any shard may be
+    given (work stealing) and every shard's pool must hold at full length.
 
     max_num_seqs: `cfg.max_num_seqs` (the whole call's) split over the shards; 0: min(rows, 512).
     num_pages = 0: what the shard can use (max_num_seqs rows at full length, plus its prompts)
     rounded up to a power of two, within `kv_budget_bytes` (on CPU the shards share the host's
-    RAM and its budget); see `pool_pages`.
+    RAM and its budget); see `pool_pages` (`where` names the caller in its errors).
     window_pages: how many pages the reference decode's once-per-call windows may copy
-    (WINDOW_MEMORY_FRACTION of the budget).
-    unroll: `unroll_layers(weight_bytes, free)`.
+    (`cfg.window_memory_fraction` of the budget).
+    unroll: `unroll_layers(weight_bytes, free_bytes)` on `backend` (`cfg.unroll_layers` decides
+    when set).
     """
     ps = cfg.page_size
     c = model_cfg
@@ -413,22 +522,33 @@ def resolve_sizes(cfg: EngineConfig, model_cfg, prompt_lens, n, max_new_tokens, 
     rows = len(prompt_lens) * n
     seqs = -(-cfg.max_num_seqs // shards) if cfg.max_num_seqs else min(rows, 512)
     longest = max(longest_prompt, *prompt_lens) - 1 + max_new_tokens
-    on_cpu = jax.default_backend() == "cpu"
+    on_cpu = backend == "cpu"
     host_shared = shards if on_cpu else 1
-    total, free = memory_bytes()
-    if jax.process_count() > 1:  # every process must build the same pool (same programs)
-        got = allgather_bytes("rollout engine: pool size", f"{total} {free}".encode())
-        total, free = (min(int(x.split()[i]) for x in got) for i in (0, 1))
-    budget = kv_budget_bytes(cfg, total, free, on_cpu) // host_shared
-    window_pages = int(WINDOW_MEMORY_FRACTION * budget) // per_page
-    unroll = unroll_layers(weight_bytes, free)
+    budget = kv_budget_bytes(cfg, total_bytes, free_bytes, on_cpu) // host_shared
+    window_pages = int(cfg.window_memory_fraction * budget) // per_page
+    unroll = unroll_layers(weight_bytes, free_bytes, backend=backend, override=cfg.unroll_layers)
     # At most max_num_seqs rows hold pages at once (prompt pages are shared by n rows).
     row_pages = -(-longest // ps) + 1
     usable = (1 << (seqs - 1).bit_length()) * row_pages + sum(
         -(-(ln - 1) // ps) for ln in prompt_lens
     )
-    pages = pool_pages(cfg, per_page, usable, row_pages, budget, free // host_shared)
+    pages = pool_pages(cfg, per_page, usable, row_pages, budget, free_bytes // host_shared, where)
     return Sizes(seqs, pages, window_pages, unroll)
+
+
+def resolve_sizes(cfg: EngineConfig, model_cfg, prompt_lens, n, max_new_tokens, cache_dtype,
+                  shards: int = 1, weight_bytes: int = 0,
+                  longest_prompt: int = 0) -> Sizes:  # fmt: skip
+    """`plan_sizes` on this process's device: its memory now (`memory_bytes`), under several
+    processes the least of every process's (each must build the same pool: the same programs)."""
+    total, free = memory_bytes()
+    if jax.process_count() > 1:
+        got = allgather_bytes("rollout engine: pool size", f"{total} {free}".encode())
+        total, free = (min(int(x.split()[i]) for x in got) for i in (0, 1))
+    return plan_sizes(cfg, model_cfg, prompt_lens, n, max_new_tokens, cache_dtype,
+                      total_bytes=total, free_bytes=free, backend=jax.default_backend(),
+                      shards=shards, weight_bytes=weight_bytes,
+                      longest_prompt=longest_prompt)  # fmt: skip
 
 
 # ---------------------------------------------------------------------- the host loop
@@ -453,13 +573,13 @@ def generate_paged(sampler, params, prompt_ids, prompt_mask, *, max_new_tokens, 
     biggest = max(range(shards), key=lambda d: bounds[d + 1] - bounds[d])
     c = sampler.model_cfg
     lens = [len(p) for p in prompts]
-    seqs, num_pages, window_pages, unroll = resolve_sizes(
+    sizes = resolve_sizes(
         config, c, lens[bounds[biggest] : bounds[biggest + 1]], n, max_new_tokens, cache_dtype,
         shards, c.num_params() * jnp.dtype(sampler.dtype).itemsize, max(lens),
     )  # fmt: skip
-    ps, k_steps = config.page_size, config.steps_per_call
+    ps, k_steps, seqs = config.page_size, config.steps_per_call, sizes.seqs
     blocks = [range(lo * n, hi * n) for lo, hi in itertools.pairwise(bounds)]  # rows by shard
-    scheds = [Scheduler(prompts, n, max_new_tokens, page_size=ps, num_pages=num_pages,
+    scheds = [Scheduler(prompts, n, max_new_tokens, page_size=ps, num_pages=sizes.pages,
                         max_num_seqs=seqs, steps_per_call=k_steps,
                         min_slots=min(config.min_slots, seqs),
                         rows=rows) for rows in blocks]  # fmt: skip
@@ -469,19 +589,33 @@ def generate_paged(sampler, params, prompt_ids, prompt_mask, *, max_new_tokens, 
     rows = len(prompts) * n
     out_tokens = np.full((rows, max_new_tokens), pad_token_id, np.int32)
     out_logp = np.zeros((rows, max_new_tokens), np.float32)
-    chunk = sampler.attention_chunk_size or 1024
-    unroll = impl != "tpu" and unroll
-    decode_key = (ps, k_steps, max_new_tokens, greedy, int(top_k), top_p < 1.0, eos,
-                  int(pad_token_id), impl, unroll)  # fmt: skip
+    spec = DecodeSpec.create(page_size=ps, steps=k_steps, max_new_tokens=max_new_tokens,
+                             greedy=greedy, top_k=top_k, top_p=top_p, eos=eos,
+                             pad=pad_token_id, impl=impl, unroll=sizes.unroll)  # fmt: skip
     scalars = (rng, jnp.float32(temperature), jnp.float32(top_p))
-    progs = _Programs(sampler, (ps, chunk), decode_key, mesh)
+    progs = _Programs(sampler, PrefillSpec(ps, sampler.attention_chunk_size or 1024), spec, mesh)
     state = progs.compute_params(params)
-    dstate = (state, split_layers(sampler.graph, state) if unroll else None)
-    pools = progs.init_pool(c.num_layers, num_pages, ps, c.num_kv_heads, c.head_dim, cache_dtype,
-                            impl, shards)  # fmt: skip
+    dstate = (state, split_layers(sampler.graph, state) if spec.unroll else None)
+    pools = progs.init_pool(c.num_layers, sizes.pages, ps, c.num_kv_heads, c.head_dim,
+                            cache_dtype, impl, shards)  # fmt: skip
+    steal = config.work_stealing and shards > 1
+    stolen = _run_rounds(progs, scheds, state, dstate, pools, scalars, sizes.window_pages, steal,
+                         eos, out_tokens, out_logp)  # fmt: skip
+    del pools, dstate
+    if stats is not None:
+        per_page = pa.page_bytes(c.num_layers, ps, c.num_kv_heads, c.head_dim, cache_dtype.itemsize)
+        stats.update(_run_stats(scheds, stolen, sizes, per_page, shards))
+    return progs.place(_finish(out_tokens, out_logp, eos))
+
+
+def _run_rounds(progs: _Programs, scheds, state, dstate, pools, scalars, window_pages: int,
+                steal: bool, eos, out_tokens, out_logp) -> int:  # fmt: skip
+    """The host loop: rounds of (work stealing, admission, prefill, one decode call, commit)
+    until every scheduler is done; the tokens land in out_tokens / out_logp. Returns the rows
+    moved by work stealing."""
     stolen = 0
     while not all(s.done for s in scheds):
-        if config.work_stealing and shards > 1:
+        if steal:
             stolen += steal_work(scheds)
         for s in scheds:
             s.advance()
@@ -492,23 +626,25 @@ def generate_paged(sampler, params, prompt_ids, prompt_mask, *, max_new_tokens, 
             pools = progs.prefill(state, pools, *prefill)
         dec = [d for _, d in plans]
         per_row = [np.stack([getattr(d, f) for d in dec]) for f in DECODE_FIELDS]
-        gather_once = impl != "tpu" and need[0] * need[1] <= window_pages  # S x Pb pages
+        gather_once = bool(need[0] * need[1] <= window_pages)  # S x Pb pages
         pools, tok_dsk, lp_dsk = progs.decode(gather_once, dstate, pools, *per_row, *scalars)
         tok_dsk, lp_dsk = jax.device_get((tok_dsk, lp_dsk))
         for s, d, tok_sk, lp_sk in zip(scheds, dec, tok_dsk, lp_dsk, strict=True):
             s.commit(d, tok_sk, eos, out_tokens, out_logp, lp_sk)
             s.end_round()
-    del pools, dstate
-    if stats is not None:
-        per_page = pa.page_bytes(c.num_layers, ps, c.num_kv_heads, c.head_dim, cache_dtype.itemsize)
-        peak = max(s.alloc.peak_used for s in scheds)
-        stats.update(rounds=scheds[0].round, preemptions=sum(s.preemptions for s in scheds),
-                     stolen_rows=stolen,
-                     pool_pages=num_pages, peak_pages=peak, page_bytes=per_page,
-                     pool_bytes=num_pages * per_page * shards, max_num_seqs=seqs, shards=shards,
-                     peak_kv_bytes=sum(s.alloc.peak_used + 1 for s in scheds) * per_page,
-                     )  # fmt: skip
-    return progs.place(_finish(out_tokens, out_logp, eos))
+    return stolen
+
+
+def _run_stats(scheds, stolen: int, sizes: Sizes, per_page: int, shards: int) -> dict:
+    """`generate_paged`'s `stats` counters of one call."""
+    peak = max(s.alloc.peak_used for s in scheds)
+    return dict(rounds=scheds[0].round, preemptions=sum(s.preemptions for s in scheds),
+                stolen_rows=stolen,
+                pool_pages=sizes.pages, peak_pages=peak, page_bytes=per_page,
+                pool_bytes=sizes.pages * per_page * shards, max_num_seqs=sizes.seqs,
+                shards=shards,
+                peak_kv_bytes=sum(s.alloc.peak_used + 1 for s in scheds) * per_page,
+                )  # fmt: skip
 
 
 # The plans' arrays, in the programs' argument order.
@@ -522,9 +658,9 @@ class _Programs:
     one per batch shard of `mesh` (`*_sharded` programs). Inputs come with a leading shard axis
     [D, ...] either way."""
 
-    def __init__(self, sampler, prefill_key, decode_key, mesh):
+    def __init__(self, sampler, prefill: PrefillSpec, decode: DecodeSpec, mesh):
         self.graph, self.dtype, self.mesh = sampler.graph, sampler.dtype, mesh
-        self.prefill_key, self.decode_key = prefill_key, decode_key
+        self.prefill_spec, self.decode_spec = prefill, decode
         if mesh is not None:
             self.rows = jax.NamedSharding(mesh, jax.P(batch_axes(mesh)))
 
@@ -552,20 +688,20 @@ class _Programs:
     def prefill(self, state, pools, *args):
         if self.mesh is None:
             args = (a[0] for a in args)
-            return prefill_program(self.graph, self.prefill_key, state, pools, *args)
+            return prefill_program(self.graph, self.prefill_spec, state, pools, *args)
         args = (put_global(a, self.rows) for a in args)
-        key = self.prefill_key
-        return prefill_program_sharded(self.graph, key, self.mesh, state, pools, *args)
+        spec = self.prefill_spec
+        return prefill_program_sharded(self.graph, spec, self.mesh, state, pools, *args)
 
     def decode(self, gather_once: bool, state, pools, *args):
         rows, scalars = args[:_DECODE_ROW_ARGS], args[_DECODE_ROW_ARGS:]
-        key = (*self.decode_key, gather_once)
+        spec = self.decode_spec.windows(gather_once)
         if self.mesh is None:
-            pools, tok, lp = decode_program(self.graph, key, state, pools,
+            pools, tok, lp = decode_program(self.graph, spec, state, pools,
                                             *(a[0] for a in rows), *scalars)  # fmt: skip
             return pools, tok[None], lp[None]
         rows = (put_global(a, self.rows) for a in rows)
-        return decode_program_sharded(self.graph, key, self.mesh, state, pools,
+        return decode_program_sharded(self.graph, spec, self.mesh, state, pools,
                                       *rows, *scalars)  # fmt: skip
 
     def place(self, rollout: Rollout) -> Rollout:

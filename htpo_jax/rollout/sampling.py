@@ -2,14 +2,16 @@
 
 Owns: the `Rollout` output, shape buckets, `sample_logits` (temperature, top-k, top-p, Gumbel-max
 draw, log-probs under the full tempered distribution), the per-row key rule and the greedy rule
-(`sample_step`), and the prompt helpers `repeat_prompts` / `full_sequences`. See the package
-docstring (`htpo_jax/rollout/__init__.py`) for the contract.
+(`sample_step`), the prompt helpers `repeat_prompts` / `full_sequences`, and the entry checks
+(`check_args`: keys, prompts, ranges, the position cap). See the package docstring
+(`htpo_jax/rollout/__init__.py`) for the contract.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -201,20 +203,109 @@ class StaticGraph:
         )
 
 
-def check_args(prompt_mask, *, max_new_tokens, rng, n, temperature, top_p, greedy, eos_token_id):
-    """Validates `generate`'s arguments (ValueError naming the argument); returns
-    (greedy, rng, eos ids): greedy also when temperature <= 0, a fixed key when greedy."""
-    greedy = bool(greedy or temperature <= 0)
-    if rng is None:
-        if not greedy:
-            raise ValueError("generate: sampling needs rng=jax.random.key(...)")
-        rng = jax.random.key(0)
-    if max_new_tokens < 1:
-        raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+def as_key(rng):
+    """One typed PRNG key from what users pass as `rng`: a typed key (`jax.random.key(seed)`, any
+    impl, e.g. `impl="rbg"`) as it is; a raw uint32[2] (`jax.random.PRNGKey(seed)`) as the
+    threefry key with that data (so PRNGKey(s) and key(s) sample the same rows); a raw uint32[4]
+    as the default impl's key when that impl is rbg / unsafe_rbg. Shapes and dtypes only."""
+    dtype, shape = getattr(rng, "dtype", None), getattr(rng, "shape", None)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        if shape != ():
+            raise ValueError(f"generate: rng must be one key, got a key array of shape {shape}")
+        return rng
+    default = jax.config.jax_default_prng_impl
+    if dtype == np.uint32 and shape == (2,):
+        return jax.random.wrap_key_data(rng, impl="threefry2x32")
+    if dtype == np.uint32 and shape == (4,) and default in ("rbg", "unsafe_rbg"):
+        return jax.random.wrap_key_data(rng, impl=default)
+    what = f"an array {dtype}{list(shape)}" if dtype is not None else type(rng).__name__
+    raise ValueError(
+        f"generate: rng must be a PRNG key: jax.random.key(seed) (any impl), or raw uint32[2] "
+        f"key data (jax.random.PRNGKey(seed), read as threefry); got {what} (other impls' raw "
+        "data: jax.random.wrap_key_data(data, impl=...))"
+    )
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int | np.integer) and not isinstance(x, bool | np.bool_)
+
+
+def check_prompts(prompt_ids, prompt_mask, vocab_size: int | None):
+    """[B, P] integer ids and a [B, P] mask, a real token in every row, ids in [0, vocab) at
+    the real tokens (host numpy). Returns the real lengths [B]."""
+    ids, mask = np.asarray(prompt_ids), np.asarray(prompt_mask)
+    for name, x in (("prompt_ids", ids), ("prompt_mask", mask)):
+        if x.ndim != 2:
+            raise ValueError(f"generate: {name} must be [B, P] (left padded), got shape {x.shape}")
+    if ids.shape != mask.shape:
+        raise ValueError(f"generate: prompt_ids {ids.shape} and prompt_mask {mask.shape} differ")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"generate: prompt_ids must be integer token ids, got {ids.dtype}")
+    mask = mask.astype(bool)
+    if not mask.any(-1).all():
+        raise ValueError("generate: every prompt row needs at least one token (mask all zero)")
+    real = ids[mask]
+    if real.min() < 0 or (vocab_size is not None and real.max() >= vocab_size):
+        raise ValueError(
+            f"generate: prompt_ids must be in [0, vocab_size={vocab_size}) at real tokens, got "
+            f"ids from {real.min()} to {real.max()}"
+        )
+    return mask.sum(-1)
+
+
+def cap_new_tokens(max_new_tokens: int, prompt_lens, positions: int | None) -> int:
+    """max_new_tokens, at most the model's positions minus the longest prompt (a warning when
+    it cuts); a prompt that leaves no room is a ValueError."""
+    longest = int(np.max(prompt_lens))
+    if positions is None:
+        return max_new_tokens
+    room = int(positions) - longest
+    if room < 1:
+        raise ValueError(
+            f"generate: prompt_ids: the longest prompt has {longest} tokens and the model "
+            f"max_position_embeddings={positions}: no room for a response"
+        )
+    if max_new_tokens > room:
+        warnings.warn(
+            f"generate: max_new_tokens={max_new_tokens} capped at {room}: the model's "
+            f"max_position_embeddings={positions} minus the longest prompt ({longest} tokens)",
+            stacklevel=4,
+        )
+        return room
+    return max_new_tokens
+
+
+def check_args(prompt_ids, prompt_mask, *, model_cfg, max_new_tokens, rng, n, temperature, top_p,
+               top_k, greedy, eos_token_id, cache_dtype, model_dtype) -> dict:  # fmt: skip
+    """Validates `generate`'s arguments on host values and static shapes (ValueError naming the
+    argument). Returns the samplers' normalized keywords: greedy also when temperature <= 0,
+    `rng` a typed key (`as_key`; a fixed one when greedy without rng), max_new_tokens capped
+    by the positions (`cap_new_tokens`), eos ids a sorted tuple, cache_dtype a float dtype."""
+    for name, v, lo in (("max_new_tokens", max_new_tokens, 1), ("n", n, 1), ("top_k", top_k, -1)):
+        if not _is_int(v) or v < lo:
+            raise ValueError(f"generate: {name} must be an int >= {lo}, got {v!r}")
+    try:
+        temperature = float(temperature)
+    except (TypeError, ValueError):
+        raise ValueError(f"generate: temperature must be a number, got {temperature!r}") from None
+    if not math.isfinite(temperature):
+        raise ValueError(f"generate: temperature must be finite (<= 0: greedy), got {temperature}")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"generate: top_p must be in (0, 1], got {top_p}")
-    if n < 1:
-        raise ValueError(f"generate: n must be >= 1, got {n}")
-    if not np.asarray(prompt_mask).astype(bool).any(-1).all():
-        raise ValueError("generate: every prompt row needs at least one token (mask all zero)")
-    return greedy, rng, normalize_eos(eos_token_id)
+    greedy = bool(greedy or temperature <= 0)
+    if rng is None and not greedy:
+        raise ValueError("generate: sampling needs rng=jax.random.key(...)")
+    rng = jax.random.key(0) if rng is None else as_key(rng)
+    try:
+        cache_dtype = jnp.dtype(model_dtype if cache_dtype is None else cache_dtype)
+    except TypeError:
+        raise ValueError(f"generate: cache_dtype is not a dtype: {cache_dtype!r}") from None
+    if not jnp.issubdtype(cache_dtype, jnp.floating):
+        raise ValueError(f"generate: cache_dtype must be a float dtype, got {cache_dtype}")
+    lens = check_prompts(prompt_ids, prompt_mask, getattr(model_cfg, "vocab_size", None))
+    positions = getattr(model_cfg, "max_position_embeddings", None)
+    return dict(
+        max_new_tokens=cap_new_tokens(int(max_new_tokens), lens, positions), rng=rng, n=int(n),
+        temperature=temperature, top_p=float(top_p), top_k=int(top_k), greedy=greedy,
+        eos=normalize_eos(eos_token_id), cache_dtype=cache_dtype,
+    )  # fmt: skip

@@ -67,6 +67,7 @@ def model_config_path(cfg: Config, override: str | None) -> Path:
 
 
 def embedded_models() -> list[str]:
+    """The model names with a config.json under configs/models."""
     return [d.name for d in MODELS_DIR.iterdir() if (d / "config.json").is_file()]
 
 
@@ -84,6 +85,8 @@ def decoder_kwargs(model_section) -> dict:
 
 
 def build_context(cfg: Config, mesh, model_cfg) -> Context:
+    """The abstract model, parameters (sharded on `mesh` by the logical-axis rules), optimizer
+    and its state for `cfg`: no weights are read or allocated (`hbm_bytes` is left 0)."""
     import jax
     import optax
     from flax import nnx
@@ -124,6 +127,7 @@ def build_context(cfg: Config, mesh, model_cfg) -> Context:
 
 
 def shardings(tree):
+    """The sharding of each array of an abstract tree."""
     import jax
 
     return jax.tree.map(lambda x: x.sharding, tree)
@@ -152,6 +156,7 @@ def array(ctx: Context, shape, dtype, lead: int = 0):
 
 
 def update_batch(ctx: Context, lead: tuple[int, ...], rows: int, prompt: int, width: int):
+    """An abstract `UpdateBatch` of `rows` rows of (prompt + width) tokens behind `lead` axes."""
     import jax.numpy as jnp
 
     from htpo_jax.rl.train_step import UpdateBatch
@@ -172,6 +177,7 @@ def update_batch(ctx: Context, lead: tuple[int, ...], rows: int, prompt: int, wi
 
 # ---------------------------------------------------------------- the programs of one step
 def prompt_width(cfg: Config) -> int:
+    """The widest prompt bucket: data.max_prompt_length padded as the data loader pads it."""
     from htpo_jax.rollout import prompt_bucket
 
     m = cfg.data.pad_to_multiple
@@ -195,6 +201,7 @@ def micro_shapes(ctx: Context) -> list[tuple[int, int]]:
 
 
 def ref_bytes(ctx: Context) -> int:
+    """Per-chip bytes of the reference model's weights (0 without the KL loss)."""
     return per_chip_bytes(ctx.params) if ctx.cfg.algorithm.use_kl_loss else 0
 
 
@@ -234,6 +241,7 @@ def rollout_programs(ctx: Context) -> list[Program]:
 
 
 def old_log_prob_programs(ctx: Context) -> list[Program]:
+    """The scoring program (`score_responses`) at each micro-batch shape of `micro_shapes`."""
     import functools
 
     import jax.numpy as jnp
@@ -256,6 +264,8 @@ def old_log_prob_programs(ctx: Context) -> list[Program]:
 
 
 def update_programs(ctx: Context) -> list[Program]:
+    """The policy update: the scanned mini-batch update (fixed-size micro-batches), or with token
+    budgets the micro-batch gradient at each `micro_shapes` shape and the optimizer step."""
     import jax
     import jax.numpy as jnp
 
@@ -304,17 +314,57 @@ def engine_programs(ctx: Context) -> list[Program]:
     (ragged paged attention). Without batch shards: the single-engine programs on one chip.
 
     Rows per chip S = the decode bucket of ceil(rollout.max_num_seqs / batch shards); the pool
-    holds `rollout.num_pages` pages, or as `engine.pool_pages` sizes it: S rows at full length
-    plus the prompts, within kv_memory_fraction of the HBM left after the weights and the
+    holds `rollout.num_pages` pages, or as the engine sizes it (`engine_sizes`): S rows at full
+    length plus the prompts, within kv_memory_fraction of the HBM left after the weights and the
     training state. The page-table width is the bucket of the longest row (prompt + response).
     """
+    setup = _engine_setup(ctx)
+    return [_engine_decode(ctx, setup), _engine_prefill(ctx, setup)]
+
+
+def engine_sizes(ctx: Context, rows: int, weight_bytes: int, free: int):
+    """`engine.plan_sizes` (the engine's own rule) for one batch shard's engine of `rows` rows
+    (its max_num_seqs) and their `rows / n` prompts of the prompt width, on the target's HBM with
+    `free` bytes left beside the engine's weights (`weight_bytes`) and the training state."""
+    import jax.numpy as jnp
+
+    from htpo_jax.rl.sample import engine_config
+    from htpo_jax.rollout import engine
+
+    c, r = ctx.cfg, ctx.cfg.rollout
+    ecfg = dataclasses.replace(engine_config(r), max_num_seqs=rows * ctx.shards)
+    return engine.plan_sizes(
+        ecfg, ctx.model_cfg, [prompt_width(c)] * -(-rows // r.n), r.n, r.max_response_length,
+        jnp.dtype(c.model.dtype), total_bytes=ctx.hbm_bytes, free_bytes=max(free, 0),
+        backend=ctx.mesh.devices.flat[0].platform, shards=ctx.shards,
+        weight_bytes=weight_bytes, where="compile_check: engine",
+    )  # fmt: skip
+
+
+@dataclasses.dataclass
+class _EngineSetup:
+    """What the engine's two programs share: mesh, weights, pool, sizes (`_engine_setup`)."""
+
+    mesh: object  # the run's mesh, or one chip's without batch shards
+    shards: int  # engines (batch shards)
+    graph: object  # sampling.StaticGraph
+    state: object  # the weights as the engine holds them
+    pools: tuple
+    rows: int  # S
+    impl: str
+    unroll: bool
+    resident: int
+    note: str
+    shard: object  # shard(shape, dtype): an abstract per-shard array ([D, ...] when D > 1)
+
+
+def _engine_setup(ctx: Context) -> _EngineSetup:
+    """The engine's mesh, weights, sizes (`engine_sizes`) and abstract pool."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec
 
     from htpo_jax.infra.sharding import make_mesh, without_axes
-    from htpo_jax.rl.sample import engine_config
     from htpo_jax.rollout import engine, sampling
     from htpo_jax.rollout import paged_attention as pa
     from htpo_jax.rollout.scheduler import pow2_at_least
@@ -340,56 +390,74 @@ def engine_programs(ctx: Context) -> list[Program]:
             return jax.ShapeDtypeStruct(shape, dt, sharding=one)
         return jax.ShapeDtypeStruct((d, *shape), dt, sharding=rows_spec)
 
-    ps, k_steps = r.page_size, r.steps_per_call
+    ps = r.page_size
     rows = pow2_at_least(-(-(r.max_num_seqs or 512) // ctx.shards), 8)
-    prompt = prompt_width(c)
-    longest = prompt - 1 + r.max_response_length
-    row_pages = -(-longest // ps) + 1
     per_page = pa.page_bytes(m.num_layers, ps, m.num_kv_heads, m.head_dim, dtype.itemsize)
     resident = per_chip_bytes(ctx.opt_state) + per_chip_bytes(ctx.params) + ref_bytes(ctx)
-    free = ctx.hbm_bytes - resident - per_chip_bytes(state)
-    unroll = engine.unroll_layers(per_chip_bytes(state), max(free, 0))
-    ecfg = engine_config(r)
-    on_cpu = ctx.mesh.devices.flat[0].platform == "cpu"
-    budget = engine.kv_budget_bytes(ecfg, ctx.hbm_bytes, free, on_cpu)
-    usable = rows * row_pages + -(-rows // r.n) * -(-prompt // ps)
-    pages = engine.pool_pages(ecfg, per_page, usable, row_pages, budget, max(free, 0),
-                              where="compile_check: engine")  # fmt: skip
-    pb = pow2_at_least(row_pages)
+    weights = per_chip_bytes(state)
+    sizes = engine_sizes(ctx, rows, weights, ctx.hbm_bytes - resident - weights)
+    pages = sizes.pages
     impl = pa.resolve_impl("auto", m.head_dim, ctx.mesh.devices.flat[0].platform)
     pools = jax.eval_shape(
         lambda: pa.init_pool(m.num_layers, pages, ps, m.num_kv_heads, m.head_dim, dtype, impl)
     )
     pools = tuple(shard(a.shape, a.dtype) for a in pools)
-    vec = lambda n, dt=jnp.int32: shard((n,), dt)
-    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=one)
-    f32 = jax.ShapeDtypeStruct((), jnp.float32, sharding=one)
-    eos = tuple(np.atleast_1d(m.eos_token_id or 0).tolist())
-    graph = sampling.StaticGraph(ctx.graphdef)
-    decode_key = (ps, k_steps, r.max_response_length, False, r.top_k, r.top_p < 1.0, eos, 0, impl,
-                  impl != "tpu" and unroll, False)  # fmt: skip
-    table = shard((rows, pb), jnp.int32)
-    active = vec(rows, jnp.bool_)
-    lead = (graph, decode_key) if d == 1 else (graph, decode_key, mesh)
-    layers = jax.eval_shape(engine.split_layers, graph, state) if decode_key[-2] else None
-    args = (*lead, (state, layers), pools, table, vec(rows), vec(rows), vec(rows), vec(rows),
-            active, vec(rows), vec(rows), key, f32, f32)  # fmt: skip
     where = "one chip" if d == 1 else f"per chip, {d} engines (one per batch shard)"
     note = f"{where}, {impl} attention, {pages} pages of {ps} ({pages * per_page / 2**30:.1f} GiB)"
-    decode = engine.decode_program if d == 1 else engine.decode_program_sharded
-    out = [Program("engine_decode", f"{rows} rows x {pb} pages, {k_steps} steps", decode, args,
-                   resident, note + "; FLOPs count the loop body once", mesh)]  # fmt: skip
-    bp = pow2_at_least(-(-rows // r.n))
-    tp = -(-pow2_at_least(prompt - 1, 16) // ps) * ps
-    prefill = engine.prefill_program if d == 1 else engine.prefill_program_sharded
-    prefill_key = (ps, c.model.attention_chunk_size or 1024)
-    ids = shard((bp, tp), jnp.int32)
-    ptable = shard((bp, tp // ps), jnp.int32)
-    lead = (graph, prefill_key) if d == 1 else (graph, prefill_key, mesh)
-    args = (*lead, state, pools, ids, vec(bp), ptable)
-    out.append(Program("engine_prefill", f"{bp} prompts x {tp}", prefill, args, resident, note,
-                       mesh))  # fmt: skip
-    return out
+    graph = sampling.StaticGraph(ctx.graphdef)
+    return _EngineSetup(mesh, d, graph, state, pools, rows, impl, sizes.unroll, resident, note,
+                        shard)  # fmt: skip
+
+
+def _engine_decode(ctx: Context, e: _EngineSetup) -> Program:
+    """The decode program at S rows x the longest row's pages, its windows gathered per step."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from htpo_jax.rollout import engine
+    from htpo_jax.rollout.scheduler import pow2_at_least
+
+    c, r, m = ctx.cfg, ctx.cfg.rollout, ctx.model_cfg
+    ps, k_steps, rows = r.page_size, r.steps_per_call, e.rows
+    pb = pow2_at_least(-(-(prompt_width(c) - 1 + r.max_response_length) // ps) + 1)
+    one = NamedSharding(e.mesh, PartitionSpec())
+    spec = engine.DecodeSpec.create(
+        page_size=ps, steps=k_steps, max_new_tokens=r.max_response_length, greedy=False,
+        top_k=r.top_k, top_p=r.top_p, eos=tuple(np.atleast_1d(m.eos_token_id or 0).tolist()),
+        pad=0, impl=e.impl, unroll=e.unroll,
+    )  # fmt: skip
+    vec = lambda n, dt=jnp.int32: e.shard((n,), dt)
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=one)
+    f32 = jax.ShapeDtypeStruct((), jnp.float32, sharding=one)
+    lead = (e.graph, spec) if e.shards == 1 else (e.graph, spec, e.mesh)
+    layers = jax.eval_shape(engine.split_layers, e.graph, e.state) if spec.unroll else None
+    args = (*lead, (e.state, layers), e.pools, e.shard((rows, pb), jnp.int32), vec(rows),
+            vec(rows), vec(rows), vec(rows), vec(rows, jnp.bool_), vec(rows), vec(rows), key, f32,
+            f32)  # fmt: skip
+    decode = engine.decode_program if e.shards == 1 else engine.decode_program_sharded
+    return Program("engine_decode", f"{rows} rows x {pb} pages, {k_steps} steps", decode, args,
+                   e.resident, e.note + "; FLOPs count the loop body once", e.mesh)  # fmt: skip
+
+
+def _engine_prefill(ctx: Context, e: _EngineSetup) -> Program:
+    """The prefill program at S / n prompts of the prompt width (less the last token)."""
+    import jax.numpy as jnp
+
+    from htpo_jax.rollout import engine
+    from htpo_jax.rollout.scheduler import pow2_at_least
+
+    c, ps = ctx.cfg, ctx.cfg.rollout.page_size
+    bp = pow2_at_least(-(-e.rows // c.rollout.n))
+    tp = -(-pow2_at_least(prompt_width(c) - 1, 16) // ps) * ps
+    prefill = engine.prefill_program if e.shards == 1 else engine.prefill_program_sharded
+    spec = engine.PrefillSpec(ps, c.model.attention_chunk_size or 1024)
+    lead = (e.graph, spec) if e.shards == 1 else (e.graph, spec, e.mesh)
+    args = (*lead, e.state, e.pools, e.shard((bp, tp), jnp.int32), e.shard((bp,), jnp.int32),
+            e.shard((bp, tp // ps), jnp.int32))  # fmt: skip
+    return Program("engine_prefill", f"{bp} prompts x {tp}", prefill, args, e.resident, e.note,
+                   e.mesh)  # fmt: skip
 
 
 PROGRAMS = {
