@@ -107,3 +107,17 @@ print("OK")
 @pytest.mark.slow
 def test_update_sharded_on_four_devices_matches_one():
     run_on_fake_devices(SHARDED, 4)
+
+
+def test_kl_estimators_and_an_unknown_kind_is_refused():
+    """verl's estimators on log pi - log ref; an unknown kind is an error (was low_var_kl)."""
+    from htpo_jax.rl.train_step import kl_penalty
+
+    lp, ref = jnp.array([-1.0, -2.0]), jnp.array([-1.5, -1.0])
+    d = lp - ref
+    np.testing.assert_allclose(kl_penalty(lp, ref, "kl"), d)
+    np.testing.assert_allclose(kl_penalty(lp, ref, "abs"), jnp.abs(d))
+    np.testing.assert_allclose(kl_penalty(lp, ref, "mse"), 0.5 * d**2)
+    np.testing.assert_allclose(kl_penalty(lp, ref, "low_var_kl"), jnp.exp(-d) + d - 1, rtol=1e-6)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        kl_penalty(lp, ref, "k9")

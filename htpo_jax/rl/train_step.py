@@ -151,17 +151,26 @@ def score_responses(graphdef, params, ids, mask, prompt_len, temperature, chunk_
     return response_logprobs(graphdef, params, ids, mask, prompt_len, temperature, chunk_size)
 
 
-def kl_penalty(log_prob, ref_log_prob, kind: str):
-    """Per-token KL estimate of the policy from the reference (verl's estimators)."""
-    diff = log_prob - ref_log_prob
-    if kind == "kl":
-        return diff
-    if kind == "abs":
-        return jnp.abs(diff)
-    if kind == "mse":
-        return 0.5 * diff**2
-    kl = -diff  # low_var_kl (k3): ratio - log ratio - 1 with ratio = ref / pi, clamped
+# verl's per-token KL estimators of the policy from the reference, on diff = log pi - log ref.
+def _low_var_kl(diff):
+    kl = -diff  # k3: ratio - log ratio - 1 with ratio = ref / pi, clamped
     return jnp.clip(jnp.exp(kl) - kl - 1, -10.0, 10.0)
+
+
+KL_ESTIMATORS = {
+    "low_var_kl": _low_var_kl,
+    "kl": lambda diff: diff,
+    "mse": lambda diff: 0.5 * diff**2,
+    "abs": jnp.abs,
+}
+
+
+def kl_penalty(log_prob, ref_log_prob, kind: str):
+    """Per-token KL estimate of the policy from the reference (verl's estimators,
+    `KL_ESTIMATORS`); an unknown `kind` is a ValueError."""
+    if kind not in KL_ESTIMATORS:
+        raise ValueError(f"kl_penalty: kind must be one of {sorted(KL_ESTIMATORS)}, got {kind!r}")
+    return KL_ESTIMATORS[kind](log_prob - ref_log_prob)
 
 
 # Metrics of `micro_loss` that are partial sums (divided by the whole mini-batch's counts): the

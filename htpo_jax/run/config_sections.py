@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from htpo_jax.rl.loss import AGG_MODES, LOSS_BOUNDS
+from htpo_jax.rewards.scoring import REWARD_FNS
+from htpo_jax.rl.loss import AGG_MODES, LOSS_BOUNDS, LOSSES
+from htpo_jax.rl.train_step import KL_ESTIMATORS
 
 
 def _f(default, help: str, check=None):
@@ -36,8 +38,11 @@ CLIP_LOW, CLIP_HIGH, CLIP_C, SHARE = (
     for k in ("clip_ratio_low", "clip_ratio_high", "clip_ratio_c", "high_entropy_ratio")
 )
 
-LossName = Literal["htpo", "dapo", "grpo", "dr_grpo", "high_entropy_only"]
-AggMode = Literal[AGG_MODES]  # the loss's own list
+# Choices read from the tables that implement them (a new entry is a new allowed value).
+LossName = Literal[tuple(k for k in LOSSES if k != "sft")]  # sft: the assets' supervised loss
+AggMode = Literal[AGG_MODES]
+KlKind = Literal[tuple(KL_ESTIMATORS)]
+RewardFn = Literal[tuple(REWARD_FNS)]
 
 
 @dataclass(frozen=True)
@@ -166,8 +171,8 @@ class AlgorithmConfig:
     overlong_penalty_factor: float = _f(1.0, "Penalty at max_response_length.", NONNEG)
     use_kl_loss: bool = _f(False, "Add a KL term to the reference (initial) policy to the loss.")
     kl_coef: float = _f(0.001, "Weight of the KL term.", NONNEG)
-    kl_loss_type: Literal["low_var_kl", "kl", "mse", "abs"] = _f("low_var_kl", "KL estimator.")
-    reward_fn: Literal["dapo_math", "math_verify"] = _f(
+    kl_loss_type: KlKind = _f("low_var_kl", "KL estimator.")
+    reward_fn: RewardFn = _f(
         "dapo_math", "Verifier when reward_routing=reward_fn (and of the reward worker pool)."
     )
     reward_routing: Literal["data_source", "reward_fn"] = _f(
