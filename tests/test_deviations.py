@@ -25,6 +25,8 @@ from htpo_jax.rl import validation as eval_lib
 from htpo_jax.rl.train_step import (
     StepConfig,
     TrainState,
+    jit_apply_grads,
+    jit_micro_grads,
     jit_update,
     make_optimizer,
     rl_step_schedule,
@@ -105,8 +107,9 @@ def test_rl_step_reports_the_number_of_skipped_updates():
     nan_second = np.where(np.arange(8)[:, None] >= 4, np.nan, batch.old_log_prob)
     batch = batch.replace(old_log_prob=nan_second.astype(np.float32))
     mesh = make_mesh(1, -1, 1)
+    sc = StepConfig.from_config(cfg)
     c = types.SimpleNamespace(
-        cfg=cfg, mesh=mesh, update_fn=jit_update(graphdef, tx, StepConfig.from_config(cfg))
+        cfg=cfg, mesh=mesh, update_fns=(jit_micro_grads(graphdef, sc), jit_apply_grads(tx))
     )
     with jax.set_mesh(mesh):
         state, metrics = update_all(c, _state(params, tx), batch)

@@ -258,3 +258,42 @@ def test_trainer_with_token_budget_matches_padded_run(tiny_run_dir, tmp_path):  
         for key in ("train/loss", "train/kl_loss", "train/entropy", "train/grad_norm"):
             a, b = runs["padded"][step][key], runs["packed"][step][key]
             assert b == pytest.approx(a, rel=1e-4, abs=1e-6), (step, key)
+
+
+def test_fixed_micro_batches_are_equal_width_rows_in_order():
+    micros = packing.fixed(10, 4, 40)
+    assert [m.rows.tolist() for m in micros] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert {m.width for m in micros} == {40}
+
+
+def test_the_trainer_update_path_equals_the_scanned_update_with_token_weighted_metrics():
+    """Fixed-size micro-batches run through the trainer's one path (`packed_update` over
+    `packing.fixed`); it equals the scanned `jit_update` on [n_micro, micro] (which now ends in
+    `apply_grads`), and both weight non-loss metrics by each micro-batch's tokens."""
+    sc, graphdef, params, tx = _setup("htpo", "token-mean")
+    batch = random_batch(n=8, p=6, r=40, seed=5)
+    rmask = np.asarray(batch.response_mask)
+    rmask[:4, 10:] = 0  # the first micro-batch has far fewer tokens than the second
+    batch = batch.replace(response_mask=rmask)
+    mini = jax.tree.map(lambda x: jnp.asarray(x).reshape(2, 4, *x.shape[1:]), batch)
+    ref, m_ref = jit_update(graphdef, tx, sc)(_state(params, tx), mini)
+    micros = packing.fixed(8, 4, 40)
+    dev = [jax.tree.map(jnp.asarray, packing.gather(batch, m)) for m in micros]
+    grads_fn = jit_micro_grads(graphdef, sc)
+    new, m_new = packed_update(
+        _state(params, tx), dev, jnp.float32(rmask.sum()),
+        jnp.float32((rmask > 0).any(-1).sum()), grads_fn, jit_apply_grads(tx),
+        lambda: jax.tree.map(jnp.zeros_like, params),
+    )  # fmt: skip
+    assert set(m_new) == set(m_ref)
+    for k in m_ref:
+        np.testing.assert_allclose(m_new[k], m_ref[k], rtol=1e-5, atol=1e-7, err_msg=k)
+    for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(ref.params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # token weighting: the micro-batches' own values, weighted by their token counts
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    n_tok, n_seq = jnp.float32(rmask.sum()), jnp.float32((rmask > 0).any(-1).sum())
+    per = [grads_fn(jax.tree.map(jnp.copy, zeros), params, d, n_tok, n_seq)[1] for d in dev]
+    w = np.array([rmask[:4].sum(), rmask[4:].sum()], np.float64)
+    want = sum(float(p["pg_clipfrac"]) * wi for p, wi in zip(per, w / w.sum(), strict=True))
+    np.testing.assert_allclose(float(m_new["pg_clipfrac"]), want, rtol=1e-5, atol=1e-7)

@@ -87,6 +87,15 @@ def plan(
     return micros
 
 
+def fixed(n_rows: int, micro_rows: int, width: int) -> list[Micro]:
+    """`optim.micro_batch_size` micro-batches: rows in order, `micro_rows` each, every one at the
+    full response `width` (equal-width micro-batches; `n_rows` a multiple of `micro_rows`)."""
+    return [
+        Micro(np.arange(i, min(i + micro_rows, n_rows)), width)
+        for i in range(0, n_rows, micro_rows)
+    ]
+
+
 def gather(batch, micro: Micro):
     """The host arrays of one micro-batch: rows `micro.rows`, responses cut to `micro.width`.
 

@@ -174,7 +174,7 @@ def kl_penalty(log_prob, ref_log_prob, kind: str):
 
 
 # Metrics of `micro_loss` that are partial sums (divided by the whole mini-batch's counts): the
-# mini-batch value is their sum over micro-batches; every other metric is averaged.
+# mini-batch value is their sum over micro-batches; every other metric is weighted by tokens.
 SUMMED = ("policy_loss", "kl_loss")
 
 
@@ -215,11 +215,22 @@ def micro_loss(params, graphdef, micro: UpdateBatch, num_tokens, num_seqs, sc: S
     return loss, metrics
 
 
-def update(state: TrainState, mini: UpdateBatch, graphdef, tx, sc: StepConfig):
-    """One optimizer update from a mini-batch laid out `[n_micro, micro, ...]` (donated state).
+def combine_metrics(per_micro: dict, tokens) -> dict:
+    """Mini-batch metrics from stacked micro-batch metrics `[n_micro]` and each micro-batch's
+    response-token count: `policy_loss` / `kl_loss` (partial sums, each divided by the mini-batch
+    counts) summed, every other metric weighted by tokens; `policy_loss` is returned as `loss`."""
+    w = jnp.asarray(tokens, jnp.float32)
+    w = w / jnp.maximum(w.sum(), 1.0)
+    metrics = {k: jnp.sum(v if k in SUMMED else v * w) for k, v in per_micro.items()}
+    metrics["loss"] = metrics.pop("policy_loss")
+    return metrics
 
-    Returns (new state, metrics): `loss` and `kl_loss` are mini-batch values (sums of the micro
-    values, each already divided by the mini-batch counts); other metrics are micro-batch means.
+
+def update(state: TrainState, mini: UpdateBatch, graphdef, tx, sc: StepConfig):
+    """One optimizer update from a mini-batch laid out `[n_micro, micro, ...]` (donated state):
+    the micro-batch gradients accumulated in a `lax.scan`, then `apply_grads`. The trainer uses
+    the same math one micro-batch per call (`packed_update`); this is the one-program form for
+    library use (assets/make_default_model.py, benchmarks). Metrics as `combine_metrics`.
     """
     num_tokens = jnp.sum(mini.response_mask)
     num_seqs = jnp.sum(jnp.any(mini.response_mask > 0, axis=-1))
@@ -230,22 +241,11 @@ def update(state: TrainState, mini: UpdateBatch, graphdef, tx, sc: StepConfig):
         return jax.tree.map(jnp.add, grads, g), metrics
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    grads, metrics = jax.lax.scan(body, zeros, mini)
-    # the losses are partial sums (each micro is divided by the mini-batch counts): sum them
-    sums = {k: jnp.sum(metrics.pop(k)) for k in SUMMED if k in metrics}
-    metrics = jax.tree.map(jnp.mean, metrics)
-    metrics["loss"] = sums.pop("policy_loss")
-    metrics.update(sums)
-    metrics["grad_norm"] = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    params, opt_state, skipped = skip_if_nonfinite(
-        metrics["loss"], metrics["grad_norm"], state, params, opt_state
-    )
-    metrics["nonfinite_skipped"] = skipped
-    metrics["lr"] = opt_state.hyperparams["learning_rate"]
-    new = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
-    return new, metrics
+    grads, per_micro = jax.lax.scan(body, zeros, mini)
+    tokens = jnp.sum(mini.response_mask, axis=tuple(range(1, mini.response_mask.ndim)))
+    metrics = combine_metrics(per_micro, tokens)
+    state, step_metrics = apply_grads(state, grads, metrics["loss"], tx)
+    return state, {**metrics, **step_metrics}
 
 
 def skip_if_nonfinite(loss, grad_norm, state: TrainState, params, opt_state):
@@ -311,22 +311,20 @@ def jit_apply_grads(tx, state_shardings=None):
 
 
 def packed_update(state, micros, num_tokens, num_seqs, grads_fn, apply_fn, zeros_fn):
-    """One optimizer update over a list of device micro-batches of any shapes.
+    """One optimizer update over a list of device micro-batches of any shapes (the trainer's
+    only update path: fixed-size micro-batches are equal-width ones, `packing.fixed`).
 
-    `zeros_fn()` gives a fresh zero accumulator. Metrics as `update`'s: `loss` is the sum of the
-    micro losses; the others are token-weighted means over micro-batches.
+    `zeros_fn()` gives a fresh zero accumulator. Metrics as `combine_metrics`: `loss` is the sum
+    of the micro losses; the others are token-weighted means over micro-batches.
     """
     grads = zeros_fn()
-    per_micro, weights = [], []
+    per_micro, tokens = [], []
     for micro in micros:
         grads, metrics = grads_fn(grads, state.params, micro, num_tokens, num_seqs)
         per_micro.append(metrics)
-        weights.append(micro.response_mask.sum())
-    w = jnp.stack([jnp.asarray(x, jnp.float32) for x in weights])
-    w = w / jnp.maximum(w.sum(), 1.0)
+        tokens.append(micro.response_mask.sum())
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *per_micro)
-    metrics = {k: jnp.sum(v if k in SUMMED else v * w) for k, v in stacked.items()}
-    metrics["loss"] = metrics.pop("policy_loss")
+    metrics = combine_metrics(stacked, jnp.stack([jnp.asarray(x, jnp.float32) for x in tokens]))
     state, step_metrics = apply_fn(state, grads, metrics["loss"])
     metrics.update(step_metrics)
     return state, metrics

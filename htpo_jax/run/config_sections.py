@@ -198,7 +198,14 @@ class OptimConfig:
     eps: float = _f(1e-8, "AdamW epsilon.", POS)
     grad_clip: float = _f(1.0, "Global gradient-norm clip (0 = off).", NONNEG)
     mini_batch_size: int = _f(32, "Prompts per optimizer update (PPO mini-batch).", POS)
-    micro_batch_size: int = _f(16, "Responses per gradient-accumulation chunk.", POS)
+    micro_batch_size: int = _f(
+        16,
+        "Responses per gradient-accumulation chunk (when max_tokens_per_micro = 0). Either way "
+        "the update is one path: the gradient sums every micro-batch's loss over the whole "
+        "mini-batch's token count, and train/* metrics other than the losses are token-weighted "
+        "means over micro-batches.",
+        POS,
+    )
     max_tokens_per_micro: int = _f(
         0,
         "Token budget per batch shard (chip) of a scoring / update micro-batch: rows sorted by "

@@ -10,7 +10,6 @@ they advance is the data stream's position (`Components.stream`).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -58,8 +57,7 @@ class Components:
     sampler: Sampler  # samples under the params it is called with (no second model copy)
     ref_params: nnx.State | None  # the frozen reference policy (use_kl_loss)
     step_cfg: StepConfig
-    update_fn: Callable  # (TrainState, mini [n_micro, micro, ...]) -> (TrainState, metrics)
-    packed_fns: tuple | None  # (micro_grads, apply_grads) with optim.max_tokens_per_micro
+    update_fns: tuple  # (micro_grads, apply_grads): the one update path (`update_mini`)
     stream: PromptStream
     val_set: object  # data.PromptDataset or None
     ckpt: Checkpointer
@@ -212,25 +210,21 @@ def balance_rows(c: Components, batch: UpdateBatch) -> tuple[UpdateBatch, dict]:
 
 # ---------------------------------------------------------------- 6 OLD LOG-PROBS
 def micro_plan(c: Components, batch: UpdateBatch) -> list[packing.Micro]:
-    """Token-budget micro-batches of `batch` (packing.py): longest rows first, bucketed widths."""
+    """The micro-batches of `batch` (packing.py): with `optim.max_tokens_per_micro` token-budget
+    ones (longest rows first, bucketed widths), else `micro_batch_size` rows in order at the
+    batch's full width (equal-width micro-batches). Scoring and update use the same plan."""
+    o = c.cfg.optim
+    if not o.max_tokens_per_micro:
+        return packing.fixed(batch.input_ids.shape[0], o.micro_batch_size,
+                             batch.response_mask.shape[1])  # fmt: skip
     return packing.plan(
         packing.response_extent(batch.response_mask),
         batch.prompt_len,
-        max_tokens=c.cfg.optim.max_tokens_per_micro,
+        max_tokens=o.max_tokens_per_micro,
         shards=batch_shards(c),
         multiple=c.cfg.data.pad_to_multiple,
         cap=c.cfg.rollout.max_response_length,
     )
-
-
-def micro_slices(c: Components, batch: UpdateBatch) -> list[tuple[UpdateBatch, object]]:
-    """(micro-batch, where its rows go back) pairs: token-budget micro-batches (each padded to
-    its own width bucket) with `optim.max_tokens_per_micro`, else `micro_batch_size` rows."""
-    if c.cfg.optim.max_tokens_per_micro:
-        return [(packing.gather(batch, m), m) for m in micro_plan(c, batch)]
-    mb = c.cfg.optim.micro_batch_size
-    rows = range(0, batch.input_ids.shape[0], mb)
-    return [(jax.tree.map(lambda x, i=i: x[i : i + mb], batch), slice(i, i + mb)) for i in rows]
 
 
 def old_logprobs(c: Components, params, batch: UpdateBatch) -> tuple[UpdateBatch, float]:
@@ -239,20 +233,15 @@ def old_logprobs(c: Components, params, batch: UpdateBatch) -> tuple[UpdateBatch
     t, m = c.step_cfg.temperature, batch.response_mask
     old, ref, ent = np.zeros_like(m), np.zeros_like(m), np.zeros_like(m)
 
-    def scatter(x, where, out):
-        if isinstance(where, slice):
-            out[where] = x
-        else:
-            packing.scatter(x, where, out)
-
-    for mb, where in micro_slices(c, batch):
+    for m_plan in micro_plan(c, batch):
+        mb = packing.gather(batch, m_plan)
         ids, mask = put(c, mb.input_ids), put(c, mb.attention_mask)
         lp, e = to_host(score_responses(c.graphdef, params, ids, mask, mb.prompt_len, t))
-        scatter(lp, where, old)
-        scatter(e, where, ent)
+        packing.scatter(lp, m_plan, old)
+        packing.scatter(e, m_plan, ent)
         if c.ref_params is not None:
             ref_lp = score_responses(c.graphdef, c.ref_params, ids, mask, mb.prompt_len, t)
-            scatter(to_host(ref_lp[0]), where, ref)
+            packing.scatter(to_host(ref_lp[0]), m_plan, ref)
     ref = ref * m if c.ref_params is not None else batch.ref_log_prob
     mean_ent = float((ent * m).sum() / max(m.sum(), 1))
     return batch.replace(old_log_prob=old * m, ref_log_prob=ref), mean_ent
@@ -267,21 +256,14 @@ def put(c: Components, x, lead: int = 0):
 # ---------------------------------------------------------------- 7 UPDATE
 def update_mini(c: Components, state: TrainState, mini: UpdateBatch) -> tuple[TrainState, dict]:
     """One optimizer update from one PPO mini-batch (host arrays; TrainState donated)."""
-    o = c.cfg.optim
-    if o.max_tokens_per_micro:  # token-budget micro-batches of different shapes
-        grads_fn, apply_fn = c.packed_fns
-        micros = [
-            jax.tree.map(lambda x: put(c, x), packing.gather(mini, m)) for m in micro_plan(c, mini)
-        ]
-        rmask = np.asarray(mini.response_mask)
-        num_tokens, num_seqs = np.float32(rmask.sum()), np.float32((rmask > 0).any(-1).sum())
-        zeros = lambda: jax.tree.map(jnp.zeros_like, state.params)
-        return packed_update(state, micros, num_tokens, num_seqs, grads_fn, apply_fn, zeros)
-    # [mini_rows, ...] -> [n_micro, micro, ...]
-    mini = jax.tree.map(
-        lambda x: put(c, x.reshape(-1, o.micro_batch_size, *x.shape[1:]), lead=1), mini
-    )
-    return c.update_fn(state, mini)
+    grads_fn, apply_fn = c.update_fns
+    micros = [
+        jax.tree.map(lambda x: put(c, x), packing.gather(mini, m)) for m in micro_plan(c, mini)
+    ]
+    rmask = np.asarray(mini.response_mask)
+    num_tokens, num_seqs = np.float32(rmask.sum()), np.float32((rmask > 0).any(-1).sum())
+    zeros = lambda: jax.tree.map(jnp.zeros_like, state.params)
+    return packed_update(state, micros, num_tokens, num_seqs, grads_fn, apply_fn, zeros)
 
 
 def update_all(c: Components, state: TrainState, batch: UpdateBatch) -> tuple[TrainState, dict]:

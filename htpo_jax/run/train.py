@@ -39,7 +39,6 @@ from htpo_jax.rl.train_step import (
     TrainState,
     jit_apply_grads,
     jit_micro_grads,
-    jit_update,
     make_optimizer,
 )
 from htpo_jax.rl.validation import validate
@@ -200,10 +199,7 @@ def components(cfg: Config, mesh: jax.sharding.Mesh) -> Iterator[tuple[Component
                 sampler=sampler,
                 ref_params=ref_params,
                 step_cfg=step_cfg,
-                update_fn=jit_update(graphdef, tx, step_cfg),
-                packed_fns=(jit_micro_grads(graphdef, step_cfg), jit_apply_grads(tx))
-                if o.max_tokens_per_micro
-                else None,
+                update_fns=(jit_micro_grads(graphdef, step_cfg), jit_apply_grads(tx)),
                 stream=stream,
                 val_set=val_set,
                 ckpt=ckpt,

@@ -173,8 +173,6 @@ def add_time(row: dict, name: str, fits: list | None, cfg: Config, model_cfg, ta
         floor = 7 * 4 * shape.params / chips / pk.hbm_bytes_per_s
     elif row["program"] in ("update", "old_log_prob", "engine_prefill") and len(nums) >= 2:
         rows, t = (nums[-3], sum(nums[-2:])) if len(nums) >= 3 else (nums[0], nums[1])
-        if row["program"] == "update" and len(nums) == 4:  # jit_update: minis x micro x (p+w)
-            rows = nums[0] * nums[1]
         dims = {"rows": rows, "tokens": t}
         passes = (4.0 if cfg.model.remat else 3.0) if row["program"] == "update" else 1.0
         fwd = shape.forward_flops(rows, t) / chips

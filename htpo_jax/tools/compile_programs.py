@@ -264,14 +264,15 @@ def old_log_prob_programs(ctx: Context) -> list[Program]:
 
 
 def update_programs(ctx: Context) -> list[Program]:
-    """The policy update: the scanned mini-batch update (fixed-size micro-batches), or with token
-    budgets the micro-batch gradient at each `micro_shapes` shape and the optimizer step."""
+    """The policy update as the trainer runs it (`stages.update_mini`): the micro-batch gradient
+    at each `micro_shapes` shape (fixed-size micro-batches: one, at the full width), and the
+    optimizer step."""
     import jax
     import jax.numpy as jnp
 
-    from htpo_jax.rl.train_step import TrainState, jit_apply_grads, jit_micro_grads, jit_update
+    from htpo_jax.rl.train_step import TrainState, jit_apply_grads, jit_micro_grads
 
-    c, p = ctx.cfg, prompt_width(ctx.cfg)
+    p = prompt_width(ctx.cfg)
     state = TrainState(
         params=ctx.params,
         opt_state=ctx.opt_state,
@@ -279,13 +280,6 @@ def update_programs(ctx: Context) -> list[Program]:
         rng=jax.eval_shape(lambda: jax.random.key(0)),
     )
     state_sh = shardings(state)
-    if not c.optim.max_tokens_per_micro:
-        rows = c.optim.mini_batch_size * c.rollout.n
-        mb = c.optim.micro_batch_size
-        mini = update_batch(ctx, (rows // mb,), mb, p, c.rollout.max_response_length)
-        fn = jit_update(ctx.graphdef, ctx.tx, ctx.step_cfg, state_sh)
-        shape = f"{rows // mb} x {mb} x ({p}+{c.rollout.max_response_length})"
-        return [Program("update", shape, fn, (state, mini), ref_bytes(ctx))]
     out = []
     grads_fn = jit_micro_grads(ctx.graphdef, ctx.step_cfg, shardings(ctx.params))
     scalar = jax.ShapeDtypeStruct((), jnp.float32)

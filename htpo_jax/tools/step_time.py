@@ -216,8 +216,7 @@ def train_costs(c: Config, target, shape: Shape, kept: np.ndarray, prompt_len: i
             mult = c.data.pad_to_multiple
             cap = r.max_response_length
             return packing.plan(ext, p, max_tokens=budget, shards=shards, multiple=mult, cap=cap)
-        mb = c.optim.micro_batch_size
-        return [packing.Micro(np.arange(mb), r.max_response_length)] * -(-len(ext) // mb)
+        return packing.fixed(len(ext), c.optim.micro_batch_size, r.max_response_length)
 
     gather_s = shape.params * itemsize / pk.ici_bytes_per_s  # FSDP: every chip gathers all
     score = micro_cost(shape, micros(kept), p, chips, pk.bf16_flops, gather_s, 1.0,
