@@ -97,6 +97,8 @@ def initialize(d) -> bool:
 
 
 def set_collective_timeout(seconds: float) -> None:
+    """Sets the longest wait (seconds) of a host at an `allgather_bytes` sync point before it
+    raises CollectiveTimeout (trainer.collective_timeout_s)."""
     _state["timeout_s"] = float(seconds)
 
 
@@ -235,6 +237,7 @@ class StopSignals:
         return ", ".join(named) or None
 
     def close(self) -> None:
+        """Puts back the signal handlers that were in place before this object installed its own."""
         for sig, prev in self._previous.items():
             signal.signal(sig, prev)
         self._previous.clear()

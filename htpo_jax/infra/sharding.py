@@ -114,6 +114,8 @@ def logical_to_mesh_spec(
 
 
 def logical_sharding(logical_axes, mesh: Mesh, shape=None) -> NamedSharding:
+    """NamedSharding on `mesh` for these logical axes (with `shape`, a mesh axis that does not
+    divide its dim is left out)."""
     return NamedSharding(mesh, logical_to_mesh_spec(logical_axes, shape, mesh))
 
 
@@ -145,6 +147,7 @@ def _is_var(x) -> bool:
 
 
 def variable_sharding(var: nnx.Variable, mesh: Mesh) -> NamedSharding:
+    """NamedSharding of an nnx.Variable by its `logical_axes` (replicated when it has none)."""
     axes = var.get_metadata().get("logical_axes")
     if axes is None:
         return NamedSharding(mesh, PartitionSpec())
@@ -185,4 +188,5 @@ def to_host(x):
 
 
 def is_main_process() -> bool:
+    """True on JAX process 0 (the one writer on a multi-host run)."""
     return jax.process_index() == 0

@@ -65,6 +65,9 @@ class TargetError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Target:
+    """A compile target: a TPU slice (libtpu topology, compile-only) or N fake CPU devices, with its
+    chip count and HBM bytes per chip."""
+
     kind: str  # "tpu" or "cpu"
     name: str  # e.g. "v5p-64" or "cpu:4"
     chips: int
@@ -91,6 +94,8 @@ class Target:
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
     def devices(self) -> list:
+        """The target's devices: the first `chips` CPU devices, or the TPU topology's devices from
+        libtpu; TargetError when they cannot be had."""
         import jax
 
         if self.kind == "cpu":

@@ -127,6 +127,8 @@ class DenseGeneral(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
+    """RMS normalization over the last axis, computed in float32, times a learned scale."""
+
     def __init__(self, dim, eps, *, param_dtype):
         self.eps = eps
         self.scale = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=("norm",))
@@ -214,6 +216,8 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
+    """The gated SiLU feed-forward block: down_proj(silu(gate_proj(x)) * up_proj(x))."""
+
     def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs):
         d, f = cfg.hidden_size, cfg.intermediate_size
         kw = dict(bias=cfg.mlp_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -227,6 +231,8 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
+    """One pre-norm transformer layer: x + attention(norm(x)), then x + MLP(norm(x))."""
+
     def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
@@ -474,6 +480,7 @@ class Decoder(nnx.Module):
         return self.norm(x), kv_state
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
+        """A zeroed dense KVCache [L, batch, max_len, K, H] in `dtype` (default: compute dtype)."""
         dtype = self.dtype if dtype is None else dtype
         cfg = self.cfg
         shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)  # [L, B, S, K, H]

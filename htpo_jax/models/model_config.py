@@ -69,6 +69,7 @@ class ModelConfig:
 
     @property
     def q_per_kv(self) -> int:
+        """Query heads per KV head (the GQA group size)."""
         return self.num_heads // self.num_kv_heads
 
     def num_params(self) -> int:
@@ -85,6 +86,8 @@ class ModelConfig:
     # ---------------------------------------------------------------- HF config.json
     @classmethod
     def from_hf_dict(cls, hf: dict[str, Any]) -> ModelConfig:
+        """A ModelConfig from a Hugging Face config.json dict; ValueError for a model type or
+        feature that is not supported."""
         model_type = hf.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
@@ -126,6 +129,7 @@ class ModelConfig:
         )
 
     def to_hf_dict(self, dtype_name: str = "float32") -> dict[str, Any]:
+        """The HF config.json dict of this model, with `dtype_name` as its torch_dtype / dtype."""
         rope_parameters: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
         rope_scaling = None
         if self.rope_scaling is not None:
@@ -167,6 +171,7 @@ class ModelConfig:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> ModelConfig:
+        """A ModelConfig from `<path>/config.json`."""
         with open(os.path.join(path, "config.json")) as f:
             return cls.from_hf_dict(json.load(f))
 

@@ -37,6 +37,7 @@ SINGLE_FILE = "model.safetensors"
 
 
 def read_header(filename: str) -> tuple[int, dict]:
+    """(byte offset of the tensor data, header without `__metadata__`) of one safetensors file."""
     with open(filename, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(n))
@@ -67,6 +68,7 @@ class LazyCheckpoint:
         self._maps: dict[str, np.memmap] = {}
 
     def keys(self) -> list[str]:
+        """Every tensor name of the checkpoint, over all its files."""
         return list(self._entries)
 
     def __contains__(self, name: str) -> bool:

@@ -56,6 +56,7 @@ class RewardBatch:
 
     @property
     def n_timeouts(self) -> int:
+        """Responses scored -1 because the time limit was hit."""
         return int(self.timed_out.sum())
 
 
@@ -225,6 +226,8 @@ class RewardPool:
         self._workers[slot] = None
 
     def score(self, solutions: Sequence[str], ground_truths: Sequence[str]) -> RewardBatch:
+        """Scores the responses against their ground truths on the workers, in input order; an item
+        past `timeout_s` (its worker is killed and replaced) or whose worker died scores -1."""
         if len(solutions) != len(ground_truths):
             raise ValueError(f"{len(solutions)} solutions but {len(ground_truths)} ground truths")
         n = len(solutions)
@@ -274,6 +277,7 @@ class RewardPool:
         return _collect(results, timed_out)
 
     def close(self) -> None:
+        """Stops every worker (asked to exit, killed after 1 s) and closes its pipe."""
         for slot, entry in enumerate(self._workers):
             if entry is None:
                 continue

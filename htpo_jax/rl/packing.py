@@ -151,6 +151,8 @@ def padding_fraction(attention_mask_nl: np.ndarray, computed_tokens: int) -> flo
 
 
 def computed_tokens(micros: list[Micro], prompt_len: int) -> int:
+    """Token slots the micro-batches compute: rows x (prompt_len + width), filler rows and padding
+    included."""
     return sum(len(m.rows) * (prompt_len + m.width) for m in micros)
 
 

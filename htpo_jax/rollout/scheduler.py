@@ -51,9 +51,11 @@ class PageAllocator:
 
     @property
     def num_free(self) -> int:
+        """Pages free now."""
         return len(self.free)
 
     def alloc(self, k: int) -> list[int]:
+        """`k` free pages, each with one reference; RuntimeError when fewer are free."""
         if k == 0:
             return []
         if k > len(self.free):
@@ -66,10 +68,12 @@ class PageAllocator:
         return pages
 
     def incref(self, pages) -> None:
+        """One more reference to each of `pages`."""
         for p in pages:
             self.refs[p] += 1
 
     def release(self, pages) -> None:
+        """One reference fewer to each of `pages`; a page whose count reaches 0 is free again."""
         for p in pages:
             self.refs[p] -= 1
             if self.refs[p] == 0:
@@ -126,6 +130,8 @@ class DecodePlan:
 
 @dataclasses.dataclass(frozen=True)
 class PrefillPlan:
+    """One prefill call's packed inputs: Bp prompts right-padded to Tp tokens, their page tables."""
+
     ids_bt: np.ndarray  # [Bp, Tp] int32, right padded: tokens 0 .. L-2 of each prompt
     len_b: np.ndarray  # [Bp] int32, L - 1 (0 for padding prompts)
     page_table_bp: np.ndarray  # [Bp, Tp / page_size] int32 (0 = trash for padding)
@@ -172,10 +178,12 @@ class Scheduler:
 
     @property
     def done(self) -> bool:
+        """True when no row is waiting or live."""
         return not self.waiting and not self.live
 
     @property
     def free_slots(self) -> int:
+        """Decode slots not held by a live row."""
         return self.max_num_seqs - len(self.live)
 
     # ------------------------------------------------------------------ work stealing

@@ -197,6 +197,8 @@ class Checkpointer:
 
     @classmethod
     def from_config(cls, cfg) -> Checkpointer:
+        """The run's Checkpointer: cfg.checkpoint_dir with checkpoint.max_to_keep and
+        checkpoint.save_every."""
         return cls(cfg.checkpoint_dir, cfg.checkpoint.max_to_keep, cfg.checkpoint.save_every)
 
     def should_save(self, step: int, last: bool = False) -> bool:
@@ -322,6 +324,8 @@ class Checkpointer:
         return None
 
     def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step, or None; waits for this process's saves in flight
+        and rereads the directory for those of earlier processes."""
         self.wait()  # a save of this process still in flight counts once committed
         self._manager.reload()  # pick up checkpoints written by an earlier process
         return self._manager.latest_step()
@@ -331,12 +335,14 @@ class Checkpointer:
         return sorted(self._manager.all_steps())
 
     def wait(self) -> None:
+        """Blocks until the saves in flight finish; a failed one raises CheckpointSaveError."""
         try:
             self._manager.wait_until_finished()
         except Exception as e:
             self._raise_save_error(e)
 
     def close(self) -> None:
+        """Waits for the saves in flight, then closes the manager (also when a save failed)."""
         try:
             self.wait()
         finally:

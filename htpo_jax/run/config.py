@@ -64,6 +64,7 @@ class UniqueKeyLoader(yaml.SafeLoader):
     value would otherwise replace the first without a word."""
 
     def construct_mapping(self, node, deep=False):
+        """The mapping of `node`; DuplicateKey when it names a key twice (`<<:` merges aside)."""
         if isinstance(node, yaml.MappingNode):
             seen = set()
             for key_node, _ in node.value:
@@ -90,6 +91,7 @@ def _fields(cls) -> dict[str, tuple[dataclasses.Field, Any]]:
 
 
 def all_keys() -> list[str]:
+    """Every config key as 'section.field', in schema order."""
     return [f"{s}.{k}" for s, cls in SECTIONS.items() for k in _fields(cls)]
 
 
@@ -431,6 +433,7 @@ def _resolve_paths(tree: dict, base: Path) -> None:
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
+    """Adds `--config FILE` and `--set KEY=VALUE ...` (into `overrides`) to `parser`."""
     parser.add_argument("--config", default=None, help="YAML config file")
     parser.add_argument(
         "--set",
@@ -460,6 +463,7 @@ def cli_config(argv: typing.Sequence[str] | None = None, description: str | None
 
 
 def dump_yaml(cfg: Config) -> str:
+    """The config as YAML text, keys in schema order."""
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 

@@ -76,6 +76,8 @@ class ModelSection:
 
 @dataclass(frozen=True)
 class DataConfig:
+    """The `data:` section: training / validation files, prompt length and padding, batch sizes."""
+
     train_files: tuple[str, ...] = _f((), "Training files (.parquet or .jsonl).")
     val_files: tuple[str, ...] = _f((), "Validation files (.parquet or .jsonl).")
     prompt_key: str = _f("prompt", "Column holding the chat messages (or a plain prompt string).")
@@ -99,6 +101,9 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class RolloutConfig:
+    """The `rollout:` section: the sampler (paged engine or static), its KV-cache budget, and the
+    sampling settings of training and validation."""
+
     n: int = _f(16, "Responses sampled per prompt (the GRPO group size G).", POS)
     max_num_seqs: int = _f(
         0,
@@ -145,6 +150,9 @@ class RolloutConfig:
 
 @dataclass(frozen=True)
 class AlgorithmConfig:
+    """The `algorithm:` section: the policy loss and its clip / entropy hyperparameters, dynamic
+    sampling, the overlong penalty, the KL term and reward scoring."""
+
     loss: LossName = _f("htpo", "Policy loss: HTPO or a baseline.")
     loss_agg_mode: AggMode = _f("token-mean", "How token losses are averaged (verl's agg_loss).")
     # The loss's keys are checked by the loss's own bounds (LossConfig uses the same entries).
@@ -186,6 +194,9 @@ class AlgorithmConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
+    """The `optim:` section: AdamW, the learning-rate schedule, gradient clipping and the mini- /
+    micro-batch split of an update."""
+
     learning_rate: float = _f(1e-6, "Peak AdamW learning rate.", POS)
     warmup_steps: int = _f(
         10, "Linear warmup from 0, in RL steps (every update of a step uses its lr).", NONNEG
@@ -218,6 +229,9 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class TrainerConfig:
+    """The `trainer:` section: output directory, step count, seed, validation and logging cadence,
+    and the run's watchdogs."""
+
     output_dir: str = _f("runs/htpo", "Run directory: logs, checkpoints, resolved config.")
     total_steps: int = _f(1000, "RL steps to run.", POS)
     seed: int = _f(1, "Seed for data order, sampling and initialization.", NONNEG)
@@ -243,6 +257,8 @@ class TrainerConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
+    """The `checkpoint:` section: how often to save, how many to keep, where, and resuming."""
+
     save_every: int = _f(10, "Save every k steps, and at the end (0 = only at the end).", NONNEG)
     max_to_keep: int = _f(3, "Checkpoints kept (oldest deleted).", POS)
     dir: str = _f("", "Checkpoint directory; empty = <trainer.output_dir>/checkpoints.")
@@ -254,6 +270,8 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class MeshConfig:
+    """The `mesh:` section: the device mesh's data, fsdp and tensor axis sizes."""
+
     data: int = _f(1, "Data-parallel axis size (-1 = the rest of the devices).", MESH)
     fsdp: int = _f(-1, "Parameter-sharding axis size (-1 = the rest).", MESH)
     tensor: int = _f(1, "Tensor-parallel axis size (-1 = the rest).", MESH)
@@ -261,6 +279,8 @@ class MeshConfig:
 
 @dataclass(frozen=True)
 class DistributedConfig:
+    """The `distributed:` section: whether and how jax.distributed.initialize is called."""
+
     initialize: Literal["auto", "always", "never"] = _f(
         "auto",
         "Call jax.distributed.initialize: auto = when coordinator/num_processes, "
@@ -284,6 +304,8 @@ class DistributedConfig:
 
 @dataclass(frozen=True)
 class Config:
+    """The whole run configuration: one frozen section per top-level YAML key."""
+
     model: ModelSection = field(default_factory=ModelSection)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -300,6 +322,7 @@ class Config:
 
     @property
     def checkpoint_dir(self) -> str:
+        """The run's checkpoint directory: checkpoint.dir, else <trainer.output_dir>/checkpoints."""
         if self.checkpoint.dir:
             return self.checkpoint.dir
         if "://" in self.trainer.output_dir:  # Path() would fold 'gs://' into 'gs:/'

@@ -39,6 +39,8 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Row:
+    """One valid data row: its chat messages, ground truth and data source."""
+
     messages: tuple[tuple[str, str], ...]  # (role, content)
     ground_truth: str
     data_source: str
@@ -71,10 +73,12 @@ class DataState:
     index: int = 0
 
     def to_json(self) -> dict[str, int]:
+        """The position as a JSON-ready dict {"epoch", "index"}."""
         return {"epoch": self.epoch, "index": self.index}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> DataState:
+        """The position that `to_json` wrote."""
         return cls(epoch=int(d["epoch"]), index=int(d["index"]))
 
 
@@ -229,6 +233,7 @@ class PromptDataset:
 
     @property
     def n_skipped(self) -> int:
+        """Rows skipped as invalid, over all files."""
         return sum(self.skipped.values())
 
     def __len__(self) -> int:
@@ -255,11 +260,14 @@ class PromptDataset:
         return [list(x[-self.max_prompt_length :]) for x in ids]
 
     def padded_length(self, longest: int) -> int:
+        """Batch width for a longest prompt of `longest` tokens: a multiple of pad_to_multiple, at
+        least one, at most max_prompt_length rounded up."""
         m = self.pad_to_multiple
         cap = math.ceil(self.max_prompt_length / m) * m
         return min(max(math.ceil(longest / m) * m, m), cap)
 
     def collate(self, indices: Sequence[int]) -> PromptBatch:
+        """The given rows as a PromptBatch, left-padded to the `padded_length` of the longest."""
         encoded = self.encode(indices)
         width = self.padded_length(max((len(e) for e in encoded), default=1))
         ids = np.full((len(encoded), width), self.pad_id, np.int32)  # [B, P]
@@ -314,6 +322,8 @@ class PromptStream:
         self._order_epoch, self._order = -1, np.arange(0)
 
     def epoch_order(self, epoch: int) -> np.ndarray:
+        """The row order of `epoch`: a permutation seeded by (seed, epoch), or 0 .. n-1 without
+        shuffle (the last one asked for is cached)."""
         if epoch != self._order_epoch:
             n = len(self.dataset)
             if self.shuffle:
@@ -324,6 +334,8 @@ class PromptStream:
         return self._order
 
     def next_indices(self, batch_size: int) -> list[int]:
+        """The next `batch_size` row indices of the stream (an epoch that ends is continued by the
+        next); advances `state`."""
         epoch, index = self.state.epoch, self.state.index
         out: list[int] = []
         while len(out) < batch_size:
@@ -338,6 +350,7 @@ class PromptStream:
         return out
 
     def next_batch(self, batch_size: int) -> PromptBatch:
+        """The next `batch_size` rows, collated; advances `state`."""
         return self.dataset.collate(self.next_indices(batch_size))
 
 

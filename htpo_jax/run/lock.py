@@ -47,6 +47,8 @@ class OutputLock:
         self.held = False
 
     def acquire(self) -> OutputLock:
+        """Takes the lock and returns self; LaunchError when another trainer holds it (a stale lock
+        of a dead process on this host is taken over; a URL directory is not locked)."""
         if self.path is None:
             return self
         try:
@@ -99,6 +101,7 @@ class OutputLock:
             return {}  # being written right now, or garbage: treated as held by an unknown
 
     def release(self) -> None:
+        """Removes the lock file when this process holds it (also registered to run at exit)."""
         if self.held and self.path is not None:
             holder = self._holder()
             if holder.get("pid") == os.getpid():

@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 
 
 def to_float(x) -> float:
+    """An array or scalar as a Python float."""
     return float(np.asarray(x))
 
 
@@ -63,6 +64,8 @@ class MetricsLogger:
                 self.tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
+        """Appends one {"step", **metrics} line to metrics.jsonl (and the scalars to TensorBoard);
+        does nothing on processes other than 0."""
         if not self.enabled:
             return
         record = {"step": int(step), **plain(metrics)}
@@ -75,6 +78,7 @@ class MetricsLogger:
             self.tb.flush()
 
     def close(self) -> None:
+        """Closes the TensorBoard writer, if any."""
         if self.tb is not None:
             self.tb.close()
 
@@ -100,4 +104,5 @@ def _valid_lines(path: Path) -> list[str]:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl file (a truncated last line is dropped with a warning)."""
     return [json.loads(line) for line in _valid_lines(Path(path))]

@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------- run identity
 def new_run_id() -> str:
+    """A fresh run id: the local time as YYYYmmdd-HHMMSS and 8 random hex digits."""
     return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:8]
 
 
@@ -84,6 +85,8 @@ def config_drift(saved: dict, new: dict) -> list[str]:
 
 
 def check_drift(saved: dict | None, new: dict, allow: bool, step: int) -> None:
+    """LaunchError when results-changing keys differ between the checkpoint's config and the new one
+    (only a warning with checkpoint.allow_config_change); no saved config, no check."""
     if not saved:
         return
     drift = config_drift(saved, new)

@@ -47,6 +47,8 @@ class NonFiniteWatch:
         self.in_a_row = 0
 
     def check(self, step: int, metrics: dict) -> None:
+        """Counts `step` as bad or resets the count; raises TrainingStopped once `limit` bad steps
+        come in a row."""
         bad = float(np.asarray(metrics.get("train/nonfinite_skipped", 0) or 0)) > 0 or not all(
             _finite(metrics[k]) for k in ("train/loss", "train/grad_norm") if k in metrics
         )
@@ -78,6 +80,7 @@ class CollapseWatch:
         self.warned: set[str] = set()
 
     def check(self, step: int, metrics: dict) -> list[str]:
+        """The collapse warnings for `step` (each kind is logged once per run)."""
         said = []
         ent = metrics.get("train/entropy")
         if ent is not None and _finite(ent) and float(ent) >= 0.95 * self.max_entropy:
@@ -111,6 +114,8 @@ class StepWatch:
         self.last_saved: int | None = None
 
     def after_step(self, step: int, metrics: dict, ckpt) -> None:
+        """After a logged step: surfaces a failed background save, then runs the collapse and
+        non-finite checks (on TrainingStopped, closes `ckpt` first)."""
         ckpt.check()  # a failed background save surfaces now, not at the next save
         self.collapse.check(step, metrics)
         try:

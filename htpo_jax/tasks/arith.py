@@ -41,12 +41,15 @@ MAX_PRODUCT = 200  # keeps every intermediate value at most three digits
 
 @dataclass(frozen=True)
 class ArithProblem:
+    """One problem: the expression, its one-operation-per-line steps and the answer."""
+
     expression: str  # e.g. "(7+5)*3-4"
     steps: tuple[str, ...]  # e.g. ("7+5=12", "12*3=36", "36-4=32")
     answer: int
 
     @property
     def question(self) -> str:
+        """The prompt: `Compute <expression>.`"""
         return f"Compute {self.expression}."
 
     @property
@@ -56,9 +59,11 @@ class ArithProblem:
 
     @property
     def ground_truth(self) -> str:
+        """The answer as a string (what the verifier compares with)."""
         return str(self.answer)
 
     def score(self, response: str) -> dict:
+        """`response` scored against the answer by the DAPO reward (`dapo_math_score`)."""
         return dapo_math_score(response, self.ground_truth)
 
 
@@ -204,6 +209,7 @@ def write_tokenizer(out_dir: str | Path) -> Path:
 
 
 def main(argv=None) -> None:
+    """Writes the task's tokenizer and train/val JSONL files into --out."""
     p = argparse.ArgumentParser(description="Write the arithmetic task's tokenizer and data.")
     p.add_argument("--out", required=True, help="directory for tokenizer files and JSONL data")
     p.add_argument("--n-train", type=int, default=20000)

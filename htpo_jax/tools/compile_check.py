@@ -199,6 +199,8 @@ def add_time(row: dict, name: str, fits: list | None, cfg: Config, model_cfg, ta
 
 
 def time_table(rows: list[dict]) -> str:
+    """Markdown table of each program's compiled cost (`--time`): TFLOP, GB, compiler and estimated
+    seconds against the floor."""
     head = "| program | shape | TFLOP | GB | compiler s | est s | floor s | est/floor | notes |"
     lines = [head, "|" + " --- |" * 9]
     for r in rows:
@@ -215,6 +217,7 @@ def time_table(rows: list[dict]) -> str:
 
 
 def table(rows: list[dict], hbm: int, limit: int) -> str:
+    """Markdown table of each program's per-chip memory (GiB), whether it fits, and its TFLOP."""
     g = lambda b: f"{b / GiB:.2f}"
     head = ("program", "shape", "args", "temp", "out", "alias", "resid", "peak", "fits", "TFLOP")
     lines = [
@@ -316,6 +319,8 @@ class ConfigProblem(ValueError):
 
 
 def main(argv=None) -> int:
+    """Compiles the config's programs for the target and prints their memory (and with --time, cost)
+    tables; exit 0 when all fit, 1 when one does not, 2 on a bad config, target, option or file."""
     from htpo_jax.infra.topology import TargetError
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

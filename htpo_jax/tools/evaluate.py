@@ -264,6 +264,8 @@ def parse_ks(text: str | None, n: int) -> list[int]:
 
 
 def main(argv=None) -> dict:
+    """Samples --n responses per problem, scores them, writes responses.jsonl and summary.json (and
+    passk.png with --plot) and returns the summary; bad input exits 2."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="run directory or HF directory")
     ap.add_argument("--step", type=int, default=None, help="checkpoint step of a run (latest)")

@@ -64,6 +64,8 @@ def export(run_dir: str | Path, out: str | Path, step: int | None = None) -> int
 
 
 def main(argv=None) -> None:
+    """Exports a run's checkpoint to an HF directory; a missing file, a bad config, or a mismatched
+    or non-finite checkpoint exits 2 with one line."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", required=True, help="the run's trainer.output_dir")
     ap.add_argument("--out", required=True, help="directory to write the HF checkpoint to")

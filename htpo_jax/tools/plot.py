@@ -58,6 +58,7 @@ def fail(msg: str):
 
 
 def load_summary(path: Path) -> dict:
+    """An evaluate output's summary.json (`path`: the file or its dir); exits 2 when missing."""
     f = path if path.suffix == ".json" else path / "summary.json"
     if not f.is_file():
         fail(f"{f} not found (an htpo_jax.evaluate output directory?)")
@@ -65,6 +66,7 @@ def load_summary(path: Path) -> dict:
 
 
 def load_metrics(run: Path) -> list[dict]:
+    """A run's metrics.jsonl records (`run`: the file or its directory); exits 2 when missing."""
     f = run if run.suffix == ".jsonl" else run / "metrics.jsonl"
     if not f.is_file():
         fail(f"{f} not found (a run's trainer.output_dir?)")
@@ -190,6 +192,7 @@ def _out_dir(out: Path) -> None:
 
 
 def main(argv=None) -> Path:
+    """Draws the `passk` or `curves` figure and returns its path; bad input exits 2."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="what", required=True)
     p = sub.add_parser("passk", help="pass@k vs k from htpo_jax.tools.evaluate outputs")

@@ -63,6 +63,7 @@ class Shape:
 
     @classmethod
     def of(cls, m, itemsize: int) -> Shape:
+        """The Shape of model config `m`, its K and V stored at `itemsize` bytes per value."""
         d, q, kv = m.hidden_size, m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
         layer = d * q + 2 * d * kv + q * d + 3 * d * m.intermediate_size
         head = m.vocab_size * d
@@ -86,6 +87,8 @@ def draw_lengths(prompts: int, n: int, max_new: int, seed: int) -> np.ndarray:
 
 
 def read_lengths(path: str, max_new: int) -> np.ndarray:
+    """Response lengths from a file (a JSON list or whitespace-separated integers), capped at
+    `max_new`; ValueError unless all are positive."""
     text = Path(path).read_text()
     vals = json.loads(text) if text.lstrip().startswith("[") else text.split()
     out = np.minimum(np.asarray([int(v) for v in vals]), max_new)
@@ -263,6 +266,8 @@ def train_costs(c: Config, target, shape: Shape, kept: np.ndarray, prompt_len: i
 
 
 def batch_shards(c: Config, chips: int) -> int:
+    """Batch shards of the run's mesh on `chips` chips: data x fsdp, or chips // tensor when
+    mesh.fsdp is -1."""
     tensor, data = max(c.mesh.tensor, 1), max(c.mesh.data, 1)
     return max(chips // tensor, 1) if c.mesh.fsdp == -1 else data * c.mesh.fsdp
 
@@ -334,6 +339,8 @@ def estimate(cfg: Config, target, model_cfg, lengths: np.ndarray, *, prompt_len:
 
 
 def report(est: dict) -> str:
+    """The estimate as text: a header line, a markdown table of seconds per stage against the
+    floors, and the decode / update utilization."""
     lines = [
         f"target {est['target']} ({est['chips']} chips, {est['batch_shards']} batch shards): "
         f"{est['responses']} responses, mean {est['mean_length']:.0f} max {est['max_length']} "
@@ -358,6 +365,8 @@ def report(est: dict) -> str:
 
 
 def main(argv=None) -> int:
+    """Prints (and with --json writes) the step-time estimate of the config on --topology; exit 0,
+    or 2 on a bad config, topology, file or value."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_config_args(ap)
     ap.add_argument("--topology", required=True, help="TPU slice: v5p-8 ... v5e-N, v6e-N, v4-N")
