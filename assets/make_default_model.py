@@ -157,7 +157,7 @@ def sft(model: Decoder, phases, args) -> None:
     step_cfg = StepConfig.from_config(cfg)
     step_cfg = dataclasses.replace(step_cfg, loss="sft", temperature=1.0)
     graphdef, params = nnx.split(model)
-    state = TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), jax.random.key(0))
+    state = TrainState.create(params, tx)
     update = jit_update(graphdef, tx, step_cfg)
 
     def step(state, ids_bt, mask_bt):

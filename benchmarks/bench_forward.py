@@ -142,7 +142,7 @@ def main():
     step_cfg = dataclasses.replace(step_cfg, chunk_size=chunk)
     tx = make_optimizer(run_cfg.optim, total_steps=1)
     own = jax.tree.map(jnp.copy, params)  # the update donates its state; fwd_bwd reads `params`
-    state = TrainState(own, tx.init(own), jnp.zeros((), jnp.int32), jax.random.key(0))
+    state = TrainState.create(own, tx)
     micro = jax.tree.map(lambda x: x[0], batch)
     num_tokens = jnp.sum(micro.response_mask)
     num_seqs = jnp.sum(jnp.any(micro.response_mask > 0, -1)).astype(jnp.float32)

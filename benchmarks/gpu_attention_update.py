@@ -148,7 +148,7 @@ def time_update(cfg, impl, b, t, prompt, chunk, iters) -> dict:
     tx = make_optimizer(OptimConfig(warmup_steps=0), total_steps=1)
     sc = StepConfig(loss="htpo", loss_config=LossConfig(), temperature=1.0, chunk_size=chunk)
     step = jit_update(graphdef, tx, sc)
-    state = TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), jax.random.key(0))
+    state = TrainState.create(params, tx)
     batch = update_batch(cfg, b, t, prompt)
     t0 = time.perf_counter()
     for _ in range(2):  # compile + one more

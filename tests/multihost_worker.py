@@ -112,20 +112,20 @@ def _watchdog_check(argv) -> None:
     dist.initialize(cfg.distributed)
     import jax
 
-    dist.set_collective_timeout(cfg.trainer.collective_timeout_s)
+    sync = dist.HostSync("watchdog", cfg.trainer.collective_timeout_s)
     me = jax.process_index()
-    dist.barrier("both here")
-    got = dist.allgather_bytes("gather", f"p{me}".encode())
+    sync.barrier("both here")
+    got = sync.allgather_bytes("gather", f"p{me}".encode())
     assert got == [b"p0", b"p1"], got
     try:
-        dist.agree("decision", me)  # different values: must fail at once, on both
+        sync.agree("decision", me)  # different values: must fail at once, on both
     except dist.CollectiveTimeout as e:
         print(f"AGREE {e}", flush=True)
     else:
         raise AssertionError("agree() passed on different values")
     t0 = time.monotonic()
     try:
-        dist.barrier(f"stage only process {me} reaches")
+        sync.barrier(f"stage only process {me} reaches")
     except dist.CollectiveTimeout as e:
         print(f"WATCHDOG {time.monotonic() - t0:.1f}s {e}", flush=True)
         _leave_together(me)

@@ -36,9 +36,7 @@ from htpo_jax.run.stages import update_all
 
 
 def _state(params, tx):
-    return TrainState(
-        jax.tree.map(jnp.copy, params), tx.init(params), jnp.zeros((), jnp.int32), jax.random.key(0)
-    )
+    return TrainState.create(jax.tree.map(jnp.copy, params), tx)
 
 
 def _mini(batch, micro=4):  # [N, ...] -> [N / micro, micro, ...]
@@ -231,3 +229,26 @@ def test_balance_batch_moves_whole_rows_together():
     )
     same, _ = balance.balance_batch(batch, 1, cfg)  # one shard: nothing moves, as in verl
     np.testing.assert_array_equal(np.asarray(same.input_ids), batch.input_ids)
+
+
+def test_every_routed_verifier_gets_a_pool_owned_and_closed_by_the_caller():
+    """With workers, each verifier the rows route to is scored by its own pool from the
+    caller's `RewardPools` (the run owns one); closing it stops every worker; the scores equal
+    the inline ones."""
+    from htpo_jax.rewards import RewardPools
+
+    sols = ["Answer: 12", "The answer is $\\boxed{12}$", "Answer: 7", "$\\boxed{7}$"]
+    truths = ["12", "12", "8", "7"]
+    sources = ["aime24", "HuggingFaceH4/MATH-500", "math_dapo", "HuggingFaceH4/MATH-500"]
+    lengths = np.array([5, 9, 5, 6])
+    inline = routed_rewards(sols, truths, sources, lengths, load_config(None, []))
+    cfg = load_config(None, ["algorithm.reward_num_workers=1"])
+    with RewardPools() as pools:
+        reward, scored = routed_rewards(sols, truths, sources, lengths, cfg, pools=pools)
+        started = dict(pools._pools)
+        assert {k[0] for k in started} == {"dapo_math", "math_verify"}
+        procs = [e[0] for p in started.values() for e in p._workers if e is not None]
+        assert procs and all(p.is_alive() for p in procs)
+    assert not pools._pools and not any(p.is_alive() for p in procs)
+    np.testing.assert_array_equal(reward, inline[0])
+    np.testing.assert_array_equal(scored.acc, inline[1].acc)

@@ -136,7 +136,7 @@ def test_evaluate_a_run_directory_checkpoint(tmp_path):
     params = jax.tree.map(lambda x: x * 0, params)  # a zero policy: uniform over the vocabulary
     tx = make_optimizer(cfg.optim, 1)
     with Checkpointer(run / "checkpoints") as ck:
-        ck.save(3, TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), jax.random.key(0)))
+        ck.save(3, TrainState.create(params, tx))
     data = _small_data(tmp_path, n=2)
     main(["--model", str(run), "--step", "3", "--data", str(data), "--n", "2"])
     recs = [json.loads(x) for x in (run / "eval" / "step_3" / "responses.jsonl").open()]

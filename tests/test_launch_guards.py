@@ -44,7 +44,7 @@ def no_model_load(monkeypatch):
     def fail(*a, **k):
         raise AssertionError("the model was loaded before the launch was validated")
 
-    monkeypatch.setattr(T, "from_pretrained", fail)
+    monkeypatch.setattr(T, "build_model", fail)
 
 
 def test_resume_false_on_a_used_dir_refuses(tiny_run_dir, tmp_path, capsys):
@@ -151,7 +151,7 @@ def _run_with_checkpoint(tiny_run_dir, tmp_path, poison: bool):
     if poison:
         params = jax.tree.map(lambda x: x * jnp.nan, params)
     tx = make_optimizer(cfg.optim, 1)
-    state = TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), jax.random.key(0))
+    state = TrainState.create(params, tx)
     with Checkpointer(out / "checkpoints", async_save=False) as ckpt:
         ckpt.save(1, state, {"config": cfg.to_dict()})
     return out

@@ -97,7 +97,7 @@ def _setup(loss, agg="token-mean"):
 
 def _state(params, tx):
     p = jax.tree.map(jnp.copy, params)
-    return TrainState(p, tx.init(p), jnp.zeros((), jnp.int32), jax.random.key(0))
+    return TrainState.create(p, tx)
 
 
 @pytest.mark.parametrize(

@@ -286,7 +286,7 @@ def _complete_run(root: Path, out: Path, total: int):
     cfg = load_config(DEFAULT_CONFIG, argv[1:])  # what main reads when no --config is given
     _, params = nnx.split(from_pretrained(cfg.model.path, dtype=jnp.float32))
     tx = make_optimizer(cfg.optim, cfg.trainer.total_steps, 2)
-    state = TrainState(params, tx.init(params), jnp.asarray(total, jnp.int32), jax.random.key(1))
+    state = TrainState.create(params, tx, seed=1, step=total)
     extra = {"config": cfg.to_dict(), "data": {"epoch": 0, "index": 0}, "run_id": "done"}
     with Checkpointer(out / "checkpoints", async_save=False) as ckpt:
         ckpt.save(total, state, extra)
@@ -322,7 +322,7 @@ def test_sigint_during_start_up_says_so_at_once_and_runs_no_step(
 
     import htpo_jax.run.train as T
 
-    load = T.from_pretrained
+    load = T.build_model
     said = []
 
     def load_then_interrupt(*a, **k):
@@ -331,7 +331,7 @@ def test_sigint_during_start_up_says_so_at_once_and_runs_no_step(
         said.append(capsys.readouterr().err)  # what the user has seen right after it
         return model
 
-    monkeypatch.setattr(T, "from_pretrained", load_then_interrupt)
+    monkeypatch.setattr(T, "build_model", load_then_interrupt)
     monkeypatch.setattr(T, "rl_step", lambda *a: pytest.fail("a step ran after the stop"))
     monkeypatch.setattr(T, "run_validation", lambda *a: pytest.fail("validated after the stop"))
     out = tmp_path / "run"

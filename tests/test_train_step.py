@@ -54,12 +54,7 @@ def test_micro_batch_accumulation_equals_one_batch(loss):
     batch = random_batch()
     results = []
     for micro in (8, 2):
-        state = TrainState(
-            jax.tree.map(jnp.copy, params),
-            tx.init(params),
-            jnp.zeros((), jnp.int32),
-            jax.random.key(0),
-        )
+        state = TrainState.create(jax.tree.map(jnp.copy, params), tx)
         mini = jax.tree.map(lambda x, m=micro: jnp.asarray(x).reshape(-1, m, *x.shape[1:]), batch)
         new, metrics = jit_update(graphdef, tx, sc)(state, mini)
         results.append((new.params, metrics))
@@ -88,7 +83,7 @@ def run(mesh):
         if mesh.size > 1:
             shard_model(model, mesh)
         graphdef, params = nnx.split(model)
-        state = TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), jax.random.key(0))
+        state = TrainState.create(params, tx)
         put = lambda x: jax.device_put(x.reshape(2, 4, *x.shape[1:]), logical_sharding(
             (None, "act_batch") + (None,) * (x.ndim - 1), mesh, (2, 4) + x.shape[1:]))
         new, m = jit_update(graphdef, tx, sc)(state, jax.tree.map(put, batch))

@@ -9,10 +9,12 @@ step:
 - `initialize`: `jax.distributed.initialize` from the `distributed:` config section, environment
   variables (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, JAX_LOCAL_DEVICE_IDS),
   or cluster auto-detection (Cloud TPU, SLURM, Open MPI, Kubernetes).
-- Host collectives (`allgather_bytes`, `allgather_arrays`, `agree`, `barrier`) go through the
-  coordination service's key-value store and barriers, never through the accelerators, and each
-  waits at most `trainer.collective_timeout_s`: a host that does not arrive turns into a
-  `CollectiveTimeout` naming the stage and where every host was (the watchdog), not a silent hang.
+- Host collectives (`HostSync`: `allgather_bytes`, `allgather_arrays`, `agree`, `barrier`) go
+  through the coordination service's key-value store and barriers, never through the
+  accelerators, and each waits at most its `timeout_s` (`trainer.collective_timeout_s`): a host
+  that does not arrive turns into a `CollectiveTimeout` naming the stage and where every host
+  was (the watchdog), not a silent hang. A `HostSync` owns its sequence numbers and timeout; the
+  trainer builds one and hands it to every stage, the checkpoint check and the sampler.
 - `StopSignals`: SIGTERM / SIGINT and JAX's preemption notices become one agreed stop at a step
   boundary (the trainer then saves and exits 0).
 - `put_global`: host array -> global array without device_put's cross-host equality check.
@@ -36,7 +38,6 @@ from jax.experimental import multihost_utils
 log = logging.getLogger(__name__)
 
 _PREFIX = "htpo"
-_state = {"timeout_s": 900.0, "seq": 0}
 
 
 class CollectiveTimeout(RuntimeError):
@@ -96,12 +97,6 @@ def initialize(d) -> bool:
     return True
 
 
-def set_collective_timeout(seconds: float) -> None:
-    """Sets the longest wait (seconds) of a host at an `allgather_bytes` sync point before it
-    raises CollectiveTimeout (trainer.collective_timeout_s)."""
-    _state["timeout_s"] = float(seconds)
-
-
 # ---------------------------------------------------------------- host collectives
 def _client():
     from jax._src import distributed as jd
@@ -109,61 +104,77 @@ def _client():
     return jd.global_state.client
 
 
-def _where_all(client) -> str:
+def _where_all(client, prefix: str) -> str:
     try:
-        where = dict(client.key_value_dir_get(f"{_PREFIX}/where/"))
+        where = dict(client.key_value_dir_get(f"{prefix}/where/"))
     except Exception:  # the service may be gone; the stage name alone must do
         return "unknown"
     return "; ".join(f"process {k.rsplit('/', 1)[-1]}: {v}" for k, v in sorted(where.items()))
 
 
-def allgather_bytes(stage: str, data: bytes) -> list[bytes]:
-    """`data` of every process, in process order. Waits at most the collective timeout."""
-    if jax.process_count() == 1:
-        return [data]
-    client, me = _client(), jax.process_index()
-    _state["seq"] += 1
-    seq = _state["seq"]
-    client.key_value_set(f"{_PREFIX}/where/{me}", f"{stage} (sync #{seq})", allow_overwrite=True)
-    client.key_value_set_bytes(f"{_PREFIX}/ag/{seq}/{me}", data)
-    timeout_s = _state["timeout_s"]
-    try:
-        # The stage is part of the barrier id: hosts at different stages never meet.
-        client.wait_at_barrier(f"{_PREFIX}/b/{seq}/{stage}", int(timeout_s * 1000))
-    except Exception as e:
-        raise CollectiveTimeout(
-            f"process {me} waited more than trainer.collective_timeout_s={timeout_s:g}s at "
-            f"'{stage}' (sync #{seq}) for the other hosts; last known: {_where_all(client)} "
-            f"[{type(e).__name__}]"
-        ) from None
-    got = dict(client.key_value_dir_get_bytes(f"{_PREFIX}/ag/{seq}/"))
-    if seq > 1:  # every host is past sync seq-1's reads once it has passed this barrier
-        client.key_value_delete(f"{_PREFIX}/ag/{seq - 1}/{me}")
-    return [got[f"{_PREFIX}/ag/{seq}/{p}"] for p in range(jax.process_count())]
+class HostSync:
+    """Host sync points with a deadline, through the coordination service (one process: each is
+    the identity). `name` is the namespace of its keys and barriers: every process builds the
+    same HostSyncs with the same names and calls them in the same order (lockstep), and two
+    HostSyncs of one process must not share a name (their sequence numbers would collide)."""
+
+    def __init__(self, name: str = "train", timeout_s: float = 900.0):
+        self.prefix = f"{_PREFIX}/{name}"
+        self.timeout_s = float(timeout_s)
+        self.seq = 0  # sync points passed; the same on every host
+
+    def allgather_bytes(self, stage: str, data: bytes) -> list[bytes]:
+        """`data` of every process, in process order. Waits at most `timeout_s`."""
+        if jax.process_count() == 1:
+            return [data]
+        client, me, pre = _client(), jax.process_index(), self.prefix
+        self.seq += 1
+        seq = self.seq
+        client.key_value_set(f"{pre}/where/{me}", f"{stage} (sync #{seq})", allow_overwrite=True)
+        client.key_value_set_bytes(f"{pre}/ag/{seq}/{me}", data)
+        try:
+            # The stage is part of the barrier id: hosts at different stages never meet.
+            client.wait_at_barrier(f"{pre}/b/{seq}/{stage}", int(self.timeout_s * 1000))
+        except Exception as e:
+            raise CollectiveTimeout(
+                f"process {me} waited more than trainer.collective_timeout_s={self.timeout_s:g}s "
+                f"at '{stage}' (sync #{seq}) for the other hosts; last known: "
+                f"{_where_all(client, pre)} [{type(e).__name__}]"
+            ) from None
+        got = dict(client.key_value_dir_get_bytes(f"{pre}/ag/{seq}/"))
+        if seq > 1:  # every host is past sync seq-1's reads once it has passed this barrier
+            client.key_value_delete(f"{pre}/ag/{seq - 1}/{me}")
+        return [got[f"{pre}/ag/{seq}/{p}"] for p in range(jax.process_count())]
+
+    def barrier(self, stage: str) -> None:
+        """All hosts reach `stage` (or CollectiveTimeout names it)."""
+        self.allgather_bytes(stage, b"")
+
+    def agree(self, stage: str, value) -> None:
+        """Raise CollectiveTimeout at once unless every host has the same (JSON-able) value."""
+        mine = json.dumps(value, sort_keys=True, default=str)
+        seen = [b.decode() for b in self.allgather_bytes(stage, mine.encode())]
+        if len(set(seen)) > 1:
+            raise CollectiveTimeout(
+                f"hosts out of step at '{stage}': "
+                + "; ".join(f"process {p}: {v}" for p, v in enumerate(seen))
+            )
+
+    def allgather_arrays(self, stage: str, **arrays: np.ndarray) -> dict[str, list[np.ndarray]]:
+        """Each named host-local array from every process: name -> [array of process 0, ...]."""
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        parts = [np.load(io.BytesIO(b)) for b in self.allgather_bytes(stage, buf.getvalue())]
+        return {k: [p[k] for p in parts] for k in arrays}
 
 
-def barrier(stage: str) -> None:
-    """All hosts reach `stage` (or CollectiveTimeout names it)."""
-    allgather_bytes(stage, b"")
-
-
-def agree(stage: str, value) -> None:
-    """Raise CollectiveTimeout at once unless every host has the same (JSON-able) value."""
-    mine = json.dumps(value, sort_keys=True, default=str)
-    seen = [b.decode() for b in allgather_bytes(stage, mine.encode())]
-    if len(set(seen)) > 1:
-        raise CollectiveTimeout(
-            f"hosts out of step at '{stage}': "
-            + "; ".join(f"process {p}: {v}" for p, v in enumerate(seen))
-        )
-
-
-def allgather_arrays(stage: str, **arrays: np.ndarray) -> dict[str, list[np.ndarray]]:
-    """Each named host-local array from every process: name -> [array of process 0, 1, ...]."""
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    parts = [np.load(io.BytesIO(b)) for b in allgather_bytes(stage, buf.getvalue())]
-    return {k: [p[k] for p in parts] for k in arrays}
+def needs_sync(sync: HostSync | None, what: str) -> HostSync:
+    """`sync`, or (one process) a local one; several processes without one: SetupError."""
+    if sync is not None:
+        return sync
+    if jax.process_count() > 1:
+        raise SetupError(f"{what} on {jax.process_count()} processes needs a HostSync (sync=)")
+    return HostSync(what)
 
 
 # ---------------------------------------------------------------- device arrays
@@ -190,8 +201,10 @@ class StopSignals:
     a signal to one host stops all of them at the same step.
     """
 
-    def __init__(self, signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)):
+    def __init__(self, signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT), *,
+                 sync: HostSync | None = None):  # fmt: skip
         self.reason: str | None = None
+        self.sync = sync
         self._calls = 0  # step boundaries seen by this process: the same count on every host
         self._previous: dict[int, object] = {}
         self._jax_preemption = jax.process_count() > 1 and _preemption_manager() is not None
@@ -224,7 +237,10 @@ class StopSignals:
         # run starts at a later step, so count boundaries since start instead of passing `step`.
         if self._jax_preemption and multihost_utils.reached_preemption_sync_point(self._calls):
             local = local or "preemption notice (SIGTERM)"
-        reasons = [b.decode() for b in allgather_bytes(f"stop check step {step}", local.encode())]
+        sync = needs_sync(self.sync, "stop check")
+        reasons = [
+            b.decode() for b in sync.allgather_bytes(f"stop check step {step}", local.encode())
+        ]
         where: dict[str, list[int]] = {}
         for p, r in enumerate(reasons):
             if r:

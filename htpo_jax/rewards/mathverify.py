@@ -7,11 +7,16 @@ they are turned off here; `score_batch` bounds the time instead.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 from htpo_jax.rewards.dapo_math import INVALID, TAIL_CHARS
 
-_quieted = False
+
+@functools.cache
+def _quiet_math_verify() -> None:
+    # Its only warnings here say "timeouts are disabled", which is on purpose (see above).
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
 
 
 def math_verify_score(solution: str, ground_truth: str) -> dict:
@@ -21,13 +26,9 @@ def math_verify_score(solution: str, ground_truth: str) -> dict:
     response as a plain expression or LaTeX (boxed, $...$, "final answer is ..."). Returns
     `{"score": 1.0 | -1.0, "acc": bool, "pred": str}`; pred is the matched text or "[INVALID]".
     """
-    global _quieted
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
-    if not _quieted:
-        # Its only warnings here say "timeouts are disabled", which is on purpose (see above).
-        logging.getLogger("math_verify").setLevel(logging.ERROR)
-        _quieted = True
+    _quiet_math_verify()
 
     gold = parse(
         "\\boxed{" + ground_truth + "}",

@@ -75,21 +75,19 @@ def routed_rewards(
     data_sources: Sequence[str],
     response_lengths,
     cfg,
-    pool=None,
+    pools=None,
 ) -> tuple[np.ndarray, RewardBatch]:
     """`compute_rewards` with each row scored by the reward its data_source routes to.
 
-    Rows are grouped by reward and each group is scored in one call (the process pool, built for
-    `algorithm.reward_fn`, serves the group of that name; other groups are scored inline).
+    Rows are grouped by reward and each group is scored in one call (worker processes, when
+    used, come from `pools`: one pool per verifier, owned by the caller).
     Returns (reward [N], RewardBatch) in input order, as `compute_rewards` does.
     """
     names = np.asarray(reward_names(data_sources, cfg), dtype=object)
     lengths = np.asarray(response_lengths)
     groups = sorted(set(names.tolist()))
     if len(groups) == 1:
-        return compute_rewards(
-            solutions, ground_truths, lengths, _with_fn(cfg, groups[0]), pool=pool
-        )
+        return compute_rewards(solutions, ground_truths, lengths, cfg, pools=pools, fn=groups[0])
     n = len(solutions)
     reward = np.zeros(n, np.float32)
     parts: list[tuple[np.ndarray, RewardBatch]] = []
@@ -99,18 +97,13 @@ def routed_rewards(
             [solutions[i] for i in idx],
             [ground_truths[i] for i in idx],
             lengths[idx],
-            _with_fn(cfg, name),
-            pool=pool if name == cfg.algorithm.reward_fn else None,
+            cfg,
+            pools=pools,
+            fn=name,
         )
         reward[idx] = r
         parts.append((idx, b))
     return reward, _scatter(parts, n)
-
-
-def _with_fn(cfg, name: str):
-    if cfg.algorithm.reward_fn == name:
-        return cfg
-    return dataclasses.replace(cfg, algorithm=dataclasses.replace(cfg.algorithm, reward_fn=name))
 
 
 def _scatter(parts: list[tuple[np.ndarray, RewardBatch]], n: int) -> RewardBatch:

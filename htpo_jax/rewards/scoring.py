@@ -12,12 +12,13 @@ No response may stall a training step: each item gets `timeout_s` seconds, after
 
 math-verify is never run inline under a limit: sympy evaluates `10^{10^{10^{10}}}` in one C call
 that SIGALRM cannot interrupt (> 60 s measured). With a limit and `num_workers=0` it runs in one
-persistent worker process of this module (started on first use, closed at exit).
+worker process: the caller's (`RewardPools`, which a run owns and closes), or one started for
+the call.
 """
 
 from __future__ import annotations
 
-import atexit
+import functools
 import logging
 import multiprocessing as mp
 import signal
@@ -107,20 +108,20 @@ class _ItemTimeout(BaseException):
     has several) cannot swallow it."""
 
 
-_warned_no_alarm = False
+@functools.cache
+def _warn_no_alarm() -> None:  # once per process
+    log.warning("reward time limit not enforced inline off the main thread; use num_workers>0")
 
 
 def _score_inline(fn, solutions, ground_truths, timeout_s) -> RewardBatch:
-    global _warned_no_alarm
     use_alarm = (
         timeout_s is not None
         and timeout_s > 0
         and hasattr(signal, "SIGALRM")
         and threading.current_thread() is threading.main_thread()
     )
-    if timeout_s and not use_alarm and not _warned_no_alarm:
-        log.warning("reward time limit not enforced inline off the main thread; use num_workers>0")
-        _warned_no_alarm = True
+    if timeout_s and not use_alarm:
+        _warn_no_alarm()
 
     results: list[dict] = []
     timed_out: list[bool] = []
@@ -306,45 +307,58 @@ class RewardPool:
             pass
 
 
+class RewardPools:
+    """The worker pools of one owner (a run, an evaluation): one `RewardPool` per (verifier,
+    limit, workers), started on first use and closed with the owner (`close`, or `with`).
+    Every verifier a run routes to gets its own pool; nothing outlives the owner."""
+
+    def __init__(self):
+        self._pools: dict[tuple[str, float | None, int], RewardPool] = {}
+
+    def get(self, fn: str, timeout_s: float | None, num_workers: int = 1) -> RewardPool:
+        """The pool of verifier `fn` (a config name) under `timeout_s`, started when new."""
+        key = (fn, timeout_s or None, int(num_workers))
+        if key not in self._pools:
+            self._pools[key] = RewardPool(fn, num_workers=num_workers, timeout_s=timeout_s)
+        return self._pools[key]
+
+    def close(self) -> None:
+        """Stops every pool's workers."""
+        for pool in self._pools.values():
+            pool.close()
+        self._pools.clear()
+
+    def __enter__(self) -> RewardPools:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def score_batch(
     solutions: Sequence[str],
     ground_truths: Sequence[str],
     fn: ScoreFn = "dapo_math",
     timeout_s: float | None = 10.0,
     num_workers: int = 0,
+    pools: RewardPools | None = None,
 ) -> RewardBatch:
     """Score N decoded responses against their ground truths (`fn`: config name or callable).
 
-    `timeout_s` bounds each item (None or 0: no limit); `num_workers>0` scores in that many
-    spawned processes for the duration of this call (keep a `RewardPool` to reuse them).
+    `timeout_s` bounds each item (None or 0: no limit). Worker processes score when
+    `num_workers>0`, and for math-verify under a limit (one worker): from `pools` (kept by the
+    caller, e.g. the run) when given, else started for this call only.
     """
     if len(solutions) != len(ground_truths):
         raise ValueError(f"{len(solutions)} solutions but {len(ground_truths)} ground truths")
+    if num_workers <= 0 and timeout_s and resolve_fn(fn) is math_verify_score:
+        fn, num_workers = "math_verify", 1
     if num_workers > 0:
+        if pools is not None and isinstance(fn, str):
+            return pools.get(fn, timeout_s, num_workers).score(solutions, ground_truths)
         with RewardPool(fn, num_workers=num_workers, timeout_s=timeout_s) as pool:
             return pool.score(solutions, ground_truths)
-    if timeout_s and resolve_fn(fn) is math_verify_score:
-        return _shared_pool("math_verify", timeout_s).score(solutions, ground_truths)
     return _score_inline(resolve_fn(fn), solutions, ground_truths, timeout_s)
-
-
-_shared_pools: dict[tuple[str, float], RewardPool] = {}
-
-
-def _shared_pool(fn: str, timeout_s: float) -> RewardPool:
-    """One worker process per (verifier, limit), kept for the life of this process."""
-    key = (fn, float(timeout_s))
-    if key not in _shared_pools:
-        if not _shared_pools:
-            atexit.register(_close_shared_pools)
-        _shared_pools[key] = RewardPool(fn, num_workers=1, timeout_s=timeout_s)
-    return _shared_pools[key]
-
-
-def _close_shared_pools() -> None:
-    for pool in _shared_pools.values():
-        pool.close()
-    _shared_pools.clear()
 
 
 def compute_rewards(
@@ -352,25 +366,26 @@ def compute_rewards(
     ground_truths: Sequence[str],
     response_lengths,
     cfg,
-    pool: RewardPool | None = None,
+    pools: RewardPools | None = None,
+    fn: str | None = None,
 ) -> tuple[np.ndarray, RewardBatch]:
-    """The DAPO reward of a Config: verifier score plus, if enabled, the overlong penalty.
+    """The DAPO reward of a Config: verifier score plus, if enabled, the overlong penalty;
+    worker processes (`algorithm.reward_num_workers`, math-verify under a limit) from `pools`;
+    `fn` (a verifier name) overrides `algorithm.reward_fn`.
 
     `response_lengths` [N] counts each response's valid tokens (EOS included), as verl's DAPO
     reward manager does. `cfg` is the whole Config (algorithm.* and rollout.max_response_length).
     Returns (reward [N] float32, the verifier's RewardBatch); `acc` is untouched by the penalty.
     """
     a = cfg.algorithm
-    if pool is not None:
-        scored = pool.score(solutions, ground_truths)
-    else:
-        scored = score_batch(
-            solutions,
-            ground_truths,
-            fn=a.reward_fn,
-            timeout_s=a.reward_timeout_s,
-            num_workers=a.reward_num_workers,
-        )
+    scored = score_batch(
+        solutions,
+        ground_truths,
+        fn=fn or a.reward_fn,
+        timeout_s=a.reward_timeout_s,
+        num_workers=a.reward_num_workers,
+        pools=pools,
+    )
     reward = scored.score.astype(np.float32)
     if a.overlong_buffer_enable:
         reward = reward + overlong_penalty(

@@ -16,7 +16,7 @@ import math
 import jax
 import numpy as np
 
-from htpo_jax.infra.distributed import allgather_arrays
+from htpo_jax.infra.distributed import HostSync, needs_sync
 from htpo_jax.infra.sharding import to_host
 from htpo_jax.models.hf_io import pad_id
 from htpo_jax.rollout import EngineConfig
@@ -64,7 +64,7 @@ def engine_config(r) -> EngineConfig | str:
 
 
 def sample_and_score(
-    sampler, params, tokenizer, batch, cfg, *, rng, n, temperature, top_p, top_k, pool=None
+    sampler, params, tokenizer, batch, cfg, *, rng, n, temperature, top_p, top_k, pools=None
 ) -> Scored:
     """Generate n responses per prompt of `batch` (a data.PromptBatch) with `sampler`
     (a `rollout.Sampler`) under `params`, decode and score them.
@@ -106,7 +106,9 @@ def sample_and_score(
     sources = [src for src in batch.data_source for _ in range(n)]
     # Each host scores its shard, each row by its data_source's reward; all hosts get the same
     # rewards (multi-host lockstep).
-    reward, scored = score_lockstep(texts, truths, lengths, cfg, pool=pool, data_sources=sources)
+    reward, scored = score_lockstep(
+        texts, truths, lengths, cfg, pools=pools, data_sources=sources, sync=sampler.sync
+    )
     return Scored(
         prompt_ids=np.asarray(batch.input_ids),
         prompt_mask=np.asarray(batch.attention_mask),
@@ -131,8 +133,9 @@ def shard_bounds(n: int, n_hosts: int, host: int) -> tuple[int, int]:
 
 
 def score_lockstep(
-    solutions, ground_truths, response_lengths, cfg, pool=None, stage="reward", data_sources=None
-):
+    solutions, ground_truths, response_lengths, cfg, pools=None, stage="reward", data_sources=None,
+    sync: HostSync | None = None,
+):  # fmt: skip
     """`rewards.compute_rewards` of all N responses, each scored on exactly one host.
 
     With `data_sources`, each row is scored by the reward its source routes to
@@ -148,8 +151,8 @@ def score_lockstep(
         sols, truths = list(solutions[sl]), list(ground_truths[sl])
         lengths = np.asarray(response_lengths)[sl]
         if data_sources is None:
-            return compute_rewards(sols, truths, lengths, cfg, pool=pool)
-        return routed_rewards(sols, truths, list(data_sources[sl]), lengths, cfg, pool=pool)
+            return compute_rewards(sols, truths, lengths, cfg, pools=pools)
+        return routed_rewards(sols, truths, list(data_sources[sl]), lengths, cfg, pools=pools)
 
     n_hosts = jax.process_count()
     if n_hosts == 1:
@@ -165,7 +168,7 @@ def score_lockstep(
         elif isinstance(v, list | tuple):
             lists[f.name] = list(v)
     arrays["lists_json"] = np.frombuffer(json.dumps(lists).encode(), np.uint8)
-    got = allgather_arrays(stage, **arrays)
+    got = needs_sync(sync, "reward scoring").allgather_arrays(stage, **arrays)
     merged_lists = {k: [] for k in lists}
     for blob in got.pop("lists_json"):
         for k, v in json.loads(blob.tobytes().decode()).items():

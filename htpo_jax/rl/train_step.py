@@ -35,6 +35,12 @@ class TrainState:
     step: jax.Array  # int32 scalar: optimizer updates done (non-finite skips included)
     rng: jax.Array  # typed PRNG key of the run (split per RL step)
 
+    @classmethod
+    def create(cls, params, tx, seed: int = 0, step: int = 0) -> TrainState:
+        """The state before update `step`: `params`, `tx`'s fresh optimizer state, the run key of
+        `seed`."""
+        return cls(params, tx.init(params), jnp.asarray(step, jnp.int32), jax.random.key(seed))
+
 
 @struct.dataclass
 class UpdateBatch:

@@ -89,17 +89,17 @@ def summarize(records: list[dict], ks: Sequence[int]) -> dict[str, dict]:
 
 
 # ---------------------------------------------------------------- validation during training
-def sample_val(sampler, params, tokenizer, batch, cfg, *, rng, n, pool=None) -> Scored:
+def sample_val(sampler, params, tokenizer, batch, cfg, *, rng, n, pools=None) -> Scored:
     """`sample_and_score` with the validation sampling settings (`rollout.val_temperature`,
     `val_top_p`, `val_top_k`): the evaluation command and the trainer's validation both."""
     r = cfg.rollout
     return sample_and_score(
         sampler, params, tokenizer, batch, cfg, rng=rng, n=n, temperature=r.val_temperature,
-        top_p=r.val_top_p, top_k=r.val_top_k, pool=pool,
+        top_p=r.val_top_p, top_k=r.val_top_k, pools=pools,
     )  # fmt: skip
 
 
-def validate(sampler, params, tokenizer, dataset, cfg, *, rng, pool=None) -> dict[str, float]:
+def validate(sampler, params, tokenizer, dataset, cfg, *, rng, pools=None) -> dict[str, float]:
     """The trainer's validation (stage 8) of `params` on `dataset` (data.PromptDataset):
     val/accuracy (mean over prompts and their val_n samples), val/pass@val_n,
     val/response_length, and per data source val/<source>/mean@n (and pass@n when n > 1), with
@@ -109,7 +109,7 @@ def validate(sampler, params, tokenizer, dataset, cfg, *, rng, pool=None) -> dic
     for i, batch in enumerate(dataset.iter_batches(cfg.data.val_batch_size)):
         s = sample_val(
             sampler, params, tokenizer, batch, cfg, rng=jax.random.fold_in(rng, i), n=r.val_n,
-            pool=pool,
+            pools=pools,
         )  # fmt: skip
         accs.append(s.acc.reshape(-1, r.val_n))
         lengths.append(s.lengths)

@@ -56,6 +56,7 @@ from collections.abc import Sequence
 import jax
 from flax import nnx
 
+from htpo_jax.infra.distributed import HostSync
 from htpo_jax.rollout import engine as engine_lib
 from htpo_jax.rollout import sampling, static
 from htpo_jax.rollout.engine import EngineConfig, generate_paged
@@ -97,12 +98,16 @@ class Sampler:
     model_cfg: object  # the decoder's ModelConfig: layer / head sizes for the engine's KV pages
     dtype: object  # the model's compute dtype: the default KV-cache dtype
     attention_chunk_size: int | None = None  # the engine's prefill query block (None: 1024)
+    # Host sync points of a multi-process call (the engine's pool size, the reward scoring); one
+    # process: none needed. Not part of the sampler's identity.
+    sync: HostSync | None = dataclasses.field(default=None, compare=False)
 
     @classmethod
-    def from_model(cls, model) -> Sampler:
-        """The sampler of an NNX decoder (its structure only; pass its parameters per call)."""
+    def from_model(cls, model, sync: HostSync | None = None) -> Sampler:
+        """The sampler of an NNX decoder (its structure only; pass its parameters per call);
+        `sync`: the caller's `HostSync` when several processes run it."""
         chunk = getattr(model, "attention_chunk_size", None)
-        return cls(StaticGraph(nnx.graphdef(model)), model.cfg, model.dtype, chunk)
+        return cls(StaticGraph(nnx.graphdef(model)), model.cfg, model.dtype, chunk, sync)
 
     def __call__(
         self,

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from htpo_jax.infra.distributed import allgather_bytes, put_global
+from htpo_jax.infra.distributed import HostSync, needs_sync, put_global
 from htpo_jax.infra.sharding import without_axes
 from htpo_jax.models.attention import attend_in_query_chunks
 from htpo_jax.rollout import paged_attention as pa
@@ -537,13 +537,15 @@ def plan_sizes(cfg: EngineConfig, model_cfg, prompt_lens, n, max_new_tokens, cac
 
 
 def resolve_sizes(cfg: EngineConfig, model_cfg, prompt_lens, n, max_new_tokens, cache_dtype,
-                  shards: int = 1, weight_bytes: int = 0,
-                  longest_prompt: int = 0) -> Sizes:  # fmt: skip
+                  shards: int = 1, weight_bytes: int = 0, longest_prompt: int = 0,
+                  sync: HostSync | None = None) -> Sizes:  # fmt: skip
     """`plan_sizes` on this process's device: its memory now (`memory_bytes`), under several
     processes the least of every process's (each must build the same pool: the same programs)."""
     total, free = memory_bytes()
     if jax.process_count() > 1:
-        got = allgather_bytes("rollout engine: pool size", f"{total} {free}".encode())
+        got = needs_sync(sync, "rollout engine").allgather_bytes(
+            "rollout engine: pool size", f"{total} {free}".encode()
+        )
         total, free = (min(int(x.split()[i]) for x in got) for i in (0, 1))
     return plan_sizes(cfg, model_cfg, prompt_lens, n, max_new_tokens, cache_dtype,
                       total_bytes=total, free_bytes=free, backend=jax.default_backend(),
@@ -575,7 +577,7 @@ def generate_paged(sampler, params, prompt_ids, prompt_mask, *, max_new_tokens, 
     lens = [len(p) for p in prompts]
     sizes = resolve_sizes(
         config, c, lens[bounds[biggest] : bounds[biggest + 1]], n, max_new_tokens, cache_dtype,
-        shards, c.num_params() * jnp.dtype(sampler.dtype).itemsize, max(lens),
+        shards, c.num_params() * jnp.dtype(sampler.dtype).itemsize, max(lens), sampler.sync,
     )  # fmt: skip
     ps, k_steps, seqs = config.page_size, config.steps_per_call, sizes.seqs
     blocks = [range(lo * n, hi * n) for lo, hi in itertools.pairwise(bounds)]  # rows by shard

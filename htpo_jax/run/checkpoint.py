@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
 
-from htpo_jax.infra.distributed import SetupError, allgather_bytes
+from htpo_jax.infra.distributed import HostSync, SetupError
 
 log = logging.getLogger(__name__)
 
@@ -356,7 +356,7 @@ class Checkpointer:
 
 
 # ---------------------------------------------------------------- shared checkpoint dir
-def check_shared_dir(directory) -> None:
+def check_shared_dir(directory, sync: HostSync) -> None:
     """Refuse (SetupError) a multi-host checkpoint dir that some host cannot see.
 
     Process 0 writes a marker file; every other host must find it. Orbax's first save would
@@ -371,10 +371,10 @@ def check_shared_dir(directory) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         marker = directory / f".htpo_shared_check_{nonce}"
         marker.write_text(nonce)
-    nonce = allgather_bytes("checkpoint dir check (write)", nonce.encode())[0].decode()
+    nonce = sync.allgather_bytes("checkpoint dir check (write)", nonce.encode())[0].decode()
     probe = directory / f".htpo_shared_check_{nonce}"
     seen = probe.exists() and probe.read_text() == nonce
-    verdicts = allgather_bytes("checkpoint dir check (read)", b"1" if seen else b"0")
+    verdicts = sync.allgather_bytes("checkpoint dir check (read)", b"1" if seen else b"0")
     if marker is not None:
         marker.unlink()
     blind = [p for p, v in enumerate(verdicts) if v != b"1"]

@@ -88,7 +88,6 @@ class OutputLock:
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
             self.held = True
-            _held.append(self)
             atexit.register(self.release)  # also on an exception that ends the process
             return self
         raise LaunchError(f"could not take the lock {self.path}")
@@ -113,12 +112,3 @@ class OutputLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
-
-
-_held: list[OutputLock] = []
-
-
-def release_locks() -> None:
-    """Release every lock this process holds (train.main calls it however the run ends)."""
-    while _held:
-        _held.pop().release()

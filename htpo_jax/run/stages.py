@@ -18,7 +18,7 @@ from flax import nnx
 
 from htpo_jax.infra import distributed as dist
 from htpo_jax.infra.sharding import logical_sharding, to_host
-from htpo_jax.rewards import RewardPool
+from htpo_jax.rewards import RewardPools
 from htpo_jax.rl import advantages as adv_lib
 from htpo_jax.rl import balance, packing
 from htpo_jax.rl.sample import Scored, sample_and_score
@@ -62,9 +62,10 @@ class Components:
     val_set: object  # data.PromptDataset or None
     ckpt: Checkpointer
     logger: MetricsLogger
-    pool: RewardPool | None
+    pools: RewardPools  # verifier worker pools, closed with the run
     watch: StepWatch  # non-finite / collapse / disk checks, and the finite-only save
     run_id: str  # written into every checkpoint (run/resume_checks.py)
+    sync: dist.HostSync  # the run's host sync points (every host decides alike)
     start_step: int  # 0, or the restored checkpoint's step
 
 
@@ -118,7 +119,7 @@ def sample_round(c: Components, params, key, n_prompts: int) -> Scored:
         temperature=r.temperature,
         top_p=r.top_p,
         top_k=r.top_k,
-        pool=c.pool,
+        pools=c.pools,
     )
 
 
@@ -151,7 +152,7 @@ def collect(c: Components, params, key) -> tuple[KeptGroups, dict]:
         n_kept += int(keep.sum())
     # Every host derived `keep` from the same all-gathered rewards (sample.score_lockstep); a
     # disagreement here is a bug, reported at once instead of a hang in the next collective.
-    dist.agree("filter decision", [len(rounds), n_kept])
+    c.sync.agree("filter decision", [len(rounds), n_kept])
     width = max(s.prompt_ids.shape[1] for s, _ in rounds)
     kept = KeptGroups.concat([KeptGroups.of_round(s, idx, width) for s, idx in rounds], need * g)
     every = lambda name: np.concatenate([getattr(s, name) for s, _ in rounds])

@@ -31,15 +31,14 @@ from tqdm import tqdm
 
 from htpo_jax.infra import distributed as dist
 from htpo_jax.infra.sharding import is_main_process, make_mesh
-from htpo_jax.models.hf_io import decoder_options, from_pretrained, load_tokenizer
-from htpo_jax.rewards import RewardPool
+from htpo_jax.models.hf_io import load_tokenizer
+from htpo_jax.rewards import RewardPools
 from htpo_jax.rewards.routing import UnknownDataSource, check_sources
 from htpo_jax.rl.train_step import (
     StepConfig,
     TrainState,
     jit_apply_grads,
     jit_micro_grads,
-    make_optimizer,
 )
 from htpo_jax.rl.validation import validate
 from htpo_jax.rollout import Sampler
@@ -54,6 +53,7 @@ from htpo_jax.run.checkpoint import (
 from htpo_jax.run.config import Config, cli_config, dump_yaml
 from htpo_jax.run.data import DataError, DataState, PromptStream, train_stream, val_dataset
 from htpo_jax.run.metrics import MetricsLogger, plain
+from htpo_jax.run.policy import build_model, make_optimizer
 from htpo_jax.run.stages import Components, SamplingExhausted
 
 log = logging.getLogger("htpo_jax.train")
@@ -105,7 +105,7 @@ def rl_step(c: Components, state: TrainState, step: int) -> tuple[TrainState, di
     key = jax.random.fold_in(state.rng, step)
     with clock("rollout_reward_filter"):  # 1 DATA, 2 ROLLOUT, 3 REWARD, 4 FILTER
         kept, stats = stages.collect(c, state.params, key)
-    dist.barrier(f"old log-probs step {step}")
+    c.sync.barrier(f"old log-probs step {step}")
     with clock("old_log_prob"):
         batch = stages.build_batch(c, kept)  # 5 ADVANTAGE
         batch, balance_stats = stages.balance_rows(c, batch)
@@ -118,7 +118,9 @@ def rl_step(c: Components, state: TrainState, step: int) -> tuple[TrainState, di
 
 # ---------------------------------------------------------------- setup
 @contextlib.contextmanager
-def components(cfg: Config, mesh: jax.sharding.Mesh) -> Iterator[tuple[Components, TrainState]]:
+def components(
+    cfg: Config, mesh: jax.sharding.Mesh, sync: dist.HostSync
+) -> Iterator[tuple[Components, TrainState]]:
     """Builds the run's `Components` and its first (or restored) `TrainState`; on leaving, also
     on an error, closes the reward pool, the logger and the checkpointer (which first waits for a
     save in flight, except after a collective timeout: the other hosts are gone)."""
@@ -132,38 +134,21 @@ def components(cfg: Config, mesh: jax.sharding.Mesh) -> Iterator[tuple[Component
         check_sources([r.data_source for r in stream.dataset.rows], cfg, "data.train_files")
         if val_set is not None:
             check_sources([r.data_source for r in val_set.rows], cfg, "data.val_files")
-        model = from_pretrained(
-            cfg.model.path,
-            dtype=jnp.dtype(cfg.model.dtype),
-            param_dtype=jnp.dtype(cfg.model.param_dtype),
-            mesh=mesh,
-            **decoder_options(cfg.model),
-        )
-        sampler, vocab_size = Sampler.from_model(model), model.cfg.vocab_size
+        model = build_model(cfg, mesh)
+        sampler, vocab_size = Sampler.from_model(model, sync=sync), model.cfg.vocab_size
         graphdef, params = nnx.split(model)
         del model  # the TrainState holds the one copy of the parameters
         ref_params = jax.tree.map(jnp.copy, params) if cfg.algorithm.use_kl_loss else None
-        o = cfg.optim
-        tx = make_optimizer(
-            o,
-            cfg.trainer.total_steps,
-            o.ppo_epochs * (cfg.data.train_batch_size // o.mini_batch_size),
-        )
-        state = TrainState(
-            params=params,
-            opt_state=tx.init(params),
-            step=jnp.zeros((), jnp.int32),
-            rng=jax.random.key(cfg.trainer.seed),
-        )
+        tx = make_optimizer(cfg)
+        state = TrainState.create(params, tx, seed=cfg.trainer.seed)
         step_cfg = StepConfig.from_config(cfg)
         if is_main_process():  # one lock per run, held by the process that writes the shared files
-            lock.OutputLock(out).acquire()
+            stack.enter_context(lock.OutputLock(out))
             # Two runs with their own output dirs but one checkpoint.dir would replace each
             # other's checkpoints: the checkpoint dir is locked too (the same lock file when it
             # is the output dir itself).
-            lock.OutputLock(cfg.checkpoint_dir, preflight.checkpoint_key(cfg)).acquire()
-        dist.set_collective_timeout(cfg.trainer.collective_timeout_s)
-        check_shared_dir(cfg.checkpoint_dir)
+            stack.enter_context(lock.OutputLock(cfg.checkpoint_dir, preflight.checkpoint_key(cfg)))
+        check_shared_dir(cfg.checkpoint_dir, sync)
         ckpt = Checkpointer.from_config(cfg)
         stack.push(
             lambda _t, e, _tb: None if isinstance(e, dist.CollectiveTimeout) else ckpt.close()
@@ -178,12 +163,7 @@ def components(cfg: Config, mesh: jax.sharding.Mesh) -> Iterator[tuple[Component
             log.info("resumed from %s at step %d", cfg.checkpoint_dir, start)
         if is_main_process():
             (out / "config.yaml").write_text(dump_yaml(cfg))
-        pool = None
-        if cfg.algorithm.reward_num_workers:
-            a = cfg.algorithm
-            pool = stack.enter_context(
-                RewardPool(a.reward_fn, a.reward_num_workers, a.reward_timeout_s)
-            )
+        pools = stack.enter_context(RewardPools())  # every verifier's workers, if any
         logger = MetricsLogger(
             out,
             resume_step=start if restored else None,
@@ -204,8 +184,9 @@ def components(cfg: Config, mesh: jax.sharding.Mesh) -> Iterator[tuple[Component
                 val_set=val_set,
                 ckpt=ckpt,
                 logger=logger,
-                pool=pool,
+                pools=pools,
                 watch=watch.StepWatch(cfg, vocab_size),
+                sync=sync,
                 run_id=run_id,
                 start_step=start,
             ),
@@ -220,7 +201,7 @@ def run_validation(c: Components, params) -> dict:
         return {}
     t0 = time.perf_counter()
     key = jax.random.fold_in(jax.random.key(c.cfg.trainer.seed), 2**30)  # same every time
-    out = validate(c.sampler, params, c.tokenizer, c.val_set, c.cfg, rng=key, pool=c.pool)
+    out = validate(c.sampler, params, c.tokenizer, c.val_set, c.cfg, rng=key, pools=c.pools)
     return {**out, "time/val": time.perf_counter() - t0}
 
 
@@ -326,9 +307,11 @@ def run_loop(c: Components, state: TrainState, stops: dist.StopSignals) -> dict:
 def train(cfg: Config) -> dict:
     """The whole run; returns a summary (accuracy before/after, paths)."""
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    stops = RunStops()  # SIGTERM / SIGINT: save at the end of the step (none yet: stop), exit 0
+    # The run's host sync points (one namespace, one deadline), shared by every stage.
+    sync = dist.HostSync("train", cfg.trainer.collective_timeout_s)
+    stops = RunStops(sync=sync)  # SIGTERM / SIGINT: save at the end of the step, exit 0
     try:  # the handlers go back also when setup or a step raises
-        with jax.set_mesh(mesh), components(cfg, mesh) as (c, state):
+        with jax.set_mesh(mesh), components(cfg, mesh, sync) as (c, state):
             return run_loop(c, state, stops)
     finally:
         stops.close()
@@ -395,11 +378,8 @@ def main(argv=None) -> dict:
     except dist.CollectiveTimeout as e:
         # Other hosts are stuck or gone: JAX's exit-time shutdown barrier would wait for them.
         print(f"error: {e}", file=sys.stderr, flush=True)
-        lock.release_locks()
         logging.shutdown()
-        os._exit(1)
-    finally:
-        lock.release_locks()
+        os._exit(1)  # the run's locks were released when its components closed
     if is_main_process():
         print_summary(summary)
     elif summary.get("stopped"):  # every host's log says why it exited; the summary is process 0's

@@ -71,19 +71,6 @@ def embedded_models() -> list[str]:
     return [d.name for d in MODELS_DIR.iterdir() if (d / "config.json").is_file()]
 
 
-def decoder_kwargs(model_section) -> dict:
-    """Decoder keyword arguments from the `model` config section (as train.py builds it)."""
-    import jax.numpy as jnp
-
-    from htpo_jax.models.hf_io import decoder_options
-
-    return dict(
-        dtype=jnp.dtype(model_section.dtype),
-        param_dtype=jnp.dtype(model_section.param_dtype),
-        **decoder_options(model_section),
-    )
-
-
 def build_context(cfg: Config, mesh, model_cfg) -> Context:
     """The abstract model, parameters (sharded on `mesh` by the logical-axis rules), optimizer
     and its state for `cfg`: no weights are read or allocated (`hbm_bytes` is left 0)."""
@@ -94,11 +81,12 @@ def build_context(cfg: Config, mesh, model_cfg) -> Context:
 
     from htpo_jax.infra.sharding import variable_sharding
     from htpo_jax.models.decoder import Decoder
-    from htpo_jax.rl.train_step import StepConfig, make_optimizer
+    from htpo_jax.rl.train_step import StepConfig
+    from htpo_jax.run.policy import make_optimizer, model_kwargs
 
     with jax.set_mesh(mesh):
         abstract = nnx.eval_shape(
-            lambda: Decoder(model_cfg, **decoder_kwargs(cfg.model), rngs=nnx.Rngs(0))
+            lambda: Decoder(model_cfg, **model_kwargs(cfg.model), rngs=nnx.Rngs(0))
         )
     graphdef, state = nnx.split(abstract)
     params = jax.tree.map(
@@ -108,8 +96,7 @@ def build_context(cfg: Config, mesh, model_cfg) -> Context:
         state,
         is_leaf=lambda x: isinstance(x, nnx.Variable),
     )
-    updates = cfg.optim.ppo_epochs * (cfg.data.train_batch_size // cfg.optim.mini_batch_size)
-    tx = make_optimizer(cfg.optim, cfg.trainer.total_steps * updates)
+    tx = make_optimizer(cfg)
     opt = jax.eval_shape(tx.init, params)
     replicated = NamedSharding(mesh, PartitionSpec())
     opt_sh = optax.tree_map_params(
@@ -273,12 +260,8 @@ def update_programs(ctx: Context) -> list[Program]:
     from htpo_jax.rl.train_step import TrainState, jit_apply_grads, jit_micro_grads
 
     p = prompt_width(ctx.cfg)
-    state = TrainState(
-        params=ctx.params,
-        opt_state=ctx.opt_state,
-        step=jax.ShapeDtypeStruct((), jnp.int32),
-        rng=jax.eval_shape(lambda: jax.random.key(0)),
-    )
+    state = jax.eval_shape(lambda: TrainState.create(ctx.params, ctx.tx))
+    state = state.replace(params=ctx.params, opt_state=ctx.opt_state)  # with their shardings
     state_sh = shardings(state)
     out = []
     grads_fn = jit_micro_grads(ctx.graphdef, ctx.step_cfg, shardings(ctx.params))

@@ -34,16 +34,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
-from htpo_jax.models.hf_io import decoder_options, from_pretrained, load_tokenizer
+from htpo_jax.infra.distributed import HostSync
+from htpo_jax.models.hf_io import load_tokenizer
+from htpo_jax.rewards import RewardPools
 from htpo_jax.rewards.routing import UnknownDataSource, check_sources
-from htpo_jax.rl.train_step import TrainState, make_optimizer
 from htpo_jax.rl.validation import sample_val, summarize
 from htpo_jax.rollout import Sampler
 from htpo_jax.run import preflight
-from htpo_jax.run.checkpoint import Checkpointer
+from htpo_jax.run.checkpoint import CheckpointMismatch
 from htpo_jax.run.config import (
     AlgorithmConfig,
     Config,
@@ -54,6 +54,7 @@ from htpo_jax.run.config import (
     load_tree,
 )
 from htpo_jax.run.data import DataError, val_dataset
+from htpo_jax.run.policy import NonFiniteWeights, build_model, checkpoint_steps, restore_run
 from htpo_jax.run.preflight import LaunchError
 
 log = logging.getLogger("htpo_jax.evaluate")
@@ -78,20 +79,12 @@ def load_policy(model_dir: str, step: int | None, config: str | None, overrides:
         cfg = load_config(config_file, list(overrides), cross_checks=False)
         check_eval_config(cfg)
         _check_model(cfg, f"model.path in {config_file}")
-        ckpt_dir = cfg.checkpoint.dir or str(path / "checkpoints")
-        steps = Checkpointer.steps_in(ckpt_dir, cfg.checkpoint.max_to_keep)  # creates nothing
+        ckpt_dir, steps = checkpoint_steps(path, cfg)  # creates nothing
         if not steps:
             raise EvalInputError(f"--model {model_dir}: no checkpoint in {ckpt_dir}")
-        step = max(steps) if step is None else step
-        if step not in steps:
+        if step is not None and step not in steps:
             raise EvalInputError(f"--step {step}: no such checkpoint in {ckpt_dir}; have {steps}")
-        model = _build(cfg)
-        _, params = nnx.split(model)
-        tx = make_optimizer(cfg.optim, 1)  # only the optimizer state's structure is needed
-        template = TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), jax.random.key(0))
-        with Checkpointer(ckpt_dir, cfg.checkpoint.max_to_keep, read_only=True) as ckpt:
-            state, _ = ckpt.restore(step, template)
-        nnx.update(model, state.params)
+        model, cfg, step = restore_run(path, step, cfg=cfg)
         return model, _tokenizer(cfg), cfg, path / "eval" / f"step_{step}", step, None
     if (path / "config.json").is_file():  # an HF directory
         if step is not None:
@@ -104,7 +97,7 @@ def load_policy(model_dir: str, step: int | None, config: str | None, overrides:
         fit = frozenset(k for k in FITTED_KEYS if k not in chosen)
         if not fit:  # both chosen: a clash between them is known before the model loads
             check_eval_config(cfg)
-        return _build(cfg), _tokenizer(cfg), cfg, Path("eval"), None, fit
+        return build_model(cfg), _tokenizer(cfg), cfg, Path("eval"), None, fit
     raise EvalInputError(
         f"--model {model_dir}: neither a run directory (config.yaml) nor an HF directory "
         "(config.json)"
@@ -172,15 +165,6 @@ def fit_to_model(cfg: Config, positions: int, longest_prompt: int, fit: frozense
     return cfg
 
 
-def _build(cfg: Config):
-    return from_pretrained(
-        cfg.model.path,
-        dtype=jnp.dtype(cfg.model.dtype),
-        param_dtype=jnp.dtype(cfg.model.param_dtype),
-        **decoder_options(cfg.model),  # the run's parameter layout (scan_layers) and attention
-    )
-
-
 def _tokenizer(cfg: Config):
     return load_tokenizer(cfg.model.tokenizer_path or cfg.model.path)
 
@@ -204,30 +188,35 @@ def evaluate(
         )
         cfg = fit_to_model(cfg, model.cfg.max_position_embeddings, longest, fit)
     key = jax.random.key(seed)
-    sampler, params = Sampler.from_model(model), nnx.state(model)
+    sync = HostSync("evaluate", cfg.trainer.collective_timeout_s)
+    sampler, params = Sampler.from_model(model, sync=sync), nnx.state(model)
     records: list[dict] = []
-    for fi, (f, ds) in enumerate(datasets):
-        for bi, batch in enumerate(ds.iter_batches(cfg.data.val_batch_size)):
-            rng = jax.random.fold_in(jax.random.fold_in(key, fi), bi)
-            s = sample_val(sampler, params, tokenizer, batch, cfg, rng=rng, n=n)
-            for i in range(len(batch) * n):
-                records.append(
-                    {
-                        "file": str(f),
-                        "problem": batch.row_ids[i // n],
-                        "data_source": batch.data_source[i // n],
-                        "sample": i % n,
-                        "response": s.texts[i],
-                        "length": int(s.lengths[i]),
-                        "finished": bool(s.finished[i]),
-                        "score": float(s.score[i]),
-                        "acc": bool(s.acc[i]),
-                        "pred": s.pred[i],
-                    }
+    with RewardPools() as pools:  # verifier workers, if any, for the whole evaluation
+        for fi, (f, ds) in enumerate(datasets):
+            for bi, batch in enumerate(ds.iter_batches(cfg.data.val_batch_size)):
+                rng = jax.random.fold_in(jax.random.fold_in(key, fi), bi)
+                s = sample_val(sampler, params, tokenizer, batch, cfg, rng=rng, n=n, pools=pools)
+                for i in range(len(batch) * n):
+                    records.append(
+                        {
+                            "file": str(f),
+                            "problem": batch.row_ids[i // n],
+                            "data_source": batch.data_source[i // n],
+                            "sample": i % n,
+                            "response": s.texts[i],
+                            "length": int(s.lengths[i]),
+                            "finished": bool(s.finished[i]),
+                            "score": float(s.score[i]),
+                            "acc": bool(s.acc[i]),
+                            "pred": s.pred[i],
+                        }
+                    )
+                log.info(
+                    "%s: %d/%d problems",
+                    f,
+                    min((bi + 1) * cfg.data.val_batch_size, len(ds)),
+                    len(ds),
                 )
-            log.info(
-                "%s: %d/%d problems", f, min((bi + 1) * cfg.data.val_batch_size, len(ds)), len(ds)
-            )
     return records, summarize(records, ks)
 
 
@@ -286,7 +275,8 @@ def main(argv=None) -> dict:
         model, tok, cfg, out, step, fit = load_policy(args.model, args.step, args.config, args.set)
         seed = cfg.trainer.seed if args.seed is None else args.seed
         records, summary = evaluate(model, tok, cfg, args.data, args.n, ks, seed=seed, fit=fit)
-    except (EvalInputError, ConfigError, DataError, UnknownDataSource, LaunchError) as e:
+    except (EvalInputError, ConfigError, DataError, UnknownDataSource, LaunchError,
+            NonFiniteWeights, CheckpointMismatch) as e:  # fmt: skip
         print(f"htpo_jax.evaluate: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     out = Path(args.out) if args.out else out
