@@ -331,13 +331,14 @@ ADVERSARIAL = [
 
 @pytest.mark.parametrize("solution, truth, fn", ADVERSARIAL, ids=["30k", "10M", "macros", "tower"])
 def test_adversarial_rewards_return_within_the_limit(solution, truth, fn):
-    from htpo_jax.rewards.scoring import score_batch
+    from htpo_jax.rewards.scoring import RewardPools, score_batch
 
     limit = 2.0
-    score_batch(["Answer: 0"], ["0"], fn=fn, timeout_s=limit)  # worker start-up is not the item's
-    t0 = time.perf_counter()
-    out = score_batch([solution], [truth], fn=fn, timeout_s=limit)
-    elapsed = time.perf_counter() - t0
+    with RewardPools() as pools:  # as a run scores: its pools outlive one call
+        score_batch(["Answer: 0"], ["0"], fn=fn, timeout_s=limit, pools=pools)  # worker start-up
+        t0 = time.perf_counter()
+        out = score_batch([solution], [truth], fn=fn, timeout_s=limit, pools=pools)
+        elapsed = time.perf_counter() - t0
     assert elapsed < limit + 1.0, elapsed
     assert not out.acc[0]
     if fn == "dapo_math":

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from tiny_models import small_qwen3
 
+from htpo_jax.infra import distributed as dist
 from htpo_jax.models.hf_io import save_pretrained
 from htpo_jax.run.config import load_config
 from htpo_jax.run.metrics import read_metrics
@@ -256,7 +257,7 @@ def test_dynamic_sampling_keeps_mixed_groups_and_draws_more(monkeypatch):
         ]
     )
     monkeypatch.setattr(S, "sample_round", lambda c, params, key, n: fake_scored(next(rounds), 2))
-    c = type("C", (), {"cfg": cfg})()
+    c = type("C", (), {"cfg": cfg, "sync": dist.HostSync("test")})()
     kept, stats = S.collect(c, None, jax.random.key(0))
     assert stats["filter/gen_batches"] == 3
     assert stats["filter/kept_prompt_frac"] == pytest.approx(3 / 6)
