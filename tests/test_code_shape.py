@@ -82,3 +82,23 @@ def test_checkers_find_offenders(tmp_path):
         "pkg/mod.py:Thing.size",
     ]
     assert long_functions(mod, tmp_path) == [f"pkg/mod.py:long ({MAX_FUNCTION_LINES + 2} lines)"]
+
+
+def module_state(path: Path, root: Path) -> list[str]:
+    """`rel/path.py:line` of each `global` statement: a function rebinding module state (a
+    counter, a once-flag, a registry). State belongs to an object its owner builds and closes."""
+    rel = path.relative_to(root).as_posix()
+    tree = ast.parse(path.read_text(), filename=str(path))
+    return [f"{rel}:{n.lineno} global {', '.join(n.names)}" for n in ast.walk(tree)
+            if isinstance(n, ast.Global)]  # fmt: skip
+
+
+def test_no_function_rebinds_module_state():
+    bad = [x for p in sorted(PACKAGE.rglob("*.py")) for x in module_state(p, PACKAGE)]
+    assert not bad, "module state rebound by functions:\n" + "\n".join(bad)
+
+
+def test_the_state_check_sees_a_global(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text("_seen = False\n\ndef once():\n    global _seen\n    _seen = True\n")
+    assert module_state(f, tmp_path) == ["m.py:4 global _seen"]
