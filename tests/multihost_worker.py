@@ -46,8 +46,8 @@ def _install_hooks() -> None:
         _trace({"event": "step", "step": step})
         return rl_step(c, state, step)
 
-    def traced_collect(c, params, key):
-        kept, stats = collect(c, params, key)
+    def traced_collect(p, s, cfg, params, key):
+        kept, stats = collect(p, s, cfg, params, key)
         _trace(
             {
                 "event": "collect",

@@ -32,7 +32,7 @@ from htpo_jax.rl.train_step import (
     rl_step_schedule,
 )
 from htpo_jax.run.config import load_config
-from htpo_jax.run.stages import update_all
+from htpo_jax.run.stages import MicroSpec, update_all
 
 
 def _state(params, tx):
@@ -106,11 +106,12 @@ def test_rl_step_reports_the_number_of_skipped_updates():
     batch = batch.replace(old_log_prob=nan_second.astype(np.float32))
     mesh = make_mesh(1, -1, 1)
     sc = StepConfig.from_config(cfg)
-    c = types.SimpleNamespace(
-        cfg=cfg, mesh=mesh, update_fns=(jit_micro_grads(graphdef, sc), jit_apply_grads(tx))
+    p = types.SimpleNamespace(
+        mesh=mesh, update_fns=(jit_micro_grads(graphdef, sc), jit_apply_grads(tx))
     )
+    spec = MicroSpec.of(cfg, mesh)
     with jax.set_mesh(mesh):
-        state, metrics = update_all(c, _state(params, tx), batch)
+        state, metrics = update_all(p, _state(params, tx), batch, spec, cfg.optim, cfg.rollout.n)
     assert metrics["train/nonfinite_skipped"] == 1
     assert int(state.step) == 2
 

@@ -239,9 +239,10 @@ def test_one_run_holds_its_output_and_checkpoint_locks(tiny_run_dir, tmp_path, m
 
     def loop(c, state, stops):
         seen["locks"] = sorted(p.parent.name for p in (out, ckpts) for p in p.glob(lock.LOCK_NAME))
-        c.ckpt.save(1, state, {"step": 1})
-        c.ckpt.wait()
-        seen["steps"] = c.ckpt.all_steps()
+        ckpt = c.services.ckpt
+        ckpt.save(1, state, {"step": 1})
+        ckpt.wait()
+        seen["steps"] = ckpt.all_steps()
         none = dict.fromkeys(("val_accuracy_before", "val_accuracy_after", "stopped", "metrics"))
         return {**none, "steps": 1, "checkpoints": str(ckpts), "last": {}}
 

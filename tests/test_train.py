@@ -256,9 +256,11 @@ def test_dynamic_sampling_keeps_mixed_groups_and_draws_more(monkeypatch):
             [[0, 1], [1, 0]],  # keeps both: 3 kept, done
         ]
     )
-    monkeypatch.setattr(S, "sample_round", lambda c, params, key, n: fake_scored(next(rounds), 2))
-    c = type("C", (), {"cfg": cfg, "sync": dist.HostSync("test")})()
-    kept, stats = S.collect(c, None, jax.random.key(0))
+    monkeypatch.setattr(
+        S, "sample_round", lambda p, s, cfg, params, key, n: fake_scored(next(rounds), 2)
+    )
+    s = type("S", (), {"sync": dist.HostSync("test")})()
+    kept, stats = S.collect(None, s, cfg, None, jax.random.key(0))
     assert stats["filter/gen_batches"] == 3
     assert stats["filter/kept_prompt_frac"] == pytest.approx(3 / 6)
     np.testing.assert_array_equal(kept.acc, [1, 0, 0, 1, 1, 0])
@@ -267,9 +269,11 @@ def test_dynamic_sampling_keeps_mixed_groups_and_draws_more(monkeypatch):
     assert stats["train/accuracy"] == pytest.approx(5 / 12)
 
     rounds = iter([[[1, 1], [0, 0]]] * 10)
-    monkeypatch.setattr(S, "sample_round", lambda c, params, key, n: fake_scored(next(rounds), 2))
+    monkeypatch.setattr(
+        S, "sample_round", lambda p, s, cfg, params, key, n: fake_scored(next(rounds), 2)
+    )
     with pytest.raises(S.SamplingExhausted, match="max_num_gen_batches"):
-        S.collect(c, None, jax.random.key(0))
+        S.collect(None, s, cfg, None, jax.random.key(0))
 
 
 # ---------------------------------------------------------------- start-up stops, a done run

@@ -3,8 +3,10 @@
 `train.rl_step` calls them in order: `collect` (1 DATA, 2 ROLLOUT, 3 REWARD, 4 FILTER: generation
 rounds of `Scored` until enough prompt groups survive, as `KeptGroups`), `build_batch` (5
 ADVANTAGE: an `UpdateBatch`), `balance_rows`, `old_logprobs` (6 OLD LOG-PROBS) and `update_all`
-(7 UPDATE). Each takes the run's immutable `Components` and returns new values; the only thing
-they advance is the data stream's position (`Components.stream`).
+(7 UPDATE). Each takes what it reads: the run's `Programs` (what computes, never changed), its
+`Services` (live objects: data stream, reward pools, host sync) and the config sections, and
+returns new values; the only thing they advance is the data stream's position
+(`Services.stream`).
 """
 
 from __future__ import annotations
@@ -42,15 +44,10 @@ class SamplingExhausted(RuntimeError):
 
 
 @dataclasses.dataclass(frozen=True)
-class Components:
-    """What a run builds once and never replaces (`components()` builds and closes it).
+class Programs:
+    """What computes, built once and never changed: the mesh, the tokenizer, the model's
+    structure and sampler, the frozen reference policy, the update's settings and functions."""
 
-    The data position is owned by `stream` (a `PromptStream` advances its `DataState` as it hands
-    out batches; checkpoints save `stream.state`), not by the `TrainState`: the stream is the one
-    place that reads the dataset, and resuming rebuilds it at the saved position.
-    """
-
-    cfg: Config
     mesh: jax.sharding.Mesh
     tokenizer: object
     graphdef: nnx.GraphDef
@@ -58,15 +55,54 @@ class Components:
     ref_params: nnx.State | None  # the frozen reference policy (use_kl_loss)
     step_cfg: StepConfig
     update_fns: tuple  # (micro_grads, apply_grads): the one update path (`update_mini`)
+
+
+@dataclasses.dataclass(frozen=True)
+class Services:
+    """The run's live objects, each with state of its own, closed with the run (`components()`).
+
+    The data position is owned by `stream` (a `PromptStream` advances its `DataState` as it hands
+    out batches; checkpoints save `stream.state`), not by the `TrainState`: the stream is the one
+    place that reads the dataset, and resuming rebuilds it at the saved position.
+    """
+
     stream: PromptStream
     val_set: object  # data.PromptDataset or None
     ckpt: Checkpointer
     logger: MetricsLogger
-    pools: RewardPools  # verifier worker pools, closed with the run
+    pools: RewardPools  # verifier worker pools
     watch: StepWatch  # non-finite / collapse / disk checks, and the finite-only save
-    run_id: str  # written into every checkpoint (run/resume_checks.py)
     sync: dist.HostSync  # the run's host sync points (every host decides alike)
+
+
+@dataclasses.dataclass(frozen=True)
+class Components:
+    """What a run builds once and never replaces (`components()` builds and closes it): the
+    config, the `Programs`, the `Services`, the run's identity and where it starts."""
+
+    cfg: Config
+    programs: Programs
+    services: Services
+    run_id: str  # written into every checkpoint (run/resume_checks.py)
     start_step: int  # 0, or the restored checkpoint's step
+
+
+@dataclasses.dataclass(frozen=True)
+class MicroSpec:
+    """How a batch is cut into micro-batches (`micro_plan`), from the keys the plan reads."""
+
+    max_tokens: int  # optim.max_tokens_per_micro (0: fixed-size micro-batches)
+    micro_rows: int  # optim.micro_batch_size
+    multiple: int  # data.pad_to_multiple
+    cap: int  # rollout.max_response_length
+    shards: int  # batch shards of the mesh (data x fsdp)
+
+    @classmethod
+    def of(cls, cfg: Config, mesh) -> MicroSpec:
+        """The spec of a run config on `mesh`."""
+        o = cfg.optim
+        return cls(o.max_tokens_per_micro, o.micro_batch_size, cfg.data.pad_to_multiple,
+                   cfg.rollout.max_response_length, batch_shards(mesh))  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,31 +140,31 @@ class KeptGroups:
 
 
 # ---------------------------------------------------------------- 1 DATA / 2 ROLLOUT / 3 REWARD
-def sample_round(c: Components, params, key, n_prompts: int) -> Scored:
+def sample_round(p: Programs, s: Services, cfg: Config, params, key, n_prompts: int) -> Scored:
     """The next `n_prompts` prompts of the stream, `rollout.n` responses each, scored."""
-    r = c.cfg.rollout
-    batch = c.stream.next_batch(n_prompts)
+    r = cfg.rollout
+    batch = s.stream.next_batch(n_prompts)
     return sample_and_score(
-        c.sampler,
+        p.sampler,
         params,
-        c.tokenizer,
+        p.tokenizer,
         batch,
-        c.cfg,
+        cfg,
         rng=key,
         n=r.n,
         temperature=r.temperature,
         top_p=r.top_p,
         top_k=r.top_k,
-        pools=c.pools,
+        pools=s.pools,
     )
 
 
 # ---------------------------------------------------------------- 4 FILTER
-def collect(c: Components, params, key) -> tuple[KeptGroups, dict]:
+def collect(p: Programs, s: Services, cfg: Config, params, key) -> tuple[KeptGroups, dict]:
     """Draw generation rounds until `train_batch_size` prompt groups survive the dynamic-sampling
     filter (groups whose rewards all agree carry no gradient); returns the kept groups and the
     rollout / filter statistics of every round drawn."""
-    cfg, g = c.cfg, c.cfg.rollout.n
+    g = cfg.rollout.n
     a, need = cfg.algorithm, cfg.data.train_batch_size
     size = cfg.data.gen_batch_size if a.dynamic_sampling else need
     rounds: list[tuple[Scored, np.ndarray]] = []
@@ -141,21 +177,21 @@ def collect(c: Components, params, key) -> tuple[KeptGroups, dict]:
                 f"group was all-correct or all-wrong. Raise algorithm.max_num_gen_batches or "
                 f"data.gen_batch_size, or use easier/harder data."
             )
-        s = sample_round(c, params, jax.random.fold_in(key, len(rounds)), size)
-        metric = (s.acc if a.dynamic_sampling_metric == "acc" else s.score).reshape(-1, g)
+        sc = sample_round(p, s, cfg, params, jax.random.fold_in(key, len(rounds)), size)
+        metric = (sc.acc if a.dynamic_sampling_metric == "acc" else sc.score).reshape(-1, g)
         keep = (
             np.asarray(adv_lib.dynamic_sampling_keep(metric))
             if a.dynamic_sampling
             else np.ones(metric.shape[0], bool)
         )
-        rounds.append((s, np.flatnonzero(keep)))
+        rounds.append((sc, np.flatnonzero(keep)))
         n_kept += int(keep.sum())
     # Every host derived `keep` from the same all-gathered rewards (sample.score_lockstep); a
     # disagreement here is a bug, reported at once instead of a hang in the next collective.
-    c.sync.agree("filter decision", [len(rounds), n_kept])
-    width = max(s.prompt_ids.shape[1] for s, _ in rounds)
-    kept = KeptGroups.concat([KeptGroups.of_round(s, idx, width) for s, idx in rounds], need * g)
-    every = lambda name: np.concatenate([getattr(s, name) for s, _ in rounds])
+    s.sync.agree("filter decision", [len(rounds), n_kept])
+    width = max(r.prompt_ids.shape[1] for r, _ in rounds)
+    kept = KeptGroups.concat([KeptGroups.of_round(r, idx, width) for r, idx in rounds], need * g)
+    every = lambda name: np.concatenate([getattr(r, name) for r, _ in rounds])
     lengths = every("lengths")
     stats = {
         "train/accuracy": every("acc").mean(),
@@ -171,15 +207,16 @@ def collect(c: Components, params, key) -> tuple[KeptGroups, dict]:
 
 
 # ---------------------------------------------------------------- 5 ADVANTAGE
-def build_batch(c: Components, kept: KeptGroups) -> UpdateBatch:
-    """GRPO advantages and hard/easy flags of the kept groups, as one `UpdateBatch` (old and
-    reference log-probs still zero) whose response slots end at the longest response."""
-    cfg, g = c.cfg, c.cfg.rollout.n
+def build_batch(kept: KeptGroups, g: int, algorithm, data) -> UpdateBatch:
+    """GRPO advantages and hard/easy flags of the kept groups (`g` = rollout.n responses per
+    prompt; `algorithm.difficulty_threshold`), as one `UpdateBatch` (old and reference log-probs
+    still zero) whose response slots end at the longest response, rounded up to
+    `data.pad_to_multiple`."""
     reward, acc = kept.reward.reshape(-1, g), kept.acc.reshape(-1, g)  # [N] -> [groups, G]
     advantages = np.asarray(adv_lib.grpo_advantages(reward)).reshape(-1)
-    hard = np.repeat(np.asarray(adv_lib.hard_prompts(acc, cfg.algorithm.difficulty_threshold)), g)
+    hard = np.repeat(np.asarray(adv_lib.hard_prompts(acc, algorithm.difficulty_threshold)), g)
     # Response slots past the longest response carry nothing: cut them, rounded up for few shapes.
-    mult = cfg.data.pad_to_multiple
+    mult = data.pad_to_multiple
     longest = max(kept.response_mask.sum(-1).max(), 1)
     r = min(int(np.ceil(longest / mult) * mult), kept.tokens.shape[1])
     tokens, rmask = kept.tokens[:, :r], kept.response_mask[:, :r]
@@ -197,69 +234,71 @@ def build_batch(c: Components, kept: KeptGroups) -> UpdateBatch:
     )
 
 
-def batch_shards(c: Components) -> int:
+def batch_shards(mesh) -> int:
     """How many ways the batch axis is split (mesh data x fsdp)."""
-    return int(c.mesh.shape["data"] * c.mesh.shape["fsdp"])
+    return int(mesh.shape["data"] * mesh.shape["fsdp"])
 
 
-def balance_rows(c: Components, batch: UpdateBatch) -> tuple[UpdateBatch, dict]:
+def balance_rows(batch: UpdateBatch, mesh, cfg: Config) -> tuple[UpdateBatch, dict]:
     """`data.balance_batch`: rows reordered so every batch shard gets a similar token count."""
-    if not c.cfg.data.balance_batch:
+    if not cfg.data.balance_batch:
         return batch, {}
-    return balance.balance_batch(batch, batch_shards(c), c.cfg)
+    return balance.balance_batch(batch, batch_shards(mesh), cfg)
 
 
 # ---------------------------------------------------------------- 6 OLD LOG-PROBS
-def micro_plan(c: Components, batch: UpdateBatch) -> list[packing.Micro]:
-    """The micro-batches of `batch` (packing.py): with `optim.max_tokens_per_micro` token-budget
-    ones (longest rows first, bucketed widths), else `micro_batch_size` rows in order at the
-    batch's full width (equal-width micro-batches). Scoring and update use the same plan."""
-    o = c.cfg.optim
-    if not o.max_tokens_per_micro:
-        return packing.fixed(batch.input_ids.shape[0], o.micro_batch_size,
+def micro_plan(batch: UpdateBatch, spec: MicroSpec) -> list[packing.Micro]:
+    """The micro-batches of `batch` (packing.py): with a token budget (`spec.max_tokens`) longest
+    rows first at bucketed widths, else `spec.micro_rows` rows in order at the batch's full width
+    (equal-width micro-batches). Scoring and update use the same plan."""
+    if not spec.max_tokens:
+        return packing.fixed(batch.input_ids.shape[0], spec.micro_rows,
                              batch.response_mask.shape[1])  # fmt: skip
     return packing.plan(
         packing.response_extent(batch.response_mask),
         batch.prompt_len,
-        max_tokens=o.max_tokens_per_micro,
-        shards=batch_shards(c),
-        multiple=c.cfg.data.pad_to_multiple,
-        cap=c.cfg.rollout.max_response_length,
+        max_tokens=spec.max_tokens,
+        shards=spec.shards,
+        multiple=spec.multiple,
+        cap=spec.cap,
     )
 
 
-def old_logprobs(c: Components, params, batch: UpdateBatch) -> tuple[UpdateBatch, float]:
+def old_logprobs(p: Programs, params, batch: UpdateBatch,
+                 spec: MicroSpec) -> tuple[UpdateBatch, float]:  # fmt: skip
     """The batch with the policy's (and the reference's) log-probs of its response tokens,
     computed micro-batch by micro-batch; also the mean entropy over response tokens."""
-    t, m = c.step_cfg.temperature, batch.response_mask
+    t, m = p.step_cfg.temperature, batch.response_mask
     old, ref, ent = np.zeros_like(m), np.zeros_like(m), np.zeros_like(m)
 
-    for m_plan in micro_plan(c, batch):
+    for m_plan in micro_plan(batch, spec):
         mb = packing.gather(batch, m_plan)
-        ids, mask = put(c, mb.input_ids), put(c, mb.attention_mask)
-        lp, e = to_host(score_responses(c.graphdef, params, ids, mask, mb.prompt_len, t))
+        ids, mask = put(p.mesh, mb.input_ids), put(p.mesh, mb.attention_mask)
+        lp, e = to_host(score_responses(p.graphdef, params, ids, mask, mb.prompt_len, t))
         packing.scatter(lp, m_plan, old)
         packing.scatter(e, m_plan, ent)
-        if c.ref_params is not None:
-            ref_lp = score_responses(c.graphdef, c.ref_params, ids, mask, mb.prompt_len, t)
+        if p.ref_params is not None:
+            ref_lp = score_responses(p.graphdef, p.ref_params, ids, mask, mb.prompt_len, t)
             packing.scatter(to_host(ref_lp[0]), m_plan, ref)
-    ref = ref * m if c.ref_params is not None else batch.ref_log_prob
+    ref = ref * m if p.ref_params is not None else batch.ref_log_prob
     mean_ent = float((ent * m).sum() / max(m.sum(), 1))
     return batch.replace(old_log_prob=old * m, ref_log_prob=ref), mean_ent
 
 
-def put(c: Components, x, lead: int = 0):
+def put(mesh, x, lead: int = 0):
     """Host array -> device, batch axis (after `lead` leading axes) over data x fsdp."""
     names = (None,) * lead + ("act_batch",) + (None,) * (x.ndim - lead - 1)
-    return dist.put_global(x, logical_sharding(names, c.mesh, x.shape))
+    return dist.put_global(x, logical_sharding(names, mesh, x.shape))
 
 
 # ---------------------------------------------------------------- 7 UPDATE
-def update_mini(c: Components, state: TrainState, mini: UpdateBatch) -> tuple[TrainState, dict]:
+def update_mini(p: Programs, state: TrainState, mini: UpdateBatch,
+                spec: MicroSpec) -> tuple[TrainState, dict]:  # fmt: skip
     """One optimizer update from one PPO mini-batch (host arrays; TrainState donated)."""
-    grads_fn, apply_fn = c.update_fns
+    grads_fn, apply_fn = p.update_fns
     micros = [
-        jax.tree.map(lambda x: put(c, x), packing.gather(mini, m)) for m in micro_plan(c, mini)
+        jax.tree.map(lambda x: put(p.mesh, x), packing.gather(mini, m))
+        for m in micro_plan(mini, spec)
     ]
     rmask = np.asarray(mini.response_mask)
     num_tokens, num_seqs = np.float32(rmask.sum()), np.float32((rmask > 0).any(-1).sum())
@@ -267,15 +306,17 @@ def update_mini(c: Components, state: TrainState, mini: UpdateBatch) -> tuple[Tr
     return packed_update(state, micros, num_tokens, num_seqs, grads_fn, apply_fn, zeros)
 
 
-def update_all(c: Components, state: TrainState, batch: UpdateBatch) -> tuple[TrainState, dict]:
-    """`optim.ppo_epochs` passes over the batch in mini-batches of `mini_batch_size` prompts."""
-    o, g = c.cfg.optim, c.cfg.rollout.n
+def update_all(p: Programs, state: TrainState, batch: UpdateBatch, spec: MicroSpec, optim,
+               g: int) -> tuple[TrainState, dict]:  # fmt: skip
+    """`optim.ppo_epochs` passes over the batch in mini-batches of `optim.mini_batch_size`
+    prompts of `g` responses."""
+    o = optim
     n_rows, mini_rows = batch.input_ids.shape[0], o.mini_batch_size * g
     per_update = []
     for _ in range(o.ppo_epochs):
         for start in range(0, n_rows, mini_rows):
             mini = jax.tree.map(lambda x, s=start: x[s : s + mini_rows], batch)
-            state, metrics = update_mini(c, state, mini)
+            state, metrics = update_mini(p, state, mini, spec)
             per_update.append(metrics)
     metrics = jax.tree.map(lambda *xs: np.mean([np.asarray(x) for x in xs]), *per_update)
     # a count, not a mean: updates of this step skipped for a non-finite loss or gradient norm

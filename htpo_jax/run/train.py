@@ -54,7 +54,7 @@ from htpo_jax.run.config import Config, cli_config, dump_yaml
 from htpo_jax.run.data import DataError, DataState, PromptStream, train_stream, val_dataset
 from htpo_jax.run.metrics import MetricsLogger, plain
 from htpo_jax.run.policy import build_model, make_optimizer
-from htpo_jax.run.stages import Components, SamplingExhausted
+from htpo_jax.run.stages import Components, Programs, SamplingExhausted, Services
 
 log = logging.getLogger("htpo_jax.train")
 # The default run lives in the repository, next to the package, not inside it: a wheel (or any
@@ -103,15 +103,17 @@ def rl_step(c: Components, state: TrainState, step: int) -> tuple[TrainState, di
     metrics). The TrainState is donated to the update: use only the returned one."""
     clock = StageClock()
     key = jax.random.fold_in(state.rng, step)
+    p, s, cfg = c.programs, c.services, c.cfg
+    spec = stages.MicroSpec.of(cfg, p.mesh)
     with clock("rollout_reward_filter"):  # 1 DATA, 2 ROLLOUT, 3 REWARD, 4 FILTER
-        kept, stats = stages.collect(c, state.params, key)
-    c.sync.barrier(f"old log-probs step {step}")
+        kept, stats = stages.collect(p, s, cfg, state.params, key)
+    s.sync.barrier(f"old log-probs step {step}")
     with clock("old_log_prob"):
-        batch = stages.build_batch(c, kept)  # 5 ADVANTAGE
-        batch, balance_stats = stages.balance_rows(c, batch)
-        batch, mean_ent = stages.old_logprobs(c, state.params, batch)  # 6 OLD LOG-PROBS
-    with clock("update"):
-        state, update_metrics = stages.update_all(c, state, batch)  # 7 UPDATE
+        batch = stages.build_batch(kept, cfg.rollout.n, cfg.algorithm, cfg.data)  # 5 ADVANTAGE
+        batch, balance_stats = stages.balance_rows(batch, p.mesh, cfg)
+        batch, mean_ent = stages.old_logprobs(p, state.params, batch, spec)  # 6 OLD LOG-PROBS
+    with clock("update"):  # 7 UPDATE
+        state, update_metrics = stages.update_all(p, state, batch, spec, cfg.optim, cfg.rollout.n)
     metrics = {**stats, **balance_stats, **update_metrics, "train/entropy": mean_ent}
     return state, {**metrics, **clock.total()}
 
@@ -173,20 +175,24 @@ def components(
         yield (
             Components(
                 cfg=cfg,
-                mesh=mesh,
-                tokenizer=tokenizer,
-                graphdef=graphdef,
-                sampler=sampler,
-                ref_params=ref_params,
-                step_cfg=step_cfg,
-                update_fns=(jit_micro_grads(graphdef, step_cfg), jit_apply_grads(tx)),
-                stream=stream,
-                val_set=val_set,
-                ckpt=ckpt,
-                logger=logger,
-                pools=pools,
-                watch=watch.StepWatch(cfg, vocab_size),
-                sync=sync,
+                programs=Programs(
+                    mesh=mesh,
+                    tokenizer=tokenizer,
+                    graphdef=graphdef,
+                    sampler=sampler,
+                    ref_params=ref_params,
+                    step_cfg=step_cfg,
+                    update_fns=(jit_micro_grads(graphdef, step_cfg), jit_apply_grads(tx)),
+                ),
+                services=Services(
+                    stream=stream,
+                    val_set=val_set,
+                    ckpt=ckpt,
+                    logger=logger,
+                    pools=pools,
+                    watch=watch.StepWatch(cfg, vocab_size),
+                    sync=sync,
+                ),
                 run_id=run_id,
                 start_step=start,
             ),
@@ -197,11 +203,12 @@ def components(
 # ---------------------------------------------------------------- 8 LOG / EVAL / SAVE
 def run_validation(c: Components, params) -> dict:
     """Validation metrics of `params` (`validation.validate`, the same key every time), or {}."""
-    if c.val_set is None:
+    p, s = c.programs, c.services
+    if s.val_set is None:
         return {}
     t0 = time.perf_counter()
     key = jax.random.fold_in(jax.random.key(c.cfg.trainer.seed), 2**30)  # same every time
-    out = validate(c.sampler, params, c.tokenizer, c.val_set, c.cfg, rng=key, pools=c.pools)
+    out = validate(p.sampler, params, p.tokenizer, s.val_set, c.cfg, rng=key, pools=s.pools)
     return {**out, "time/val": time.perf_counter() - t0}
 
 
@@ -209,11 +216,11 @@ def save(c: Components, state: TrainState, step: int) -> None:
     """Checkpoint `state` with what resuming needs: the step, the data position, the config."""
     extra = {
         "step": step,
-        "data": c.stream.state.to_json(),
+        "data": c.services.stream.state.to_json(),
         "config": c.cfg.to_dict(),
         "run_id": c.run_id,
     }
-    c.watch.save(step, state, extra, c.ckpt)
+    c.services.watch.save(step, state, extra, c.services.ckpt)
 
 
 class RunStops(dist.StopSignals):
@@ -243,7 +250,7 @@ def _summary(c: Components, first_val, last_val, steps: int, stopped, metrics, *
         "steps": steps,
         "stopped": stopped,
         # only the main process writes metrics.jsonl (MetricsLogger)
-        "metrics": str(c.logger.path) if c.logger.enabled else None,
+        "metrics": str(c.services.logger.path) if c.services.logger.enabled else None,
         "checkpoints": c.cfg.checkpoint_dir,
         "last": plain({k: v for k, v in metrics.items() if isinstance(v, int | float | np.number)}),
         **extra,
@@ -256,6 +263,7 @@ def run_loop(c: Components, state: TrainState, stops: dist.StopSignals) -> dict:
     run before its first step (`saved` False in the summary); a run already at
     `trainer.total_steps` does nothing (`already_complete`)."""
     t, total = c.cfg.trainer, c.cfg.trainer.total_steps
+    logger, ckpt = c.services.logger, c.services.ckpt
     first_val = last_val = stopped = None
     step, metrics = c.start_step, {}
     early = lambda reason: _summary(c, first_val, None, c.start_step, reason, {}, saved=False)
@@ -266,11 +274,11 @@ def run_loop(c: Components, state: TrainState, stops: dist.StopSignals) -> dict:
         return early(reason)
     if t.val_only:  # eval.sh's mode: validate the current (restored) policy, then stop
         last_val = run_validation(c, state.params)
-        c.logger.log(c.start_step, last_val)
+        logger.log(c.start_step, last_val)
         total = c.start_step
     elif c.start_step == 0 and t.val_before_train:
         first_val = run_validation(c, state.params)
-        c.logger.log(0, first_val)
+        logger.log(0, first_val)
         if reason := stops.should_stop(c.start_step):
             return early(reason)
     if isinstance(stops, RunStops):
@@ -291,10 +299,10 @@ def run_loop(c: Components, state: TrainState, stops: dist.StopSignals) -> dict:
             metrics.update(last_val)
         metrics["train/lr_step"] = int(state.step)
         if step % t.log_every == 0 or step == total or "val/accuracy" in metrics:
-            c.logger.log(step, metrics)
-        c.watch.after_step(step, metrics, c.ckpt)  # non-finite stop, collapse, disk
+            logger.log(step, metrics)
+        c.services.watch.after_step(step, metrics, ckpt)  # non-finite stop, collapse, disk
         stopped = stops.should_stop(step)
-        if c.ckpt.should_save(step, last=step == total) or stopped:
+        if ckpt.should_save(step, last=step == total) or stopped:
             save(c, state, step)
         val = (last_val or first_val or {}).get("val/accuracy", float("nan"))
         bar.set_postfix(acc=f"{metrics['train/accuracy']:.2f}", val=f"{val:.2f}")
