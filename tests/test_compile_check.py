@@ -80,7 +80,14 @@ def test_every_program_and_a_huge_shape(tmp_path):
     out = run_tool("--devices", "cpu:4", "--json", tmp_path / "r.json")
     assert out.returncode == 0, out.stderr[-2000:]
     names = [r["program"] for r in json.loads((tmp_path / "r.json").read_text())["programs"]]
-    assert names == ["rollout", "engine_decode", "engine_prefill", "old_log_prob", "update"]
+    assert names == [
+        "rollout",
+        "engine_decode",
+        "engine_prefill",
+        "old_log_prob",
+        "update",
+        "optimizer",
+    ]
     # 64 responses of 64k tokens per micro-batch with full attention: the update cannot fit 8 GiB
     huge = ("optim.micro_batch_size=64", "rollout.max_response_length=65536")
     out = run_tool("--devices", "cpu:4", "--programs", "update", "--hbm-gib", "8", "--set", *huge)
@@ -96,7 +103,14 @@ def test_default_config_on_a_small_tpu_topology(tmp_path):
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["topology"] == "v5e:2x2" and report["hbm_per_chip"] == 16 * GiB
     names = [r["program"] for r in report["programs"]]
-    assert names == ["rollout", "engine_decode", "engine_prefill", "old_log_prob", "update"]
+    assert names == [
+        "rollout",
+        "engine_decode",
+        "engine_prefill",
+        "old_log_prob",
+        "update",
+        "optimizer",
+    ]
     assert all(r["fits"] and r["flops"] > 0 for r in report["programs"])
 
 

@@ -260,8 +260,13 @@ def update_programs(ctx: Context) -> list[Program]:
     from htpo_jax.rl.train_step import TrainState, jit_apply_grads, jit_micro_grads
 
     p = prompt_width(ctx.cfg)
-    state = jax.eval_shape(lambda: TrainState.create(ctx.params, ctx.tx))
-    state = state.replace(params=ctx.params, opt_state=ctx.opt_state)  # with their shardings
+    # The abstract state (TrainState.create would need concrete parameters): its shardings.
+    state = TrainState(
+        params=ctx.params,
+        opt_state=ctx.opt_state,
+        step=jax.ShapeDtypeStruct((), jnp.int32),
+        rng=jax.eval_shape(lambda: jax.random.key(0)),
+    )
     state_sh = shardings(state)
     out = []
     grads_fn = jit_micro_grads(ctx.graphdef, ctx.step_cfg, shardings(ctx.params))
