@@ -36,6 +36,12 @@ def pytest_configure(config):
         )
 
 
+def pytest_report_header(config):
+    if not _multidevice_run(config):
+        return "tests/multidevice: not in this run (python -m pytest -q tests/multidevice)"
+    return None
+
+
 def pytest_ignore_collect(collection_path, config):
     if collection_path == MULTIDEVICE and not _multidevice_run(config):
         return True

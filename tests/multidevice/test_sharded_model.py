@@ -5,6 +5,7 @@ sharded forward, KV-cache prefill and log-prob gradients equal the unsharded one
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 from tiny_models import left_padded_batch, random_decoder
 
@@ -14,6 +15,7 @@ from htpo_jax.models.hf_io import from_pretrained, save_pretrained
 from htpo_jax.models.logprobs import logprobs_and_entropy
 
 
+@pytest.mark.slow  # ~40 s on a loaded 2-core box
 def test_sharded_model_matches_unsharded(tmp_path):
     assert jax.device_count() == 8, jax.devices()
     mesh = make_mesh(data=2, fsdp=2, tensor=2)

@@ -10,6 +10,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 from tiny_models import left_padded_batch, random_decoder
 
@@ -18,6 +19,7 @@ from htpo_jax.infra.sharding import make_mesh, shard_model
 from htpo_jax.rollout import EngineConfig, generate
 
 
+@pytest.mark.slow  # ~100 s on a loaded 2-core box
 def test_sharded_generation_matches_one_device():
     assert jax.device_count() == 8, jax.devices()
     ids, mask = left_padded_batch(5, b=8, t=11)  # 8 rows: 2 per batch shard

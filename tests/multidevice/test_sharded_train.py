@@ -4,6 +4,7 @@ htpo_loss with its batch split 8 ways, jit_update on a data=2 x fsdp=2 mesh of 4
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 from helpers import random_loss_batch, random_update_batch
 from jax.sharding import Mesh, NamedSharding
@@ -29,6 +30,7 @@ def test_sharded_loss_batch_matches_unsharded():
     np.testing.assert_allclose(got[1], want[1], rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.slow  # ~65 s on a loaded 2-core box
 def test_update_sharded_on_four_devices_matches_one():
     assert jax.device_count() == 8  # the mesh takes the first 4
     cfg = load_config(None, ["optim.learning_rate=1e-2", "optim.warmup_steps=0"])
