@@ -9,11 +9,6 @@ from htpo_jax.rewards import dapo_math_score
 from htpo_jax.tasks import arith
 
 
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    return arith.write_tokenizer(tmp_path_factory.mktemp("tok"))
-
-
 def test_reference_solutions_score_one():
     problems = arith.generate_problems(500, seed=3)
     for p in problems:

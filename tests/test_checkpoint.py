@@ -3,29 +3,12 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
+from helpers import make_state
 
 from htpo_jax.run.checkpoint import Checkpointer
 from htpo_jax.run.config import load_config
 from htpo_jax.run.data import DataState
-
-
-def make_state(seed=0):
-    params = {
-        "embed_vd": jnp.arange(12.0).reshape(4, 3) + seed,
-        "layers": {"w_dd": jnp.ones((3, 3), jnp.bfloat16) * (seed + 1), "b_d": jnp.zeros(3)},
-    }
-    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3, weight_decay=0.1))
-    opt_state = opt.init(params)
-    grads = jax.tree.map(jnp.ones_like, params)
-    _, opt_state = opt.update(grads, opt_state, params)  # non-trivial moments and count
-    return {
-        "params": params,
-        "opt_state": opt_state,
-        "step": jnp.asarray(seed, jnp.int32),
-        "rng": jax.random.key(seed),
-    }
 
 
 def assert_same(a, b):

@@ -19,15 +19,13 @@ from htpo_jax.run.data import (
     train_stream,
     val_dataset,
 )
-from htpo_jax.tasks import arith
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
+def tok(tok_dir):
     from transformers import AutoTokenizer
 
-    path = arith.write_tokenizer(tmp_path_factory.mktemp("tok"))
-    return AutoTokenizer.from_pretrained(str(path))
+    return AutoTokenizer.from_pretrained(str(tok_dir))
 
 
 def dapo_row(q, a, source="math"):

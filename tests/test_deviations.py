@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import random_update_batch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_train_step import random_batch, tiny_model
+from tiny_models import tiny_model
 
 from htpo_jax.infra.sharding import make_mesh
 from htpo_jax.rewards.routing import (
@@ -52,7 +53,7 @@ def test_every_update_of_rl_step_s_uses_the_step_s_lr():
     sched = rl_step_schedule(cfg.optim, steps)
     graphdef, params = nnx.split(tiny_model())
     state, update = _state(params, tx), jit_update(graphdef, tx, StepConfig.from_config(cfg))
-    mini = _mini(random_batch())
+    mini = _mini(random_update_batch())
     lrs = []
     for _ in range(steps * updates_per_step):
         state, metrics = update(state, mini)
@@ -71,7 +72,7 @@ def test_nan_gradient_skips_the_update_and_counts_it():
     tx = make_optimizer(cfg.optim, 10)
     graphdef, params = nnx.split(tiny_model())
     update = jit_update(graphdef, tx, StepConfig.from_config(cfg))
-    good = random_batch()
+    good = random_update_batch()
     state, metrics = update(_state(params, tx), _mini(good))  # one real update first
     assert float(metrics["nonfinite_skipped"]) == 0
     before = jax.tree.map(np.asarray, (state.params, state.opt_state.inner_state))
@@ -101,7 +102,7 @@ def test_rl_step_reports_the_number_of_skipped_updates():
     )
     tx = make_optimizer(cfg.optim, 10, 2)
     graphdef, params = nnx.split(tiny_model())
-    batch = random_batch()  # 8 rows = 2 mini-batches of 2 prompts x 2 samples
+    batch = random_update_batch()  # 8 rows = 2 mini-batches of 2 prompts x 2 samples
     nan_second = np.where(np.arange(8)[:, None] >= 4, np.nan, batch.old_log_prob)
     batch = batch.replace(old_log_prob=nan_second.astype(np.float32))
     mesh = make_mesh(1, -1, 1)
@@ -218,7 +219,7 @@ def test_balance_batch_moves_whole_rows_together():
             "optim.micro_batch_size=4",
         ],
     )
-    batch = random_batch()
+    batch = random_update_batch()
     new, stats = balance.balance_batch(batch, 2, cfg)
     order = balance.mesh_order(batch.attention_mask.sum(-1), 2, 4, 4)
     for field in ("input_ids", "attention_mask", "advantages", "old_log_prob", "hard", "correct"):

@@ -15,7 +15,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_checkpoint import make_state
+from helpers import make_state
 from tiny_models import hf_config_dict
 
 from htpo_jax.run import lock, preflight, resume_checks, watch

@@ -9,28 +9,12 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
-from test_checkpoint import make_state
-from test_train import overrides
-from tiny_models import small_qwen3
+from helpers import make_state, overrides
 
-from htpo_jax.models.hf_io import save_pretrained
 from htpo_jax.run import lock, watch
 from htpo_jax.run import train as T
 from htpo_jax.run.checkpoint import Checkpointer
 from htpo_jax.run.config import dump_yaml, load_config
-from htpo_jax.tasks.arith import write_task_data, write_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tiny_run_dir(tmp_path_factory):
-    """As in test_train: a random 2-layer model, the arithmetic tokenizer, a little task data."""
-    from transformers import AutoTokenizer
-
-    root = tmp_path_factory.mktemp("tiny")
-    tok = write_tokenizer(root / "model")
-    save_pretrained(small_qwen3(len(AutoTokenizer.from_pretrained(str(tok)))), root / "model")
-    write_task_data(root / "data", n_train=64, n_val=8, seed=0, max_ops=1)
-    return root
 
 
 def run_main(argv, capsys) -> tuple[int, str]:

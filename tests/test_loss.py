@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import random_loss_batch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tiny_models import run_on_fake_devices
 
 from htpo_jax.rl.loss import (
     AGG_MODES,
@@ -143,22 +143,10 @@ def test_split_matches_reference_and_partitions(batch):
             assert not drop[i].any()
 
 
-def random_batch(b, t, seed=0, dtype=np.float32):
-    rng = np.random.default_rng(seed)
-    old = -np.abs(rng.normal(size=(b, t))) * 2
-    lp = old + rng.normal(size=(b, t)) * 0.3
-    ent = rng.gamma(1.0, 1.0, (b, t))
-    adv = np.repeat(rng.normal(size=(b, 1)), t, 1)
-    mask = np.arange(t)[None] < rng.integers(1, t + 1, (b, 1))
-    hard, correct = rng.random(b) < 0.5, rng.random(b) < 0.5
-    f = [x.astype(dtype) for x in (lp, old, ent, adv, mask)]
-    return f + [hard, correct]
-
-
 @settings(max_examples=15, deadline=None)
 @given(st.integers(0, 10_000), st.sampled_from([1, 37]))
 def test_invariant_to_padding_and_permutation(seed, pad):
-    lp, old, ent, adv, mask, hard, correct = random_batch(4, 50, seed)
+    lp, old, ent, adv, mask, hard, correct = random_loss_batch(4, 50, seed)
     (loss, m), grad = loss_and_grad(*map(jnp.asarray, (lp, old, ent, adv, mask, hard, correct)))
 
     padded = [np.pad(x, ((0, 0), (0, pad)), constant_values=7.0) for x in (lp, old, ent, adv)]
@@ -211,7 +199,7 @@ def test_edge_rows_no_error_no_nan():
 
 
 def test_group_fractions_sum_to_one_and_entropy_means():
-    lp, old, ent, adv, mask, hard, correct = random_batch(8, 64, 3)
+    lp, old, ent, adv, mask, hard, correct = random_loss_batch(8, 64, 3)
     _, m = htpo_loss(*map(jnp.asarray, (lp, old, ent, adv, mask, hard, correct)))
     total = sum(float(m[f"group_frac/{g}"]) for g in GROUP_NAMES)
     assert abs(total - 1.0) < 1e-6
@@ -232,7 +220,7 @@ def test_accumulation_over_micro_batches_equals_one_batch(name):
     the whole batch. high_entropy_only selects per (micro-)batch, so its halves add up to the
     clipped loss over the union of the halves' selections, divided by the count a selection over
     the whole batch keeps, max(floor(0.2 N), 1)."""
-    lp, old, ent, adv, mask, hard, correct = random_batch(8, 40, 5)
+    lp, old, ent, adv, mask, hard, correct = random_loss_batch(8, 40, 5)
     fn = LOSSES[name]
 
     def call(sl, mask=mask, **kw):
@@ -267,7 +255,7 @@ def test_accumulation_over_micro_batches_equals_one_batch(name):
 
 def test_registry_entries_equal_the_public_functions():
     """LOSSES["htpo"](LossInputs) is htpo_loss with its documented positional arguments."""
-    lp, old, ent, adv, mask, hard, correct = map(jnp.asarray, random_batch(6, 30, 4))
+    lp, old, ent, adv, mask, hard, correct = map(jnp.asarray, random_loss_batch(6, 30, 4))
     x = LossInputs(lp, old, adv, mask, entropy=ent, hard=hard, correct=correct)
     got, got_m = LOSSES["htpo"](x, num_tokens=jnp.sum(mask))
     want, want_m = htpo_loss(lp, old, ent, adv, mask, hard, correct, num_tokens=jnp.sum(mask))
@@ -281,7 +269,7 @@ def test_registry_entries_equal_the_public_functions():
 def test_dapo_is_htpo_without_groups():
     """With rho = 0 only the top-entropy token of a row is high; on wrong responses with r = 1
     there, every token gets the plain clipped loss, so HTPO equals DAPO."""
-    lp, old, ent, adv, mask, hard, correct = random_batch(6, 30, 9)
+    lp, old, ent, adv, mask, hard, correct = random_loss_batch(6, 30, 9)
     top = np.argmax(np.where(mask > 0, ent, -1), axis=1)
     lp[np.arange(6), top] = old[np.arange(6), top]
     cfg = LossConfig(high_entropy_ratio=0.0)
@@ -292,7 +280,7 @@ def test_dapo_is_htpo_without_groups():
 
 
 def test_high_entropy_only_uses_batch_top_fraction():
-    lp, old, ent, adv, mask, _, _ = random_batch(4, 50, 11)
+    lp, old, ent, adv, mask, _, _ = random_loss_batch(4, 50, 11)
     _, m = high_entropy_only_loss(*map(jnp.asarray, (lp, old, ent, adv, mask)))
     n = mask.sum()
     k = max(int(0.2 * n), 1)
@@ -304,7 +292,7 @@ def test_high_entropy_only_with_the_trainers_token_count():
     """The trainer passes every loss the mini-batch's valid-token count: for one batch (no ties in
     H) high_entropy_only then equals its own token-mean over the tokens it selects (it was
     divided by all valid tokens, 1 / rho times too small)."""
-    lp, old, ent, adv, mask, _, _ = map(jnp.asarray, random_batch(4, 50, 12))
+    lp, old, ent, adv, mask, _, _ = map(jnp.asarray, random_loss_batch(4, 50, 12))
     alone, _ = high_entropy_only_loss(lp, old, ent, adv, mask)
     counted, _ = high_entropy_only_loss(lp, old, ent, adv, mask, num_tokens=jnp.sum(mask))
     np.testing.assert_allclose(counted, alone, rtol=1e-6)
@@ -312,7 +300,7 @@ def test_high_entropy_only_with_the_trainers_token_count():
 
 
 def test_bfloat16_is_preserved_and_jittable():
-    args = random_batch(4, 32, 2, dtype=jnp.bfloat16)
+    args = random_loss_batch(4, 32, 2, dtype=jnp.bfloat16)
     loss, m = jax.jit(htpo_loss)(*map(jnp.asarray, args))
     assert loss.dtype == jnp.bfloat16 and np.isfinite(float(loss))
 
@@ -349,7 +337,7 @@ def test_config_takes_numpy_scalars():
     assert cfg.clip_ratio_c == 10.0 and cfg.max_response_length == 64
     assert type(cfg.max_response_length) is int
     hash(cfg)  # a static jit argument
-    lp, old, ent, adv, mask, hard, correct = map(jnp.asarray, random_batch(4, 20, 1))
+    lp, old, ent, adv, mask, hard, correct = map(jnp.asarray, random_loss_batch(4, 20, 1))
     got, _ = jax.jit(htpo_loss, static_argnames="config")(
         lp, old, ent, adv, mask, hard, correct, config=cfg
     )
@@ -360,7 +348,7 @@ def test_dr_grpo_does_not_depend_on_padding():
     """Dr. GRPO divides each response's token sum by a constant (the maximum response length):
     padding the same responses from 32 to 64 or 100 columns (garbage in the padding) changes
     neither the loss nor the gradient. It divided by the width: padding to 64 halved it."""
-    lp, old, _, adv, mask, _, _ = random_batch(4, 32, 1)
+    lp, old, _, adv, mask, _, _ = random_loss_batch(4, 32, 1)
     cfg = LossConfig(max_response_length=64)
     f = jax.value_and_grad(lambda p, *a, **kw: dr_grpo_loss(p, *a, **kw)[0])
 
@@ -416,7 +404,7 @@ ENTRIES = {
 
 
 def _inputs(b=4, t=16, seed=4):
-    lp, old, ent, adv, mask, hard, correct = map(jnp.asarray, random_batch(b, t, seed))
+    lp, old, ent, adv, mask, hard, correct = map(jnp.asarray, random_loss_batch(b, t, seed))
     return LossInputs(lp, old, adv, mask, entropy=ent, hard=hard, correct=correct)
 
 
@@ -502,7 +490,7 @@ def test_float16_counts_do_not_overflow(name):
     """80,000 float16 tokens: counted in float16 the count was inf (max 65,504), the loss 0 and
     the gradient zero. Sums and counts are float32 now; the loss keeps the input dtype."""
     b, t = 4, 20_000
-    lp, old, ent, adv, mask, hard, correct = random_batch(b, t, 2)
+    lp, old, ent, adv, mask, hard, correct = random_loss_batch(b, t, 2)
     mask[:] = 1.0
 
     def run(dtype):
@@ -525,7 +513,7 @@ def test_masked_slots_are_inert(name, agg):
     """NaN / -inf / inf at masked slots (of log-probs, old log-probs, advantages, entropies)
     give the same loss and gradient as zeros there, and exactly 0 gradient at those slots (a
     masked -inf log-prob gave NaN through exp(lp - sg(lp)))."""
-    lp, old, ent, adv, mask, hard, correct = random_batch(5, 24, 6)
+    lp, old, ent, adv, mask, hard, correct = random_loss_batch(5, 24, 6)
     mask[:, 5] = 0.0  # holes, and a row with none
     mask[3] = 0.0
     masked = mask == 0
@@ -550,28 +538,3 @@ def test_masked_slots_are_inert(name, agg):
     np.testing.assert_array_equal(g, clean_g)
     for key, v in metrics.items():
         assert float(v) == float(clean_metrics[key]), key
-
-
-SHARDED = """
-import jax, jax.numpy as jnp, numpy as np, sys
-sys.path.insert(0, {tests!r})
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from test_loss import random_batch
-from htpo_jax.rl.loss import htpo_loss
-assert jax.device_count() == 8
-args = [jnp.asarray(x) for x in random_batch(16, 96, 4)]
-f = jax.jit(jax.value_and_grad(lambda lp, *a: htpo_loss(lp, *a)[0]))
-want = f(*args)
-mesh = Mesh(np.array(jax.devices()), ("data",))
-sh = [jax.device_put(x, NamedSharding(mesh, P("data", *([None] * (x.ndim - 1))))) for x in args]
-got = f(*sh)
-assert len(got[1].sharding.device_set) == 8
-np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
-np.testing.assert_allclose(got[1], want[1], rtol=1e-6, atol=1e-9)
-print("OK")
-"""
-
-
-@pytest.mark.slow  # a fresh process with fake devices
-def test_sharded_batch_matches_unsharded():
-    run_on_fake_devices(SHARDED, 8)

@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import overrides, random_update_batch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_train import overrides, tiny_run_dir  # noqa: F401, F811 (a fixture)
-from test_train_step import random_batch, tiny_model
+from tiny_models import tiny_model
 
 from htpo_jax.rl import packing
 from htpo_jax.rl.loss import AGG_MODES, LOSSES, LossConfig, LossInputs
@@ -113,7 +113,7 @@ def _state(params, tx):
 def test_packed_update_equals_unpacked(loss, agg):
     sc, graphdef, params, tx = _setup(loss, agg)
     assert sc.loss_config.max_response_length == MAX_RESPONSE
-    batch = random_batch(n=8, p=6, r=40, seed=3)
+    batch = random_update_batch(n=8, p=6, r=40, seed=3)
     # one-batch update, every row padded to the full width
     mini = jax.tree.map(lambda x: jnp.asarray(x)[None], batch)
     ref, m_ref = jit_update(graphdef, tx, sc)(_state(params, tx), mini)
@@ -175,7 +175,7 @@ def test_packed_loss_equals_padded(name, agg):
     one, of one padded batch, and of equal micro-batches (the scan's accumulation). The last two
     group rows otherwise, which high_entropy_only's per-call selection depends on: not for it."""
     cfg = LossConfig(loss_agg_mode=agg, max_response_length=MAX_RESPONSE)
-    batch = random_batch(n=8, p=6, r=40, seed=3)
+    batch = random_update_batch(n=8, p=6, r=40, seed=3)
     rm = np.asarray(batch.response_mask)
     rng = np.random.default_rng(1)
     lp = (np.asarray(batch.old_log_prob) + rng.normal(0, 0.3, rm.shape) * rm).astype(np.float32)
@@ -223,7 +223,7 @@ def test_packed_loss_equals_padded(name, agg):
 
 def test_packed_scoring_equals_padded():
     _, graphdef, params, _ = _setup("htpo")
-    batch = random_batch(n=8, p=6, r=40, seed=5)
+    batch = random_update_batch(n=8, p=6, r=40, seed=5)
     lp_ref, ent_ref = score_responses(
         graphdef, params, batch.input_ids, batch.attention_mask, 6, 1.0
     )
@@ -239,7 +239,7 @@ def test_packed_scoring_equals_padded():
 
 
 @pytest.mark.slow
-def test_trainer_with_token_budget_matches_padded_run(tiny_run_dir, tmp_path):  # noqa: F811
+def test_trainer_with_token_budget_matches_padded_run(tiny_run_dir, tmp_path):
     """Two RL steps with token-budget micro-batches (KL on: the reference pass is packed too)
     log the same losses as padded micro-batches: same rollouts, same math, other shapes."""
     runs = {}
@@ -271,7 +271,7 @@ def test_the_trainer_update_path_equals_the_scanned_update_with_token_weighted_m
     `packing.fixed`); it equals the scanned `jit_update` on [n_micro, micro] (which now ends in
     `apply_grads`), and both weight non-loss metrics by each micro-batch's tokens."""
     sc, graphdef, params, tx = _setup("htpo", "token-mean")
-    batch = random_batch(n=8, p=6, r=40, seed=5)
+    batch = random_update_batch(n=8, p=6, r=40, seed=5)
     rmask = np.asarray(batch.response_mask)
     rmask[:4, 10:] = 0  # the first micro-batch has far fewer tokens than the second
     batch = batch.replace(response_mask=rmask)

@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from tiny_models import left_padded_batch, random_decoder
 
 from htpo_jax.rl import sample as rl_sample
 from htpo_jax.rollout import Sampler, generate, sampling
@@ -20,16 +19,6 @@ from htpo_jax.run.config import load_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ENGINES = [None, "static"]
-
-
-@pytest.fixture(scope="module")
-def model():
-    return random_decoder("qwen3", False)
-
-
-@pytest.fixture(scope="module")
-def prompts():
-    return left_padded_batch(0, b=3, t=10)  # real lengths 5, 9, 10
 
 
 def assert_same(a, b):

@@ -9,64 +9,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny_models import small_qwen3
+from helpers import overrides
 
 from htpo_jax.infra import distributed as dist
-from htpo_jax.models.hf_io import save_pretrained
 from htpo_jax.run.config import load_config
 from htpo_jax.run.metrics import read_metrics
 from htpo_jax.run.train import main
-from htpo_jax.tasks.arith import write_task_data, write_tokenizer
 
 VOLATILE = ("time/",)  # wall-clock metrics differ between runs
-
-
-@pytest.fixture(scope="module")
-def tiny_run_dir(tmp_path_factory):
-    """A random 2-layer Qwen3-style model, the arithmetic tokenizer and a little task data."""
-    root = tmp_path_factory.mktemp("tiny")
-    model_dir = root / "model"
-    tok = write_tokenizer(model_dir)
-    from transformers import AutoTokenizer
-
-    vocab = len(AutoTokenizer.from_pretrained(str(tok)))
-    save_pretrained(small_qwen3(vocab), model_dir)
-    write_task_data(root / "data", n_train=64, n_val=8, seed=0, max_ops=1)
-    return root
-
-
-def overrides(root: Path, out: Path, **extra):
-    sets = {
-        "model.path": str(root / "model"),
-        "model.dtype": "float32",
-        "model.remat": False,
-        "data.train_files": str(root / "data" / "train.jsonl"),
-        "data.val_files": str(root / "data" / "val.jsonl"),
-        "data.train_batch_size": 2,
-        "data.gen_batch_size": 4,
-        "data.val_batch_size": 8,
-        "data.max_prompt_length": 64,
-        "data.pad_to_multiple": 16,
-        "rollout.n": 4,
-        "rollout.max_response_length": 16,
-        "rollout.val_temperature": 1.0,
-        "algorithm.overlong_buffer_len": 4,
-        "algorithm.reward_timeout_s": 0,
-        # A random model is almost never right: no dynamic sampling, or no group would survive.
-        "algorithm.dynamic_sampling": False,
-        "optim.learning_rate": 1e-3,
-        "optim.warmup_steps": 0,
-        "optim.mini_batch_size": 1,
-        "optim.micro_batch_size": 2,
-        "trainer.output_dir": str(out),
-        "trainer.total_steps": 2,
-        "trainer.val_every": 0,
-        "trainer.progress_bar": False,
-        "checkpoint.save_every": 1,
-        "checkpoint.max_to_keep": 5,
-    }
-    sets.update(extra)
-    return ["--set", *(f"{k}={v}" for k, v in sets.items())]
 
 
 @pytest.mark.slow

@@ -86,22 +86,6 @@ def small_qwen3(vocab: int, tied: bool = True) -> Decoder:
     return Decoder(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
 
 
-def run_on_fake_devices(code: str, n_devices: int, timeout: int = 300) -> None:
-    """Run a Python snippet in a fresh process with `n_devices` fake CPU devices (XLA_FLAGS must
-    be set before jax is imported); `{tests}` in it becomes this folder. Asserts it prints OK."""
-    import os
-    import subprocess
-    import sys
-    import textwrap
-    from pathlib import Path
-
-    env = dict(
-        os.environ,
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}",
-        JAX_PLATFORMS="cpu",
-    )
-    code = textwrap.dedent(code.replace("{tests!r}", repr(str(Path(__file__).parent))))
-    out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout
-    )
-    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+def tiny_model() -> Decoder:
+    """small_qwen3 over a 64-token vocabulary, untied: the update-step tests' policy."""
+    return small_qwen3(64, tied=False)

@@ -1,32 +1,22 @@
-"""Run as a script on 8 fake CPU devices (test_sharding.py launches it in a subprocess).
+"""The decoder on a data=2 x fsdp=2 x tensor=2 mesh of 8 fake CPU devices: parameters loaded with
+`from_pretrained(mesh=...)` and moved with `shard_model` are really sharded as the rules say; the
+sharded forward, KV-cache prefill and log-prob gradients equal the unsharded ones."""
 
-Checks, for a data=2 x fsdp=2 x tensor=2 mesh: parameters loaded with `from_pretrained(mesh=...)`
-and moved with `shard_model` are really sharded as the rules say; the sharded forward, KV-cache
-prefill and log-prob gradients equal the unsharded ones. Prints OK at the end.
-"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from tiny_models import left_padded_batch, random_decoder
 
-import os
-import sys
-import tempfile
-
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-os.environ["JAX_PLATFORMS"] = "cpu"
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(__file__))
-from tiny_models import left_padded_batch, random_decoder  # noqa: E402
-
-from htpo_jax.infra.sharding import make_mesh, shard_model  # noqa: E402
-from htpo_jax.models.decoder import positions_from_mask  # noqa: E402
-from htpo_jax.models.hf_io import from_pretrained, save_pretrained  # noqa: E402
-from htpo_jax.models.logprobs import logprobs_and_entropy  # noqa: E402
+from htpo_jax.infra.sharding import make_mesh, shard_model
+from htpo_jax.models.decoder import positions_from_mask
+from htpo_jax.models.hf_io import from_pretrained, save_pretrained
+from htpo_jax.models.logprobs import logprobs_and_entropy
 
 
-def main():
+@pytest.mark.slow  # ~40 s on a loaded 2-core box
+def test_sharded_model_matches_unsharded(tmp_path):
     assert jax.device_count() == 8, jax.devices()
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
     model = random_decoder("qwen3", False)
@@ -35,9 +25,8 @@ def main():
     ref_logits = np.asarray(nnx.jit(lambda m, i, k: m(i, k))(model, ids, mask))
     ref_grads = jax.tree.leaves(nnx.jit(nnx.grad(loss))(model))
 
-    with tempfile.TemporaryDirectory() as tmp:
-        save_pretrained(model, tmp, max_shard_bytes=40_000)
-        loaded = from_pretrained(tmp, dtype=jnp.float32, mesh=mesh)
+    save_pretrained(model, tmp_path, max_shard_bytes=40_000)
+    loaded = from_pretrained(tmp_path, dtype=jnp.float32, mesh=mesh)
     moved = shard_model(random_decoder("qwen3", False), mesh)
 
     for m in (loaded, moved):
@@ -68,8 +57,3 @@ def main():
     np.testing.assert_allclose(np.asarray(cached_logits)[mask], ref_logits[mask], atol=1e-5)
     for a, b in zip(grads, ref_grads, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-4)
-    print("OK")
-
-
-if __name__ == "__main__":
-    main()

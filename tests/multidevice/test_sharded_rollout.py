@@ -1,34 +1,26 @@
-"""Run as a script on 8 fake CPU devices (test_rollout.py launches it in a subprocess).
-
-On a data=2 x fsdp=2 x tensor=2 mesh, with the parameters sharded by the logical-axis rules,
-`generate` (one engine per batch shard; and the static sampler) gives the same greedy tokens and
-log-probs as on one device (and the same sampled tokens: each row's key is fold_in(rng, row),
-independent of the layout), also when the prompts do not fill the shards evenly (6 prompts, and
-3 prompts x n=2 on 4 shards, and when idle shards steal waiting rows), and its outputs are split
-over the batch. Prints OK at the end.
-"""
+"""The samplers on a data=2 x fsdp=2 x tensor=2 mesh of 8 fake CPU devices, the parameters
+sharded by the logical-axis rules: `generate` (one engine per batch shard; and the static sampler)
+gives the same greedy tokens and log-probs as on one device (and the same sampled tokens: each
+row's key is fold_in(rng, row), independent of the layout), also when the prompts do not fill the
+shards evenly (6 prompts, and 3 prompts x n=2 on 4 shards, and when idle shards steal waiting
+rows); its outputs are split over the batch, and so is the compiled program's KV cache."""
 
 import dataclasses
-import os
-import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-os.environ["JAX_PLATFORMS"] = "cpu"
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from tiny_models import left_padded_batch, random_decoder
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(__file__))
-from tiny_models import left_padded_batch, random_decoder  # noqa: E402
-
-from htpo_jax import rollout  # noqa: E402
-from htpo_jax.infra.sharding import make_mesh, shard_model  # noqa: E402
-from htpo_jax.rollout import EngineConfig, generate  # noqa: E402
+from htpo_jax import rollout
+from htpo_jax.infra.sharding import make_mesh, shard_model
+from htpo_jax.rollout import EngineConfig, generate
 
 
-def main():
+@pytest.mark.slow  # ~100 s on a loaded 2-core box
+def test_sharded_generation_matches_one_device():
     assert jax.device_count() == 8, jax.devices()
     ids, mask = left_padded_batch(5, b=8, t=11)  # 8 rows: 2 per batch shard
     kw = dict(max_new_tokens=10, eos_token_id=[7, 11])
@@ -94,8 +86,3 @@ def main():
     with jax.set_mesh(mesh):
         split = temp_bytes(model).memory_analysis().temp_size_in_bytes
     assert one > 16e6 and split < one / 4, (one, split)
-    print("OK")
-
-
-if __name__ == "__main__":
-    main()
