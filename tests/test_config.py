@@ -55,7 +55,8 @@ def test_paper_defaults():
         "model.remat",
         "data.train_files",
         "data.val_files",
-        "trainer.logger",
+        "trainer.loggers",
+        "trainer.wandb_project",
         "trainer.progress_bar",
         "optim.micro_batch_size",
     ]:
@@ -74,7 +75,7 @@ def test_yaml_and_overrides(tmp_path):
         "model:\n  path: /m\n"
         "optim:\n  learning_rate: 3e-6\n  mini_batch_size: 16\n"
         "data:\n  train_files: [a.parquet, b.jsonl]\n"
-        "trainer:\n  logger: [jsonl, tensorboard]\n"
+        "trainer:\n  loggers: [jsonl, tensorboard]\n"
     )
     c = load_config(
         p,
@@ -93,7 +94,7 @@ def test_yaml_and_overrides(tmp_path):
     # relative paths: against the config file's directory; from --set, the working directory
     assert c.data.train_files == (str(tmp_path / "a.parquet"), str(tmp_path / "b.jsonl"))
     assert c.data.val_files == (str(Path.cwd() / "aime.parquet"),)
-    assert c.trainer.logger == ("jsonl", "tensorboard")
+    assert c.trainer.loggers == ("jsonl", "tensorboard")
     assert c.rollout.n == 8 and c.algorithm.loss == "dapo"
     assert c.trainer.progress_bar is False
     assert (c.mesh.data, c.mesh.fsdp, c.mesh.tensor) == (2, 4, 1)
@@ -141,7 +142,9 @@ def test_checkpoint_dir_default():
         ("optim.learning_rate=-1", "optim.learning_rate: must be > 0"),
         ("trainer.total_steps=2.5", "trainer.total_steps: expected an integer"),
         ("trainer.progress_bar=maybe", "trainer.progress_bar: expected true or false"),
-        ("trainer.logger=[jsonl, wandb]", "trainer.logger: 'wandb' is not allowed"),
+        ("trainer.loggers=[jsonl, mlflow]", "trainer.loggers: 'mlflow' is not allowed"),
+        ("trainer.loggers=[wandb]", "trainer.loggers: must include jsonl"),
+        ("trainer.loggers=[jsonl, wandb, jsonl]", "trainer.loggers: duplicate entries"),
         ("model.dtype=float16", "model.dtype: 'float16' is not allowed; allowed: bfloat16"),
         ("mesh.tensor=0", "mesh.tensor: must be -1 (the rest) or >= 1"),
         ("mesh.data=-1", "mesh: at most one axis may be -1"),
@@ -328,3 +331,22 @@ def test_non_utf8_yaml_is_one_line(tmp_path):
         load_config(p)
     msg = str(e.value)
     assert "\n" not in msg and str(p) in msg and "UTF-8" in msg, msg
+
+
+def test_old_logger_key_still_reads_as_loggers(tmp_path):
+    """trainer.logger was renamed trainer.loggers: old configs, old --set lines and old bases
+    keep loading; a file giving both names is one line naming the new key."""
+    old = tmp_path / "old.yaml"
+    old.write_text("trainer:\n  logger: [jsonl, tensorboard]\n")
+    assert load_config(old).trainer.loggers == ("jsonl", "tensorboard")
+    c = load_config(old, ["trainer.logger=[jsonl, wandb]"])
+    assert c.trainer.loggers == ("jsonl", "wandb")
+    c = load_config(old, ["trainer.loggers=[jsonl]"])  # the new name overrides the old one
+    assert c.trainer.loggers == ("jsonl",)
+    child = tmp_path / "child.yaml"
+    child.write_text(f"base: {old.name}\ntrainer:\n  loggers: [jsonl]\n")
+    assert load_config(child).trainer.loggers == ("jsonl",)
+    both = tmp_path / "both.yaml"
+    both.write_text("trainer:\n  logger: [jsonl]\n  loggers: [jsonl]\n")
+    with pytest.raises(ConfigError, match="trainer.logger was renamed to trainer.loggers"):
+        load_config(both)

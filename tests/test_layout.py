@@ -2,6 +2,8 @@
 
 Layers, bottom up: infra -> models, rewards, tasks -> rollout -> rl -> run -> tools -> the thin
 entry modules at the top of `htpo_jax/` (`python -m htpo_jax.train`, `htpo_jax.loss`, ...).
+`integrations/` (glue to other trainers, each behind its own extra) sits above all of them: it may
+import rl and models, and no other module of the package imports it.
 Every import counts, also one inside a function.
 """
 
@@ -10,7 +12,7 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parent.parent / "htpo_jax"
 LAYERS = {"infra": 0, "models": 1, "rewards": 1, "tasks": 1, "rollout": 2, "rl": 3, "run": 4,
-          "tools": 5}  # fmt: skip
+          "tools": 5, "integrations": 7}  # fmt: skip
 ENTRY = 6  # htpo_jax/<name>.py
 
 
@@ -74,3 +76,17 @@ def test_the_check_sees_a_violation(tmp_path):
     f.write_text("def f():\n    from htpo_jax.run.config import Config\n")
     ((line, other),) = imports_of(f)
     assert line == 2 and layer_of(other) > LAYERS["rl"]
+
+
+def test_nothing_imports_the_integrations():
+    """An integration needs its extra (tunix, ...): a package module importing one would make
+    the extra a dependency of the trainer."""
+    bad = []
+    for path in sorted(PKG.rglob("*.py")):
+        if module_name(path).startswith("htpo_jax.integrations"):
+            continue
+        for line, other in imports_of(path):
+            if other.startswith("htpo_jax.integrations"):
+                bad.append(f"{path.relative_to(PKG.parent)}:{line} imports {other}")
+    assert not bad, "\n".join(bad)
+    assert layer_of("htpo_jax.integrations.tunix") > ENTRY  # the top: it may import any layer

@@ -125,6 +125,24 @@ def _nearest(key: str) -> str | None:
     return by_leaf[near[0]] if near else None
 
 
+# Keys that were renamed: the old name is still read, as the new one (a config that gives both
+# is refused with one line).
+RENAMED = {"trainer.logger": "trainer.loggers"}
+
+
+def _renamed(section: str, body: dict) -> dict:
+    """`body` (one section of a config tree) with old key names replaced by their new ones."""
+    for old, new in RENAMED.items():
+        s_old, _, leaf_old = old.partition(".")
+        leaf_new = new.partition(".")[2]
+        if s_old != section or leaf_old not in body:
+            continue
+        if leaf_new in body:
+            raise ConfigError(f"{old} was renamed to {new}; give only {new}")
+        body = {(leaf_new if k == leaf_old else k): v for k, v in body.items()}
+    return body
+
+
 def _unknown(key: str) -> ConfigError:
     near = _nearest(key)
     hint = f" (did you mean '{near}'?)" if near else ""
@@ -202,7 +220,7 @@ def config_from_dict(tree: dict | None, cross_checks: bool = True) -> Config:
         if not isinstance(body, dict):
             raise ConfigError(f"{name}: expected a mapping of keys, got {body!r}")
     for name, cls in SECTIONS.items():
-        body = tree.get(name) or {}
+        body = _renamed(name, tree.get(name) or {})
         known = _fields(cls)
         kwargs = {}
         for k, v in body.items():
@@ -254,8 +272,8 @@ def _cross_checks(c: Config) -> None:
         bad("mesh", f"at most one axis may be -1, got {mesh}")
     if not c.trainer.output_dir.strip():
         bad("trainer.output_dir", "must not be empty")
-    if len(set(c.trainer.logger)) != len(c.trainer.logger):
-        bad("trainer.logger", f"duplicate entries in {list(c.trainer.logger)}")
+    if len(set(c.trainer.loggers)) != len(c.trainer.loggers):
+        bad("trainer.loggers", f"duplicate entries in {list(c.trainer.loggers)}")
     _check_storage_urls(c, bad)
 
 
@@ -297,12 +315,18 @@ def _apply(tree: dict, key: str, value: Any) -> None:
         return
     if len(parts) != 2:
         raise _unknown(key)
+    if key in RENAMED:  # an override of the old name sets the new key
+        key = RENAMED[key]
+        parts = key.split(".")
     section, leaf = parts
     if section not in SECTIONS or leaf not in _fields(SECTIONS[section]):
         raise _unknown(key)
     body = tree.setdefault(section, {})
     if body is None:
         body = tree[section] = {}
+    for old_key, new_key in RENAMED.items():  # this override replaces the old name's value too
+        if new_key == key and old_key.startswith(section + "."):
+            body.pop(old_key.partition(".")[2], None)
     body[leaf] = value
 
 
@@ -372,6 +396,8 @@ def _read_config_file(p: Path, chain: tuple[Path, ...], cross_checks: bool = Tru
     if not isinstance(tree, dict):
         raise ConfigError(f"{p}: expected a mapping of sections at the top level")
     tree = {k: (dict(v) if isinstance(v, dict) else v) for k, v in tree.items()}
+    # old key names -> new ones per file, so a file's new name overrides its base's old one
+    tree = {k: (_renamed(k, v) if isinstance(v, dict) else v) for k, v in tree.items()}
     base = tree.pop("base", None)
     _resolve_paths(tree, p.resolve().parent)
     if base is not None:

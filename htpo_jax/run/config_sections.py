@@ -239,7 +239,17 @@ class TrainerConfig:
     val_before_train: bool = _f(True, "Validate at step 0, before any update.")
     val_only: bool = _f(False, "Validate the (latest checkpoint's) policy once and exit.")
     log_every: int = _f(1, "Write metrics every k steps.", POS)
-    logger: tuple[Literal["jsonl", "tensorboard"], ...] = _f(("jsonl",), "Metric sinks.")
+    loggers: tuple[Literal["jsonl", "tensorboard", "wandb"], ...] = _f(
+        ("jsonl",),
+        "Metric sinks; jsonl (metrics.jsonl) is always on. tensorboard: "
+        "<output_dir>/tensorboard (extra: tensorboard); wandb: a Weights & Biases run in "
+        "<output_dir>/wandb, continued on resume (extra: wandb; WANDB_MODE=offline for no "
+        "network). Was trainer.logger, still read.",
+        (lambda v: "jsonl" in v, "must include jsonl (metrics.jsonl is always written)"),
+    )
+    wandb_project: str = _f("htpo_jax", "W&B project (trainer.loggers has wandb).")
+    wandb_run_name: str = _f("", "W&B run name; empty = the name of trainer.output_dir.")
+    wandb_tags: tuple[str, ...] = _f((), "W&B run tags.")
     progress_bar: bool = _f(True, "Show a tqdm progress bar.")
     max_nonfinite_steps: int = _f(
         3, "Stop after this many RL steps in a row with a non-finite update (0 = never).", NONNEG

@@ -1,8 +1,11 @@
-"""Stage 8 logging: `metrics.jsonl` (one JSON object per line, each with `step`), optional
-TensorBoard event files, and a few helpers to turn arrays into plain floats."""
+"""Stage 8 logging: `metrics.jsonl` (one JSON object per line, each with `step`), always; the
+optional sinks of `trainer.loggers`: TensorBoard event files (`tensorboardX`) and a Weights &
+Biases run (`wandb`), each fed the same records; and a few helpers to turn arrays into plain
+floats. Only process 0 writes anything."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -30,15 +33,35 @@ def plain(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class WandbOptions:
+    """What the W&B run is called and holds. `run_id` is the trainer's run id, saved in every
+    checkpoint's `extra`: a resumed run passes the same id, so it continues the same W&B run.
+    `config` is the resolved run config (a plain nested dict)."""
+
+    project: str
+    name: str
+    run_id: str
+    tags: tuple[str, ...] = ()
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
 class MetricsLogger:
     """Appends to `<output_dir>/metrics.jsonl`; on resume, drops lines of steps after the
-    checkpoint (they will be recomputed), so the file never holds a step twice."""
+    checkpoint (they will be recomputed), so the file never holds a step twice. `loggers` may
+    add `tensorboard` (event files in `<output_dir>/tensorboard`) and `wandb` (needs `wandb`:
+    a run in `<output_dir>/wandb`, resumed by id)."""
 
     def __init__(
-        self, output_dir: str | Path, resume_step: int | None = None, tensorboard: bool = False
+        self,
+        output_dir: str | Path,
+        resume_step: int | None = None,
+        loggers: tuple[str, ...] = ("jsonl",),
+        wandb: WandbOptions | None = None,
     ):
         self.path = Path(output_dir) / "metrics.jsonl"
         self.tb = None
+        self.wandb_run = None
         self.enabled = is_main_process()  # one writer on a multi-host run
         if not self.enabled:
             return
@@ -52,35 +75,68 @@ class MetricsLogger:
                 if json.loads(line).get("step", 0) <= resume_step
             ]
             self.path.write_text("".join(line + "\n" for line in kept))
-        if tensorboard:
-            try:
-                from tensorboardX import SummaryWriter
-            except ImportError:
-                log.warning(
-                    "trainer.logger has 'tensorboard' but tensorboardX is not installed "
-                    "(pip install -e '.[tensorboard]'); logging to metrics.jsonl only"
-                )
-            else:
-                self.tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+        if "tensorboard" in loggers:
+            self.tb = _tensorboard_writer(Path(output_dir) / "tensorboard")
+        if "wandb" in loggers:
+            if wandb is None:
+                raise ValueError("trainer.loggers has 'wandb': pass WandbOptions")
+            self.wandb_run = _wandb_run(Path(output_dir), wandb)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
-        """Appends one {"step", **metrics} line to metrics.jsonl (and the scalars to TensorBoard);
-        does nothing on processes other than 0."""
+        """One record: a line of metrics.jsonl, and the same values (NaN left out) at `step` in
+        TensorBoard and W&B."""
         if not self.enabled:
             return
         record = {"step": int(step), **plain(metrics)}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        values = {k: v for k, v in record.items() if k != "step" and v is not None}
         if self.tb is not None:
-            for k, v in record.items():
-                if k != "step" and v is not None:
-                    self.tb.add_scalar(k, v, step)
+            for k, v in values.items():
+                self.tb.add_scalar(k, v, step)
             self.tb.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log(values, step=int(step))
 
     def close(self) -> None:
-        """Closes the TensorBoard writer, if any."""
+        """Flush and close the optional sinks (metrics.jsonl is closed after every line)."""
         if self.tb is not None:
             self.tb.close()
+            self.tb = None
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
+
+
+def _tensorboard_writer(directory: Path):
+    """A tensorboardX writer, or None with a warning when tensorboardX is missing (a run
+    without its extra still trains and writes metrics.jsonl)."""
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        log.warning(
+            "trainer.loggers has 'tensorboard' but tensorboardX is not installed "
+            "(pip install -e '.[tensorboard]'); logging to metrics.jsonl only"
+        )
+        return None
+    return SummaryWriter(str(directory))
+
+
+def _wandb_run(output_dir: Path, opts: WandbOptions):
+    """The W&B run of this training run: created, or continued when a run with `opts.run_id`
+    exists (resume="allow"). Its files go to `<output_dir>/wandb`; WANDB_MODE=offline keeps
+    them there for a later `wandb sync`. The trainer checked at launch that wandb imports."""
+    import wandb
+
+    return wandb.init(
+        project=opts.project,
+        name=opts.name,
+        id=opts.run_id,
+        resume="allow",
+        tags=list(opts.tags),
+        config=opts.config,
+        dir=str(output_dir),
+    )
 
 
 def _valid_lines(path: Path) -> list[str]:

@@ -7,6 +7,7 @@ config) and `setup_logging` (the trainer's log lines, Orbax's tracebacks cut).""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -136,6 +137,13 @@ def prelaunch(cfg, main_process: bool = True) -> None:
             raise LaunchError(f"{key}: data file not found: {f}")
     if main_process:
         check_writable_dir(cfg.trainer.output_dir, "trainer.output_dir")
+        # asked for explicitly, so a missing package stops the run (tensorboard only warns,
+        # as it always has)
+        if "wandb" in cfg.trainer.loggers and importlib.util.find_spec("wandb") is None:
+            raise LaunchError(
+                "trainer.loggers has 'wandb' but the wandb package is not installed "
+                "(pip install -e '.[wandb]')"
+            )
     check_writable_dir(cfg.checkpoint_dir, checkpoint_key(cfg))
 
 

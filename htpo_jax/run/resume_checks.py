@@ -42,7 +42,9 @@ DRIFT_IGNORED = (
     "trainer.val_every",
     "trainer.val_before_train",
     "trainer.log_every",
-    "trainer.logger",
+    "trainer.logger",  # the old name of trainer.loggers, in checkpoints written before it
+    "trainer.loggers",
+    "trainer.wandb_",
     "trainer.progress_bar",
     "trainer.max_nonfinite_steps",
     "trainer.collapse_window",

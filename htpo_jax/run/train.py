@@ -52,7 +52,7 @@ from htpo_jax.run.checkpoint import (
 )
 from htpo_jax.run.config import Config, cli_config, dump_yaml
 from htpo_jax.run.data import DataError, DataState, PromptStream, train_stream, val_dataset
-from htpo_jax.run.metrics import MetricsLogger, plain
+from htpo_jax.run.metrics import MetricsLogger, WandbOptions, plain
 from htpo_jax.run.policy import build_model, make_optimizer
 from htpo_jax.run.stages import Components, Programs, SamplingExhausted, Services
 
@@ -169,7 +169,8 @@ def components(
         logger = MetricsLogger(
             out,
             resume_step=start if restored else None,
-            tensorboard="tensorboard" in cfg.trainer.logger,
+            loggers=cfg.trainer.loggers,
+            wandb=wandb_options(cfg, run_id, out),
         )
         stack.callback(logger.close)
         yield (
@@ -201,6 +202,19 @@ def components(
 
 
 # ---------------------------------------------------------------- 8 LOG / EVAL / SAVE
+def wandb_options(cfg: Config, run_id: str, out: Path) -> WandbOptions:
+    """The W&B run of this training run: its id is the run id the checkpoints carry (a resume
+    continues it), its config the resolved config."""
+    t = cfg.trainer
+    return WandbOptions(
+        project=t.wandb_project,
+        name=t.wandb_run_name or Path(out).resolve().name,
+        run_id=run_id,
+        tags=t.wandb_tags,
+        config=cfg.to_dict(),
+    )
+
+
 def run_validation(c: Components, params) -> dict:
     """Validation metrics of `params` (`validation.validate`, the same key every time), or {}."""
     p, s = c.programs, c.services
