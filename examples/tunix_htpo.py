@@ -114,7 +114,9 @@ class Scorer:
     @staticmethod
     def correct(prompts, completions, answer, **kwargs):
         """HTPO's `correct` flag: the verifier's verdict."""
-        return [bool(dapo_math_score(c, a)["acc"]) for c, a in zip(completions, answer, strict=True)]
+        return [
+            bool(dapo_math_score(c, a)["acc"]) for c, a in zip(completions, answer, strict=True)
+        ]
 
 
 def accuracy(cluster, rows: list[tuple[str, str]], samples: int) -> float:
@@ -206,10 +208,11 @@ def main(argv=None):
     for i, r in enumerate(rewards):
         loss = losses[i] if i < len(losses) else float("nan")
         print(f"step {i + 1}: reward_mean {r:+.3f}  loss {loss:+.4f}")
+    half = len(rewards) // 2
     print(
         f"{args.loss}: reward_mean {rewards[0]:+.3f} (step 1) -> {rewards[-1]:+.3f} "
-        f"(step {len(rewards)}); mean of the first half {np.mean(rewards[: len(rewards) // 2]):+.3f}"
-        f", of the second half {np.mean(rewards[len(rewards) // 2 :]):+.3f}; {wall:.0f} s"
+        f"(step {len(rewards)}); mean of the first half {np.mean(rewards[:half]):+.3f}, "
+        f"of the second half {np.mean(rewards[half:]):+.3f}; {wall:.0f} s"
     )
     n = args.val_prompts * args.val_samples
     print(f"held-out accuracy ({n} responses): {acc_before:.3f} (start) -> {acc_after:.3f} (end)")

@@ -182,9 +182,7 @@ def with_flags(example, correct: np.ndarray, num_generations: int, threshold: fl
     group-derived `hard` flags; rows are groups of `num_generations` consecutive responses."""
     correct = np.asarray(correct, bool).reshape(-1)
     if correct.size % num_generations:
-        raise ValueError(
-            f"{correct.size} responses do not split into groups of {num_generations}"
-        )
+        raise ValueError(f"{correct.size} responses do not split into groups of {num_generations}")
     hard = np.repeat(
         np.asarray(hard_prompts(correct.reshape(-1, num_generations), threshold)),
         num_generations,

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import logging
 import math
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +120,9 @@ def _tensorboard_writer(directory: Path):
             "(pip install -e '.[tensorboard]'); logging to metrics.jsonl only"
         )
         return None
-    return SummaryWriter(str(directory))
+    # a unique suffix: the file name's time is in whole seconds, and a second writer in the
+    # same second (a quick resume) would truncate the first one's file
+    return SummaryWriter(str(directory), filename_suffix=f".{uuid.uuid4().hex[:8]}")
 
 
 def _wandb_run(output_dir: Path, opts: WandbOptions):
