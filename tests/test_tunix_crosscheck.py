@@ -4,6 +4,7 @@
 differences."""
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -248,3 +249,21 @@ if __name__ == "__main__":
             f"{worst['pg_clipfrac_lower']:.1e} (aggregated tunix's way: "
             f"{worst['pg_clipfrac_lower_their_way']:.1e})"
         )
+
+
+@pytest.mark.slow
+def test_example_trains_to_the_end_offline(monkeypatch):
+    """examples/tunix_htpo.py, shortened: tunix's learner with the htpo loss runs its steps on
+    CPU without network and logs a finite loss and reward for each."""
+    import importlib.util
+
+    monkeypatch.setattr(qwen3_model, "apply_rope", qwen3_model.apply_rope)  # the example patches it
+    path = Path(__file__).resolve().parent.parent / "examples" / "tunix_htpo.py"
+    spec = importlib.util.spec_from_file_location("tunix_htpo_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    argv = ["--steps", "2", "--batch", "4", "--n", "4", "--val-prompts", "8", "--val-samples", "1"]
+    rewards, losses, (before, after) = example.main(argv)
+    assert len(rewards) == 2 and len(losses) == 2
+    assert all(np.isfinite(rewards)) and all(np.isfinite(losses))
+    assert 0.0 <= before <= 1.0 and 0.0 <= after <= 1.0
