@@ -6,9 +6,12 @@ few steps with tunix's DAPO learner and `policy_loss_fn="htpo"`, on CPU, offline
 
 The model is loaded into tunix's own Qwen3 (`tunix.models.qwen3`) from `assets/arith_model`;
 rollout is tunix's `vanilla` sampler; rewards are the paper's DAPO math score; the verifier's
-verdict is `correct`. It prints, per step, the mean reward of the step's rollouts and tunix's
-logged loss, then the first and last step. `--loss grpo` runs tunix's own loss (DAPO's token-mean
-with clip-higher: tunix's `grpo` policy loss under its `DAPOConfig`) on the same setup.
+verdict is `correct`. It prints, per step, the mean reward of the step's rollouts (each step
+draws other prompts, so it is noisy) and tunix's logged loss (about 0: with one update per batch
+the ratio is 1 and the advantages are centered per group), then the accuracy of the policy on
+held-out problems (val.jsonl, sampled at temperature 1) before and after training. `--loss grpo`
+runs tunix's own loss (DAPO's token-mean with clip-higher: tunix's `grpo` policy loss under its
+`DAPOConfig`) on the same setup.
 """
 
 from __future__ import annotations
