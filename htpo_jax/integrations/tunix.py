@@ -170,8 +170,7 @@ def htpo_policy_loss(model, train_example, algo_config, pad_id, eos_id, **kwargs
         config=loss_config_from_tunix(algo_config),
     )
     m = mask.astype(jnp.float32)
-    aux = {k: v for k, v in metrics.items() if not k.startswith("group_frac/")}
-    aux.update({f"group_frac/{g}": metrics[f"group_frac/{g}"] for g in GROUP_NAMES})
+    aux = dict(metrics)
     aux["entropy"] = jnp.sum(entropy * m) / jnp.maximum(jnp.sum(m), 1.0)
     aux["kl"] = jnp.float32(0.0)  # tunix's learner logs "kl"; HTPO (like DAPO) has no KL term
     return loss, aux
