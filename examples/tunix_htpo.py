@@ -2,7 +2,7 @@
 few steps with tunix's DAPO learner and `policy_loss_fn="htpo"`, on CPU, offline.
 
     pip install -e ".[tunix]" && pip install --no-deps google-tunix==0.1.7
-    python examples/tunix_htpo.py            # 20 steps, about 1.5 min on 2 CPU cores
+    python examples/tunix_htpo.py            # 40 steps, about 5 min on 2 (shared) CPU cores
 
 The model is loaded into tunix's own Qwen3 (`tunix.models.qwen3`) from `assets/arith_model`;
 rollout is tunix's `vanilla` sampler; rewards are the paper's DAPO math score; the verifier's
@@ -185,7 +185,7 @@ def learner(args, cluster, scorer: Scorer):
 def main(argv=None):
     """Run the example and print per-step reward and loss."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=40)
     p.add_argument("--batch", type=int, default=16, help="prompts per step")
     p.add_argument("--n", type=int, default=8, help="responses per prompt")
     p.add_argument("--lr", type=float, default=3e-4)
