@@ -20,7 +20,6 @@ import argparse
 import functools
 import json
 import random
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,7 +32,6 @@ from tunix.models.qwen3 import params as qwen3_params
 from tunix.rl import rl_cluster as rl_cluster_lib
 from tunix.rl.grpo import dapo_learner
 from tunix.rl.rollout import base_rollout
-from tunix.sft import metrics_logger
 
 from htpo_jax.integrations.tunix import HTPOConfig, HTPOLearner
 from htpo_jax.rewards.dapo_math import dapo_math_score
@@ -131,7 +129,7 @@ def accuracy(cluster, rows: list[tuple[str, str]], samples: int) -> float:
     return float(np.mean(Scorer.correct(prompts, out.text, answers)))
 
 
-def build(args, log_dir: str):
+def build(args):
     """tunix's RL cluster (actor, reference, vanilla rollout) on one CPU device."""
     # Auto axes: tunix's models index with implicit shardings (jax's make_mesh defaults to
     # Explicit axes, where their embedding lookup fails)
@@ -146,10 +144,10 @@ def build(args, log_dir: str):
         ),
         eval_every_n_steps=10**6,
         max_steps=args.steps,
-        # tunix also starts a W&B run when wandb is importable; this example stays offline
-        metrics_logging_options=metrics_logger.MetricsLoggerOptions(
-            log_dir=log_dir, backend_kwargs={"wandb": {"mode": "disabled"}}
-        ),
+        # no logging backends: tunix would start a W&B run whenever wandb imports, and it hooks
+        # every backend into jax.monitoring for the rest of the process; the metric history
+        # this example prints is kept by tunix's logger either way
+        metrics_logging_options=None,
     )
     rollout = base_rollout.RolloutConfig(
         max_tokens_to_generate=64,
@@ -194,19 +192,17 @@ def main(argv=None):
     p.add_argument("--val-prompts", type=int, default=128, help="held-out prompts (val.jsonl)")
     p.add_argument("--val-samples", type=int, default=4, help="responses per held-out prompt")
     args = p.parse_args(argv)
-    with tempfile.TemporaryDirectory() as log_dir:
-        cluster, tokenizer = build(args, log_dir)
-        scorer = Scorer()
-        rl = learner(args, cluster, scorer)
-        held_out = read_rows(VAL_FILE, tokenizer)[: args.val_prompts]
-        acc_before = accuracy(cluster, held_out, args.val_samples)
-        t0 = time.time()
-        rl.train(batches(tokenizer, args.batch, args.steps, args.seed))
-        wall = time.time() - t0
-        acc_after = accuracy(cluster, held_out, args.val_samples)
-        logger = cluster.actor_trainer.metrics_logger
-        history = logger.get_metric_history("actor", "loss", "train")
-        losses = [float(x) for x in history]
+    cluster, tokenizer = build(args)
+    scorer = Scorer()
+    rl = learner(args, cluster, scorer)
+    held_out = read_rows(VAL_FILE, tokenizer)[: args.val_prompts]
+    acc_before = accuracy(cluster, held_out, args.val_samples)
+    t0 = time.time()
+    rl.train(batches(tokenizer, args.batch, args.steps, args.seed))
+    wall = time.time() - t0
+    acc_after = accuracy(cluster, held_out, args.val_samples)
+    history = cluster.actor_trainer.metrics_logger.get_metric_history("actor", "loss", "train")
+    losses = [float(x) for x in history]
     rewards = scorer.train_rewards
     for i, r in enumerate(rewards):
         loss = losses[i] if i < len(losses) else float("nan")
