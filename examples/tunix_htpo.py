@@ -2,7 +2,7 @@
 few steps with tunix's DAPO learner and `policy_loss_fn="htpo"`, on CPU, offline.
 
     pip install -e ".[tunix]" && pip install --no-deps google-tunix==0.1.7
-    python examples/tunix_htpo.py            # 40 steps, about 5 min on 2 (shared) CPU cores
+    python examples/tunix_htpo.py            # 40 steps, 4 to 5 min on 2 (shared) CPU cores
 
 The model is loaded into tunix's own Qwen3 (`tunix.models.qwen3`) from `assets/arith_model`;
 rollout is tunix's `vanilla` sampler; rewards are the paper's DAPO math score; the verifier's
