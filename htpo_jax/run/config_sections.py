@@ -40,6 +40,49 @@ LossName = Literal["htpo", "dapo", "grpo", "dr_grpo", "high_entropy_only"]
 AggMode = Literal[AGG_MODES]  # the loss's own list
 
 
+def _sub(cls, help: str):
+    """A nested sub-section (e.g. `model.lora`): its keys are `section.name.key`."""
+    return field(default_factory=cls, metadata={"help": help, "check": None})
+
+
+LORA_BASE_DTYPES = ("bfloat16", "float32")
+
+
+@dataclass(frozen=True)
+class LoraSection:
+    """The `model.lora:` sub-section: low-rank adapters on the policy (models/lora.py)."""
+
+    rank: int = _f(
+        0,
+        "LoRA rank r; 0 = off (full fine-tuning). > 0: only the adapters are trained, have AdamW "
+        "state and are checkpointed; the frozen base (adapters off) is the KL reference.",
+        NONNEG,
+    )
+    alpha: float = _f(16.0, "LoRA alpha: the adapter update is scaled by alpha / rank.", POS)
+    target: str = _f(
+        r"(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)$",
+        "Regex searched in each projection's module path (e.g. `layers.self_attn.q_proj`; "
+        "with scan_layers=false `layers.3.self_attn.q_proj`); default: every attention and MLP "
+        "projection.",
+        (lambda v: _regex_ok(v), "must be a valid, non-empty regular expression"),
+    )
+    base_dtype: Literal[LORA_BASE_DTYPES] = _f(
+        "bfloat16",
+        "Dtype the frozen base weights are stored in with LoRA on (replaces model.param_dtype "
+        "for them; the adapters are float32). QLoRA bases (int8, nf4) are not implemented.",
+    )
+
+
+def _regex_ok(v: str) -> bool:
+    import re
+
+    try:
+        re.compile(v)
+    except re.error:
+        return False
+    return bool(v)
+
+
 @dataclass(frozen=True)
 class ModelSection:
     """The `model:` section (models.ModelConfig is the architecture, read from config.json)."""
@@ -67,6 +110,7 @@ class ModelSection:
         "program size do not grow with depth (false: a Python loop; same results, but "
         "checkpoints of one layout do not restore into the other).",
     )
+    lora: LoraSection = _sub(LoraSection, "LoRA adapters (rank 0 = off).")
 
 
 @dataclass(frozen=True)

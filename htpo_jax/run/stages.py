@@ -19,6 +19,7 @@ from flax import nnx
 
 from htpo_jax.infra import distributed as dist
 from htpo_jax.infra.sharding import logical_sharding, to_host
+from htpo_jax.models import lora
 from htpo_jax.rewards import RewardPool
 from htpo_jax.rl import advantages as adv_lib
 from htpo_jax.rl import balance, packing
@@ -29,6 +30,7 @@ from htpo_jax.rl.train_step import (
     UpdateBatch,
     packed_update,
     score_responses,
+    split_trainable,
 )
 from htpo_jax.rollout import Sampler
 from htpo_jax.run.checkpoint import Checkpointer
@@ -238,6 +240,7 @@ def old_logprobs(c: Components, params, batch: UpdateBatch) -> tuple[UpdateBatch
     computed micro-batch by micro-batch; also the mean entropy over response tokens."""
     t, m = c.step_cfg.temperature, batch.response_mask
     old, ref, ent = np.zeros_like(m), np.zeros_like(m), np.zeros_like(m)
+    ref_params = reference_params(c, params)
 
     def scatter(x, where, out):
         if isinstance(where, slice):
@@ -250,12 +253,21 @@ def old_logprobs(c: Components, params, batch: UpdateBatch) -> tuple[UpdateBatch
         lp, e = to_host(score_responses(c.graphdef, params, ids, mask, mb.prompt_len, t))
         scatter(lp, where, old)
         scatter(e, where, ent)
-        if c.ref_params is not None:
-            ref_lp = score_responses(c.graphdef, c.ref_params, ids, mask, mb.prompt_len, t)
+        if ref_params is not None:
+            ref_lp = score_responses(c.graphdef, ref_params, ids, mask, mb.prompt_len, t)
             scatter(to_host(ref_lp[0]), where, ref)
-    ref = ref * m if c.ref_params is not None else batch.ref_log_prob
+    ref = ref * m if ref_params is not None else batch.ref_log_prob
     mean_ent = float((ent * m).sum() / max(m.sum(), 1))
     return batch.replace(old_log_prob=old * m, ref_log_prob=ref), mean_ent
+
+
+def reference_params(c: Components, params):
+    """The KL reference policy's parameters, or None when the KL loss is off: the frozen copy
+    made at the start, or with LoRA the current base with the adapters switched off (no copy:
+    the base never changes)."""
+    if c.ref_params is not None or not (c.step_cfg.lora and c.step_cfg.use_kl_loss):
+        return c.ref_params
+    return lora.adapters_off(params)
 
 
 def put(c: Components, x, lead: int = 0):
@@ -275,7 +287,7 @@ def update_mini(c: Components, state: TrainState, mini: UpdateBatch) -> tuple[Tr
         ]
         rmask = np.asarray(mini.response_mask)
         num_tokens, num_seqs = np.float32(rmask.sum()), np.float32((rmask > 0).any(-1).sum())
-        zeros = lambda: jax.tree.map(jnp.zeros_like, state.params)
+        zeros = lambda: jax.tree.map(jnp.zeros_like, split_trainable(state.params, c.step_cfg)[0])
         return packed_update(state, micros, num_tokens, num_seqs, grads_fn, apply_fn, zeros)
     # [mini_rows, ...] -> [n_micro, micro, ...]
     mini = jax.tree.map(

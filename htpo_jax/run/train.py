@@ -44,7 +44,7 @@ from htpo_jax.rl.train_step import (
 )
 from htpo_jax.rl.validation import validate
 from htpo_jax.rollout import Sampler
-from htpo_jax.run import lock, preflight, resume_checks, stages, watch
+from htpo_jax.run import lock, policy, preflight, resume_checks, stages, watch
 from htpo_jax.run.checkpoint import (
     Checkpointer,
     CheckpointMismatch,
@@ -140,10 +140,13 @@ def components(cfg: Config, mesh: jax.sharding.Mesh) -> Iterator[tuple[Component
             mesh=mesh,
             **decoder_options(cfg.model),
         )
+        lora_on = policy.attach_adapters(model, cfg, mesh) > 0  # before the graphdef is taken
         sampler, vocab_size = Sampler.from_model(model), model.cfg.vocab_size
         graphdef, params = nnx.split(model)
         del model  # the TrainState holds the one copy of the parameters
-        ref_params = jax.tree.map(jnp.copy, params) if cfg.algorithm.use_kl_loss else None
+        # with LoRA the reference is the base itself (adapters off, stages.reference_params)
+        use_copy = cfg.algorithm.use_kl_loss and not lora_on
+        ref_params = jax.tree.map(jnp.copy, params) if use_copy else None
         o = cfg.optim
         tx = make_optimizer(
             o,
@@ -152,7 +155,7 @@ def components(cfg: Config, mesh: jax.sharding.Mesh) -> Iterator[tuple[Component
         )
         state = TrainState(
             params=params,
-            opt_state=tx.init(params),
+            opt_state=policy.init_opt_state(tx, params, cfg),
             step=jnp.zeros((), jnp.int32),
             rng=jax.random.key(cfg.trainer.seed),
         )
@@ -170,9 +173,9 @@ def components(cfg: Config, mesh: jax.sharding.Mesh) -> Iterator[tuple[Component
             lambda _t, e, _tb: None if isinstance(e, dist.CollectiveTimeout) else ckpt.close()
         )
         start, run_id = 0, resume_checks.new_run_id()
-        restored = resume_checks.resume(ckpt, state, cfg)
+        restored = resume_checks.resume(ckpt, policy.checkpoint_view(state, cfg), cfg)
         if restored is not None:
-            state, extra = restored
+            state, extra = policy.from_checkpoint_view(restored[0], state.params, cfg), restored[1]
             start, data_state = int(extra["step"]), DataState.from_json(extra["data"])
             run_id = extra.get("run_id", run_id)
             stream = PromptStream(stream.dataset, cfg.trainer.seed, cfg.data.shuffle, data_state)
@@ -201,7 +204,7 @@ def components(cfg: Config, mesh: jax.sharding.Mesh) -> Iterator[tuple[Component
                 ref_params=ref_params,
                 step_cfg=step_cfg,
                 update_fn=jit_update(graphdef, tx, step_cfg),
-                packed_fns=(jit_micro_grads(graphdef, step_cfg), jit_apply_grads(tx))
+                packed_fns=(jit_micro_grads(graphdef, step_cfg), jit_apply_grads(tx, sc=step_cfg))
                 if o.max_tokens_per_micro
                 else None,
                 stream=stream,
@@ -236,7 +239,7 @@ def save(c: Components, state: TrainState, step: int) -> None:
         "config": c.cfg.to_dict(),
         "run_id": c.run_id,
     }
-    c.watch.save(step, state, extra, c.ckpt)
+    c.watch.save(step, policy.checkpoint_view(state, c.cfg), extra, c.ckpt)
 
 
 class RunStops(dist.StopSignals):

@@ -39,7 +39,6 @@ from flax import nnx
 
 from htpo_jax.models.hf_io import decoder_options, from_pretrained, load_tokenizer
 from htpo_jax.rewards.routing import UnknownDataSource, check_sources
-from htpo_jax.rl.train_step import TrainState, make_optimizer
 from htpo_jax.rl.validation import sample_val, summarize
 from htpo_jax.rollout import Sampler
 from htpo_jax.run import preflight
@@ -54,6 +53,7 @@ from htpo_jax.run.config import (
     load_tree,
 )
 from htpo_jax.run.data import DataError, val_dataset
+from htpo_jax.run.policy import restore_policy
 from htpo_jax.run.preflight import LaunchError
 
 log = logging.getLogger("htpo_jax.evaluate")
@@ -86,12 +86,7 @@ def load_policy(model_dir: str, step: int | None, config: str | None, overrides:
         if step not in steps:
             raise EvalInputError(f"--step {step}: no such checkpoint in {ckpt_dir}; have {steps}")
         model = _build(cfg)
-        _, params = nnx.split(model)
-        tx = make_optimizer(cfg.optim, 1)  # only the optimizer state's structure is needed
-        template = TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), jax.random.key(0))
-        with Checkpointer(ckpt_dir, cfg.checkpoint.max_to_keep, read_only=True) as ckpt:
-            state, _ = ckpt.restore(step, template)
-        nnx.update(model, state.params)
+        restore_policy(model, cfg, ckpt_dir, step)  # adapters added first on a LoRA run
         return model, _tokenizer(cfg), cfg, path / "eval" / f"step_{step}", step, None
     if (path / "config.json").is_file():  # an HF directory
         if step is not None:
