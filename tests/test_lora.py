@@ -13,6 +13,7 @@ from tiny_models import left_padded_batch, random_decoder
 from htpo_jax.models import lora
 from htpo_jax.rl.loss import LossConfig
 from htpo_jax.rl.train_step import StepConfig, TrainState, UpdateBatch, jit_update, make_optimizer
+from htpo_jax.run import policy
 from htpo_jax.run.config import ConfigError, load_config
 
 
@@ -95,29 +96,137 @@ def _update_batch(vocab, n=4, p=6, r=8, seed=0):
     return jax.tree.map(lambda x: x[None], batch)  # one micro-batch: [1, n, ...]
 
 
-def test_two_lora_updates_change_only_the_adapters():
+def _lora_state(cfg, tx):
     model = random_decoder()
-    lora.add_adapters(model, lora.LoraSpec(rank=4, alpha=8.0))
+    lora.add_adapters(model, policy.lora_spec(cfg))
     graphdef, params = nnx.split(model)
-    before = {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(params)}
-    optim = load_config(overrides=["optim.warmup_steps=0", "optim.learning_rate=1e-2"]).optim
-    tx = make_optimizer(optim, 10)
+    opt_state = policy.init_opt_state(tx, params, cfg)
+    return graphdef, TrainState(params, opt_state, jnp.zeros((), jnp.int32), jax.random.key(0))
+
+
+def test_two_lora_updates_change_only_the_adapters_and_resume_exactly(tmp_path):
+    """2 updates: every adapter moves, every base weight stays bit-equal, AdamW moments exist
+    for the adapters only; a checkpoint after update 1 holds only the adapters, and update 2
+    from it restored onto a fresh base equals update 2 straight."""
+    from htpo_jax.run.checkpoint import Checkpointer
+
+    cfg = load_config(overrides=["model.lora.rank=4", "model.lora.alpha=8",
+                                 "optim.warmup_steps=0", "optim.learning_rate=1e-2"])  # fmt: skip
+    tx = make_optimizer(cfg.optim, 10)
     sc = StepConfig(loss="htpo", loss_config=LossConfig(), temperature=1.0, lora=True)
-    adapters, _ = lora.split_adapters(params)
-    state = TrainState(params, tx.init(adapters), jnp.zeros((), jnp.int32), jax.random.key(0))
-    # AdamW moments exist for the adapters only
-    moments = jax.tree.leaves(state.opt_state)
-    assert sum(x.size for x in moments) < 3 * sum(x.size for x in jax.tree.leaves(adapters)) + 16
+    graphdef, state = _lora_state(cfg, tx)
+    before = {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(state.params)}
+    adapters, _ = lora.split_adapters(state.params)
+    n_adapter = sum(x.size for x in jax.tree.leaves(adapters))
+    assert sum(x.size for x in jax.tree.leaves(state.opt_state)) < 3 * n_adapter + 16
     step = jit_update(graphdef, tx, sc)
-    batch = _update_batch(model.cfg.vocab_size)
-    for _ in range(2):
-        state, metrics = step(state, batch)
-        assert float(metrics["grad_norm"]) > 0 and float(metrics["nonfinite_skipped"]) == 0
-    changed = {
-        p: not np.array_equal(before[p], np.asarray(v[...]))
-        for p, v in nnx.to_flat_state(state.params)
+    batch = _update_batch(graphdef_vocab(state))
+    state, metrics = step(state, batch)
+    with Checkpointer(tmp_path / "ckpt", 3) as ckpt:
+        ckpt.save(1, policy.checkpoint_view(state, cfg))
+        ckpt.wait()
+        shapes = ckpt.restore_extra(1)["param_shapes"]
+        assert shapes and all("lora_a" in k or "lora_b" in k for k in shapes), shapes
+        _, fresh = _lora_state(cfg, tx)
+        restored, _ = ckpt.restore(1, policy.checkpoint_view(fresh, cfg))
+    resumed = policy.from_checkpoint_view(restored, fresh.params, cfg)
+    state, metrics = step(state, batch)
+    assert float(metrics["grad_norm"]) > 0 and float(metrics["nonfinite_skipped"]) == 0
+    resumed, _ = step(resumed, batch)
+    after = {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(state.params)}
+    for p, v in nnx.to_flat_state(resumed.params):
+        np.testing.assert_array_equal(np.asarray(v[...]), after[p], err_msg=str(p))
+    is_adapter = lambda p: p[-1] in ("lora_a", "lora_b")
+    assert all(not np.array_equal(before[p], after[p]) for p in after if is_adapter(p))
+    assert all(np.array_equal(before[p], after[p]) for p in after if not is_adapter(p))
+    assert all(after[p].dtype == jnp.bfloat16 for p in after if not is_adapter(p))
+
+
+def graphdef_vocab(state) -> int:
+    """The vocabulary size of a decoder's parameter state (its embedding's rows)."""
+    return state.params["embed_tokens"].shape[0]
+
+
+# ---------------------------------------------------------------- a LoRA run end to end
+@pytest.fixture(scope="module")
+def lora_runs(tmp_path_factory):
+    """A tiny LoRA run of 3 steps straight, and the same run stopped after 2 and resumed (float32
+    base, KL on: the reference is the base with the adapters off)."""
+    from test_train import overrides, tiny_run_dir  # noqa: F401 (the fixture's function)
+
+    from htpo_jax.run.train import main
+
+    root = tiny_run_dir.__wrapped__(tmp_path_factory)
+    extra = {
+        "model.lora.rank": 4,
+        "model.lora.alpha": 8,
+        "model.lora.base_dtype": "float32",
+        "algorithm.use_kl_loss": True,
+        "trainer.val_before_train": False,
     }
-    adapter_paths = {p for p in changed if p[-1] in ("lora_a", "lora_b")}
-    assert adapter_paths and all(changed[p] for p in adapter_paths)
-    assert not any(changed[p] for p in changed if p not in adapter_paths)  # the base: bit-equal
-    assert all(v.dtype == jnp.bfloat16 for p, v in before.items() if p not in adapter_paths)
+    out = tmp_path_factory.mktemp("lora")
+    main(overrides(root, out / "straight", **{**extra, "trainer.total_steps": 3}))
+    main(overrides(root, out / "resumed", **{**extra, "trainer.total_steps": 2}))
+    main(overrides(root, out / "resumed", **{**extra, "trainer.total_steps": 3}))
+    return root, out
+
+
+@pytest.mark.slow
+def test_lora_run_checkpoints_only_adapters_and_resumes_exactly(lora_runs):
+    from htpo_jax.run.checkpoint import Checkpointer
+    from htpo_jax.run.metrics import read_metrics
+
+    _, out = lora_runs
+    with Checkpointer(out / "straight" / "checkpoints", 5, read_only=True) as ckpt:
+        shapes = ckpt.restore_extra(3)["param_shapes"]
+    assert shapes and all("lora_a" in k or "lora_b" in k for k in shapes), shapes
+    a = {r["step"]: r for r in read_metrics(out / "straight" / "metrics.jsonl")}
+    b = {r["step"]: r for r in read_metrics(out / "resumed" / "metrics.jsonl")}
+    assert abs(a[2]["train/loss"]) > 1e-4 and a[2]["train/grad_norm"] > 0
+    assert 0 < a[3]["train/kl_loss"]  # the adapters moved the policy off the base
+    for k, v in a[3].items():
+        if not k.startswith(("time/", "val/")):
+            assert b[3][k] == pytest.approx(v, rel=1e-6, abs=1e-7), k
+
+
+@pytest.mark.slow
+def test_peft_round_trip_and_merged_export_match_our_logits(lora_runs, tmp_path):
+    """Adapters exported with --adapter load in peft on the HF base and give our logits (float32,
+    1e-4); the merged export loaded by transformers gives them too."""
+    peft = pytest.importorskip("peft")
+    torch = pytest.importorskip("torch")
+    import transformers
+
+    from htpo_jax.models.hf_io import from_pretrained
+    from htpo_jax.run.config import load_config as load
+    from htpo_jax.run.policy import restore_policy
+    from htpo_jax.tools.export import export
+
+    root, out = lora_runs
+    run = out / "straight"
+    export(run, tmp_path / "adapter", adapter=True)
+    export(run, tmp_path / "merged")
+    cfg = load(run / "config.yaml")
+    ours = from_pretrained(cfg.model.path, dtype=jnp.float32, param_dtype=jnp.float32)
+    params = restore_policy(ours, cfg, str(run / "checkpoints"), 3)
+    assert float(jnp.abs(lora.split_adapters(params)[0]["layers"]["self_attn"]["q_proj"][
+        "lora_b"][...]).max()) > 0  # fmt: skip
+    ids, mask = left_padded_batch(b=2, t=12, vocab=ours.cfg.vocab_size)
+    want = np.asarray(ours(ids, mask))
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 8
+    ids_t = torch.tensor(ids, dtype=torch.long)
+    mask_t = torch.tensor(mask, dtype=torch.long)
+    with torch.no_grad():
+        base = transformers.AutoModelForCausalLM.from_pretrained(
+            cfg.model.path, dtype=torch.float32
+        )
+        peft_model = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
+        got = peft_model(input_ids=ids_t, attention_mask=mask_t).logits.numpy()
+        merged = transformers.AutoModelForCausalLM.from_pretrained(
+            str(tmp_path / "merged"), dtype=torch.float32
+        )
+        got_merged = merged(input_ids=ids_t, attention_mask=mask_t).logits.numpy()
+    real = mask.astype(bool)  # padding rows are meaningless in both
+    np.testing.assert_allclose(got[real], want[real], atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(got_merged[real], want[real], atol=1e-4, rtol=1e-4)
