@@ -32,9 +32,10 @@ from flax import nnx
 from htpo_jax.infra.sharding import variable_sharding
 from htpo_jax.models.decoder import Decoder, DenseGeneral
 
-# Module paths (relative, '.'-joined; scanned layers have no layer index) that get adapters by
-# default: every attention and MLP projection, PEFT's usual "all-linear" set minus the head.
-DEFAULT_TARGET = r"(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)$"
+# Module paths ('.'-joined; scanned layers have no layer index) that get adapters by default:
+# every attention and MLP projection (q/k/v/o, gate/up/down: all `DenseGeneral`s of the decoder),
+# PEFT's usual "all-linear" set minus the head.
+DEFAULT_TARGET = r"_proj$"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -60,10 +60,10 @@ class LoraSection:
     )
     alpha: float = _f(16.0, "LoRA alpha: the adapter update is scaled by alpha / rank.", POS)
     target: str = _f(
-        r"(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)$",
-        "Regex searched in each projection's module path (e.g. `layers.self_attn.q_proj`; "
-        "with scan_layers=false `layers.3.self_attn.q_proj`); default: every attention and MLP "
-        "projection.",
+        "_proj$",
+        "Regex searched in each projection's module path (e.g. `layers.self_attn.q_proj`, "
+        "`layers.mlp.down_proj`; with scan_layers=false `layers.3.self_attn.q_proj`); default: "
+        "every attention and MLP projection (the embedding and lm_head are never adapted).",
         (lambda v: _regex_ok(v), "must be a valid, non-empty regular expression"),
     )
     base_dtype: Literal[LORA_BASE_DTYPES] = _f(
