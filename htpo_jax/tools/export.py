@@ -62,7 +62,7 @@ def export(
     if adapter:
         if not lora.has_adapters(model):
             raise ValueError(f"--adapter: {run_dir} is not a LoRA run (model.lora.rank is 0)")
-        write_peft_adapter(model, out, base_path=cfg.model.path)
+        write_peft_adapter(model, out, base_path=str(Path(cfg.model.path).resolve()))
         return step
     if lora.has_adapters(model):  # W + (alpha / r) A B, written in model.param_dtype
         model = lora.merge_adapters(model, dtype=cfg.model.param_dtype)
