@@ -111,6 +111,19 @@ def test_default_config_on_a_small_tpu_topology(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
+def test_v4_compiles_one_device_per_chip(tmp_path):
+    # libtpu's compile-only v4 topology lists TensorCores unless asked for megacore; a jax mesh
+    # on a v4 needs one device per chip (before: an AssertionError from jax.make_mesh).
+    out = run_tool("--topology", "v4-8", "--programs", "old_log_prob", "--json",
+                   tmp_path / "r.json", timeout=1800)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["chips"] == 4 and report["mesh"]["fsdp"] == 4
+    assert report["hbm_per_chip"] == 32 * GiB
+
+
+@pytest.mark.slow
 def test_lora_update_holds_adapter_moments_only(tmp_path):
     """The default run with LoRA on 4 fake CPU devices: the update program compiles and its
     arguments (adapters' AdamW state, bf16 base) are smaller than full fine-tuning's."""

@@ -105,7 +105,10 @@ class Target:
         try:
             from jax.experimental import topologies
 
-            return list(topologies.get_topology_desc(self.topology, "tpu").devices)
+            # v4's compile-only topology lists each TensorCore as a device unless asked for
+            # megacore (one device per chip, as a v4 runtime runs and jax meshes require).
+            kwargs = {"chip_config_name": "megacore"} if self.topology.startswith("v4:") else {}
+            return list(topologies.get_topology_desc(self.topology, "tpu", **kwargs).devices)
         except (ImportError, RuntimeError) as e:
             raise TargetError(
                 f"cannot build TPU topology {self.topology} ({type(e).__name__}: "
