@@ -13,7 +13,7 @@ from tiny_models import left_padded_batch, random_decoder
 from htpo_jax.models import lora
 from htpo_jax.rl.loss import LossConfig
 from htpo_jax.rl.train_step import StepConfig, TrainState, UpdateBatch, jit_update, make_optimizer
-from htpo_jax.run import policy
+from htpo_jax.run import adapters
 from htpo_jax.run.config import ConfigError, load_config
 
 
@@ -98,9 +98,9 @@ def _update_batch(vocab, n=4, p=6, r=8, seed=0):
 
 def _lora_state(cfg, tx):
     model = random_decoder()
-    lora.add_adapters(model, policy.lora_spec(cfg))
+    lora.add_adapters(model, adapters.lora_spec(cfg))
     graphdef, params = nnx.split(model)
-    opt_state = policy.init_opt_state(tx, params, cfg)
+    opt_state = adapters.init_opt_state(tx, params, cfg)
     return graphdef, TrainState(params, opt_state, jnp.zeros((), jnp.int32), jax.random.key(0))
 
 
@@ -116,20 +116,20 @@ def test_two_lora_updates_change_only_the_adapters_and_resume_exactly(tmp_path):
     sc = StepConfig(loss="htpo", loss_config=LossConfig(), temperature=1.0, lora=True)
     graphdef, state = _lora_state(cfg, tx)
     before = {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(state.params)}
-    adapters, _ = lora.split_adapters(state.params)
-    n_adapter = sum(x.size for x in jax.tree.leaves(adapters))
+    adapter_state, _ = lora.split_adapters(state.params)
+    n_adapter = sum(x.size for x in jax.tree.leaves(adapter_state))
     assert sum(x.size for x in jax.tree.leaves(state.opt_state)) < 3 * n_adapter + 16
     step = jit_update(graphdef, tx, sc)
     batch = _update_batch(graphdef_vocab(state))
     state, metrics = step(state, batch)
     with Checkpointer(tmp_path / "ckpt", 3) as ckpt:
-        ckpt.save(1, policy.checkpoint_view(state, cfg))
+        ckpt.save(1, adapters.checkpoint_view(state, cfg))
         ckpt.wait()
         shapes = ckpt.restore_extra(1)["param_shapes"]
         assert shapes and all("lora_a" in k or "lora_b" in k for k in shapes), shapes
         _, fresh = _lora_state(cfg, tx)
-        restored, _ = ckpt.restore(1, policy.checkpoint_view(fresh, cfg))
-    resumed = policy.from_checkpoint_view(restored, fresh.params, cfg)
+        restored, _ = ckpt.restore(1, adapters.checkpoint_view(fresh, cfg))
+    resumed = adapters.from_checkpoint_view(restored, fresh.params, cfg)
     state, metrics = step(state, batch)
     assert float(metrics["grad_norm"]) > 0 and float(metrics["nonfinite_skipped"]) == 0
     resumed, _ = step(resumed, batch)
@@ -198,8 +198,8 @@ def test_peft_round_trip_and_merged_export_match_our_logits(lora_runs, tmp_path)
     import transformers
 
     from htpo_jax.models.hf_io import from_pretrained
+    from htpo_jax.run.adapters import restore_policy
     from htpo_jax.run.config import load_config as load
-    from htpo_jax.run.policy import restore_policy
     from htpo_jax.tools.export import export
 
     root, out = lora_runs

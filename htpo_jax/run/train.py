@@ -44,7 +44,7 @@ from htpo_jax.rl.train_step import (
 )
 from htpo_jax.rl.validation import validate
 from htpo_jax.rollout import Sampler
-from htpo_jax.run import lock, policy, preflight, resume_checks, stages, watch
+from htpo_jax.run import adapters, lock, preflight, resume_checks, stages, watch
 from htpo_jax.run.checkpoint import (
     Checkpointer,
     CheckpointMismatch,
@@ -140,7 +140,7 @@ def components(cfg: Config, mesh: jax.sharding.Mesh) -> Iterator[tuple[Component
             mesh=mesh,
             **decoder_options(cfg.model),
         )
-        lora_on = policy.attach_adapters(model, cfg, mesh) > 0  # before the graphdef is taken
+        lora_on = adapters.attach_adapters(model, cfg, mesh) > 0  # before the graphdef is taken
         sampler, vocab_size = Sampler.from_model(model), model.cfg.vocab_size
         graphdef, params = nnx.split(model)
         del model  # the TrainState holds the one copy of the parameters
@@ -155,7 +155,7 @@ def components(cfg: Config, mesh: jax.sharding.Mesh) -> Iterator[tuple[Component
         )
         state = TrainState(
             params=params,
-            opt_state=policy.init_opt_state(tx, params, cfg),
+            opt_state=adapters.init_opt_state(tx, params, cfg),
             step=jnp.zeros((), jnp.int32),
             rng=jax.random.key(cfg.trainer.seed),
         )
@@ -173,9 +173,10 @@ def components(cfg: Config, mesh: jax.sharding.Mesh) -> Iterator[tuple[Component
             lambda _t, e, _tb: None if isinstance(e, dist.CollectiveTimeout) else ckpt.close()
         )
         start, run_id = 0, resume_checks.new_run_id()
-        restored = resume_checks.resume(ckpt, policy.checkpoint_view(state, cfg), cfg)
+        restored = resume_checks.resume(ckpt, adapters.checkpoint_view(state, cfg), cfg)
         if restored is not None:
-            state, extra = policy.from_checkpoint_view(restored[0], state.params, cfg), restored[1]
+            extra = restored[1]
+            state = adapters.from_checkpoint_view(restored[0], state.params, cfg)
             start, data_state = int(extra["step"]), DataState.from_json(extra["data"])
             run_id = extra.get("run_id", run_id)
             stream = PromptStream(stream.dataset, cfg.trainer.seed, cfg.data.shuffle, data_state)
@@ -239,7 +240,7 @@ def save(c: Components, state: TrainState, step: int) -> None:
         "config": c.cfg.to_dict(),
         "run_id": c.run_id,
     }
-    c.watch.save(step, policy.checkpoint_view(state, c.cfg), extra, c.ckpt)
+    c.watch.save(step, adapters.checkpoint_view(state, c.cfg), extra, c.ckpt)
 
 
 class RunStops(dist.StopSignals):

@@ -95,7 +95,7 @@ def build_context(cfg: Config, mesh, model_cfg) -> Context:
     from htpo_jax.infra.sharding import variable_sharding
     from htpo_jax.models.decoder import Decoder
     from htpo_jax.rl.train_step import StepConfig, make_optimizer, split_trainable
-    from htpo_jax.run.policy import attach_adapters
+    from htpo_jax.run.adapters import attach_adapters
 
     def make():
         model = Decoder(model_cfg, **decoder_kwargs(cfg.model), rngs=nnx.Rngs(0))

@@ -42,6 +42,7 @@ from htpo_jax.rewards.routing import UnknownDataSource, check_sources
 from htpo_jax.rl.validation import sample_val, summarize
 from htpo_jax.rollout import Sampler
 from htpo_jax.run import preflight
+from htpo_jax.run.adapters import restore_policy
 from htpo_jax.run.checkpoint import Checkpointer
 from htpo_jax.run.config import (
     AlgorithmConfig,
@@ -53,7 +54,6 @@ from htpo_jax.run.config import (
     load_tree,
 )
 from htpo_jax.run.data import DataError, val_dataset
-from htpo_jax.run.policy import restore_policy
 from htpo_jax.run.preflight import LaunchError
 
 log = logging.getLogger("htpo_jax.evaluate")

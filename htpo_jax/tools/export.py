@@ -21,9 +21,9 @@ import jax.numpy as jnp
 from htpo_jax.models import lora
 from htpo_jax.models.hf_io import from_pretrained, load_tokenizer, save_pretrained
 from htpo_jax.run import preflight, watch
+from htpo_jax.run.adapters import restore_policy
 from htpo_jax.run.checkpoint import Checkpointer, CheckpointMismatch
 from htpo_jax.run.config import ConfigError, load_config
-from htpo_jax.run.policy import restore_policy
 
 
 class NonFiniteWeights(ValueError):

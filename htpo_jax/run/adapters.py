@@ -1,6 +1,6 @@
-"""The run's policy with or without LoRA adapters (`model.lora`): adding them to a loaded model,
-what a checkpoint holds (the adapters only, with LoRA), and a run's checkpoint back into a model
-(for export and evaluate).
+"""LoRA adapters (`model.lora`) on the run's model: adding them to a loaded model, what a
+checkpoint holds (the adapters only, with LoRA), and a run's checkpoint back into a model (for
+export and evaluate), with or without adapters.
 
 With `model.lora.rank > 0` the TrainState's params are the whole adapted model (frozen base +
 adapters: the sampler and the scorer use them as they are), but the optimizer state covers the
