@@ -40,8 +40,18 @@ def test_targets():
     e = resolve_target("v5e-8", None, None)
     assert (e.topology, e.hbm_bytes, e.accelerator_type) == ("v5e:2x4", 16 * GiB, "v5litepod-8")
     assert resolve_target("v6e-8", None, 12.5).hbm_bytes == int(12.5 * GiB)
+    # v4 counts TensorCores like v5p: v4-8 is 4 chips, v4-512 is 256; 32 GiB a chip
+    v4 = resolve_target("v4-32", None, None)
+    assert (v4.chips, v4.topology, v4.hbm_bytes, v4.accelerator_type) == (
+        16,
+        "v4:2x2x4",
+        32 * GiB,
+        "v4-32",
+    )
+    assert resolve_target("v4-8", None, None).chips == 4
+    assert resolve_target("v4-512", None, None).topology == "v4:4x8x8"
     assert resolve_target(None, "cpu:4", 1).chips == 4
-    for bad in ("v5p-63", "v9-8", "v5p", "tpu"):
+    for bad in ("v5p-63", "v9-8", "v5p", "tpu", "v4-7", "v4-1024"):
         with pytest.raises(TargetError, match="--topology"):
             resolve_target(bad, None, None)
     with pytest.raises(TargetError, match="cpu:N"):
@@ -112,6 +122,51 @@ def test_default_config_on_a_small_tpu_topology(tmp_path):
         "optimizer",
     ]
     assert all(r["fits"] and r["flops"] > 0 for r in report["programs"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
+def test_v4_compiles_one_device_per_chip(tmp_path):
+    # libtpu's compile-only v4 topology lists TensorCores unless asked for megacore; a jax mesh
+    # on a v4 needs one device per chip (before: an AssertionError from jax.make_mesh).
+    out = run_tool("--topology", "v4-8", "--programs", "old_log_prob", "--json",
+                   tmp_path / "r.json", timeout=1800)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["chips"] == 4 and report["mesh"]["fsdp"] == 4
+    assert report["hbm_per_chip"] == 32 * GiB
+
+
+@pytest.mark.slow
+def test_lora_update_holds_adapter_moments_only(tmp_path):
+    """The default run with LoRA on 4 fake CPU devices: the update program compiles and its
+    arguments (adapters' AdamW state, bf16 base) are smaller than full fine-tuning's."""
+    args = {}
+    for name, sets in (("full", ()), ("lora", ("model.lora.rank=8",))):
+        out = run_tool("--devices", "cpu:4", "--programs", "update", "--json",
+                       tmp_path / f"{name}.json", *(("--set", *sets) if sets else ()))  # fmt: skip
+        assert out.returncode == 0, out.stderr[-2000:]
+        (row,) = json.loads((tmp_path / f"{name}.json").read_text())["programs"]
+        args[name] = row["arguments"]
+    assert 0 < args["lora"] < args["full"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
+@pytest.mark.parametrize(
+    "config,topology",
+    [("qwen3_1p7b_v5e8_lora", "v5e-8"), ("qwen3_4b_v6e8_lora", "v6e-8"),
+     ("qwen3_8b_v4-32_lora", "v4-32")],
+)  # fmt: skip
+def test_lora_configs_fit_their_slices(config, topology, tmp_path):
+    # Full depth on XLA's TPU compiler: minutes per config on 2 shared cores (docs/TPU.md).
+    out = run_tool(
+        "--config", f"configs/{config}.yaml", "--topology", topology,
+        "--programs", "engine,old_log_prob,update", "--json", tmp_path / "r.json", timeout=3600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["programs"] and all(r["fits"] for r in report["programs"])
 
 
 @pytest.mark.slow

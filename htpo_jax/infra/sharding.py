@@ -37,6 +37,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("mlp", "tensor"),
     ("norm", None),
     ("layers", None),  # the stacked layers' leading axis (scan_layers): never sharded
+    ("lora_rank", None),  # a LoRA adapter's rank axis (models/lora.py): small, replicated
     # activations
     ("act_batch", ("data", "fsdp")),
     ("act_seq", None),

@@ -1,9 +1,10 @@
 """Compile targets for `compile_check`: TPU slice names -> libtpu topologies, HBM per chip.
 
-`v5p-N` counts TensorCores (2 per chip, as Cloud TPU names v5p slices); `v5e-N` / `v5litepod-N`
-and `v6e-N` count chips. The topology is built by `jax.experimental.topologies` from libtpu's
-compiler alone: the environment variables set in `Target.setup_env` (before libtpu initializes)
-tell it not to look for TPU hardware or the GCE metadata server. `cpu:N` is N fake CPU devices.
+`v5p-N` and `v4-N` count TensorCores (2 per chip, as Cloud TPU names v5p and v4 slices: v4-8 is
+4 chips, one JAX device per chip); `v5e-N` / `v5litepod-N` and `v6e-N` count chips. The
+topology is built by `jax.experimental.topologies` from libtpu's compiler alone: the environment
+variables set in `Target.setup_env` (before libtpu initializes) tell it not to look for TPU
+hardware or the GCE metadata server. `cpu:N` is N fake CPU devices.
 """
 
 from __future__ import annotations
@@ -24,17 +25,17 @@ _V5E_SHAPES = {
     128: "8x16",
     256: "16x16",
 }
+_3D_SHAPES = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
+               256: "4x8x8"}  # fmt: skip
 GENERATIONS = {
-    "v5p": (
-        "v5p",
-        {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8"},
-        95 * GiB,
-        "v5p",
-    ),
+    "v5p": ("v5p", _3D_SHAPES, 95 * GiB, "v5p"),
+    "v4": ("v4", _3D_SHAPES, 32 * GiB, "v4"),  # v4-8 ... v4-512
     "v5e": ("v5e", _V5E_SHAPES, 16 * GiB, "v5litepod"),
     "v6e": ("v6e", _V5E_SHAPES, 32 * GiB, "v6e"),
 }
 ALIASES = {"v5litepod": "v5e", "v5lite": "v5e"}
+# Generations whose slice names count TensorCores (2 per chip) rather than chips.
+TWO_CORES_A_CHIP = ("v5p", "v4")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +110,10 @@ class Target:
         try:
             from jax.experimental import topologies
 
-            return list(topologies.get_topology_desc(self.topology, "tpu").devices)
+            # v4's compile-only topology lists each TensorCore as a device unless asked for
+            # megacore (one device per chip, as a v4 runtime runs and jax meshes require).
+            kwargs = {"chip_config_name": "megacore"} if self.topology.startswith("v4:") else {}
+            return list(topologies.get_topology_desc(self.topology, "tpu", **kwargs).devices)
         except (ImportError, RuntimeError) as e:
             raise TargetError(
                 f"cannot build TPU topology {self.topology} ({type(e).__name__}: "
@@ -136,9 +140,10 @@ def resolve_target(topology: str | None, devices: str | None, hbm_gib: float | N
             f"{', '.join(GENERATIONS)}), got {topology!r}"
         )
     libtpu_name, shapes, chip_hbm, prefix = GENERATIONS[gen]
-    chips = int(count) // 2 if gen == "v5p" else int(count)
-    if chips not in shapes or (gen == "v5p" and int(count) % 2):
-        known = ", ".join(f"{gen}-{c * 2 if gen == 'v5p' else c}" for c in shapes)
+    cores = 2 if gen in TWO_CORES_A_CHIP else 1
+    chips = int(count) // cores
+    if chips not in shapes or int(count) % cores:
+        known = ", ".join(f"{gen}-{c * cores}" for c in shapes)
         raise TargetError(f"--topology {topology}: {gen} slices known here: {known}")
     return Target(
         "tpu",

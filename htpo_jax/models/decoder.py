@@ -123,7 +123,20 @@ class DenseGeneral(nnx.Module):
         y = jnp.einsum(self.spec, x.astype(self.dtype), compute_copy(self.kernel, self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
+        if getattr(self, "lora_a", None) is not None:  # set by models/lora.add_adapters
+            y = y + self.lora_delta(x)
         return y
+
+    def lora_delta(self, x):
+        """The low-rank update `scale * (x @ A) @ B`, never forming the [in, out] product:
+        A [*in, r], B [r, *out] (models/lora.py), computed in the compute dtype."""
+        lhs, rest = self.spec.split(",")
+        rhs, out = rest.split("->")
+        ins, outs = rhs[: self.in_ndim], rhs[self.in_ndim :]
+        kept = "".join(c for c in lhs if c not in ins)  # the lhs axes that are not contracted
+        a, b = compute_copy(self.lora_a, self.dtype), compute_copy(self.lora_b, self.dtype)
+        xa = jnp.einsum(f"{lhs},{ins}r->{kept}r", x.astype(self.dtype), a)
+        return jnp.einsum(f"{kept}r,r{outs}->{out}", xa, b) * jnp.asarray(self.lora_scale, xa.dtype)
 
 
 class RMSNorm(nnx.Module):

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
+from htpo_jax.models import lora
 from htpo_jax.models.logprobs import logprobs_and_entropy
 from htpo_jax.rl.loss import LOSSES, LossConfig, LossInputs, aggregate
 
@@ -36,10 +37,12 @@ class TrainState:
     rng: jax.Array  # typed PRNG key of the run (split per RL step)
 
     @classmethod
-    def create(cls, params, tx, seed: int = 0, step: int = 0) -> TrainState:
-        """The state before update `step`: `params`, `tx`'s fresh optimizer state, the run key of
-        `seed`."""
-        return cls(params, tx.init(params), jnp.asarray(step, jnp.int32), jax.random.key(seed))
+    def create(cls, params, tx, seed: int = 0, step: int = 0,
+               sc: StepConfig | None = None) -> TrainState:  # fmt: skip
+        """The state before update `step`: `params`, `tx`'s fresh optimizer state over the
+        trainable ones (`split_trainable`: with `sc.lora` the adapters), the run key of `seed`."""
+        opt_state = tx.init(split_trainable(params, sc)[0])
+        return cls(params, opt_state, jnp.asarray(step, jnp.int32), jax.random.key(seed))
 
 
 @struct.dataclass
@@ -72,6 +75,7 @@ class StepConfig:
     kl_coef: float = 0.0
     kl_loss_type: str = "low_var_kl"
     chunk_size: int = 1024
+    lora: bool = False  # model.lora.rank > 0: only the adapters are differentiated and updated
 
     @classmethod
     def from_config(cls, cfg) -> StepConfig:
@@ -94,7 +98,20 @@ class StepConfig:
             use_kl_loss=a.use_kl_loss,
             kl_coef=a.kl_coef,
             kl_loss_type=a.kl_loss_type,
+            lora=cfg.model.lora.rank > 0,
         )
+
+
+def split_trainable(params: nnx.State, sc: StepConfig | None) -> tuple[nnx.State, object]:
+    """(what the optimizer updates, the frozen rest or None): with LoRA (`sc.lora`) the
+    adapters and the base; else all of `params` and None. Gradients, AdamW moments and the
+    non-finite skip see only the first part; `join_trainable` puts them back together."""
+    return lora.split_adapters(params) if sc is not None and sc.lora else (params, None)
+
+
+def join_trainable(trainable: nnx.State, frozen: nnx.State | None) -> nnx.State:
+    """The full parameter state from `split_trainable`'s two parts."""
+    return trainable if frozen is None else nnx.merge_state(trainable, frozen)
 
 
 def rl_step_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
@@ -184,12 +201,14 @@ def kl_penalty(log_prob, ref_log_prob, kind: str):
 SUMMED = ("policy_loss", "kl_loss")
 
 
-def micro_loss(params, graphdef, micro: UpdateBatch, num_tokens, num_seqs, sc: StepConfig):
-    """(loss, metrics) of one micro-batch under `params`: the configured policy loss (divided by
-    the whole mini-batch's `num_tokens` / `num_seqs`) plus the KL term when it is on."""
+def micro_loss(params, graphdef, micro: UpdateBatch, num_tokens, num_seqs, sc: StepConfig,
+               frozen=None):  # fmt: skip
+    """(loss, metrics) of one micro-batch under `params` (joined with `frozen`, the parameters
+    not differentiated, when given): the configured policy loss (divided by the whole
+    mini-batch's `num_tokens` / `num_seqs`) plus the KL term when it is on."""
     lp, ent = response_logprobs(
         graphdef,
-        params,
+        join_trainable(params, frozen),
         micro.input_ids,
         micro.attention_mask,
         micro.prompt_len,
@@ -241,16 +260,17 @@ def update(state: TrainState, mini: UpdateBatch, graphdef, tx, sc: StepConfig):
     num_tokens = jnp.sum(mini.response_mask)
     num_seqs = jnp.sum(jnp.any(mini.response_mask > 0, axis=-1))
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    trainable, frozen = split_trainable(state.params, sc)
 
     def body(grads, micro):
-        (loss, metrics), g = grad_fn(state.params, graphdef, micro, num_tokens, num_seqs, sc)
+        (loss, metrics), g = grad_fn(trainable, graphdef, micro, num_tokens, num_seqs, sc, frozen)
         return jax.tree.map(jnp.add, grads, g), metrics
 
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    zeros = jax.tree.map(jnp.zeros_like, trainable)
     grads, per_micro = jax.lax.scan(body, zeros, mini)
     tokens = jnp.sum(mini.response_mask, axis=tuple(range(1, mini.response_mask.ndim)))
     metrics = combine_metrics(per_micro, tokens)
-    state, step_metrics = apply_grads(state, grads, metrics["loss"], tx)
+    state, step_metrics = apply_grads(state, grads, metrics["loss"], tx, sc)
     return state, {**metrics, **step_metrics}
 
 
@@ -284,21 +304,27 @@ def jit_update(graphdef, tx, sc: StepConfig, state_shardings=None):
 # per width bucket), adding into a donated gradient accumulator, then `apply_grads` takes the
 # optimizer step. Same math as `update`: every micro loss is divided by the mini-batch counts.
 def micro_grads(grads, params, micro: UpdateBatch, num_tokens, num_seqs, graphdef, sc):
-    """grads + d(micro loss)/d(params), and the micro-batch's metrics (grads donated)."""
+    """grads + d(micro loss)/d(trainable params), and the micro-batch's metrics (grads donated;
+    `grads` has the structure of `split_trainable(params, sc)[0]`)."""
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
-    (_, metrics), g = grad_fn(params, graphdef, micro, num_tokens, num_seqs, sc)
+    trainable, frozen = split_trainable(params, sc)
+    (_, metrics), g = grad_fn(trainable, graphdef, micro, num_tokens, num_seqs, sc, frozen)
     return jax.tree.map(jnp.add, grads, g), metrics
 
 
-def apply_grads(state: TrainState, grads, loss, tx):
+def apply_grads(state: TrainState, grads, loss, tx, sc: StepConfig | None = None):
     """One optax step from accumulated gradients (state donated), skipped like `update`'s when
     the loss or the gradient norm is not finite; returns (state, {grad_norm, nonfinite_skipped,
-    lr})."""
+    lr}). With `sc.lora` only the adapters are stepped."""
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    params, opt_state, skipped = skip_if_nonfinite(loss, grad_norm, state, params, opt_state)
-    new = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
+    trainable, frozen = split_trainable(state.params, sc)
+    updates, opt_state = tx.update(grads, state.opt_state, trainable)
+    params = optax.apply_updates(trainable, updates)
+    params, opt_state, skipped = skip_if_nonfinite(
+        loss, grad_norm, state.replace(params=trainable), params, opt_state
+    )
+    new = state.replace(params=join_trainable(params, frozen), opt_state=opt_state,
+                        step=state.step + 1)  # fmt: skip
     lr = opt_state.hyperparams["learning_rate"]
     return new, {"grad_norm": grad_norm, "nonfinite_skipped": skipped, "lr": lr}
 
@@ -310,10 +336,11 @@ def jit_micro_grads(graphdef, sc: StepConfig, grad_shardings=None):
     return jax.jit(fn, donate_argnums=0, out_shardings=out)
 
 
-def jit_apply_grads(tx, state_shardings=None):
+def jit_apply_grads(tx, state_shardings=None, sc: StepConfig | None = None):
     """`apply_grads` jitted; the TrainState and the gradients are donated (the loss is not)."""
     out = (state_shardings, None) if state_shardings is not None else None
-    return jax.jit(functools.partial(apply_grads, tx=tx), donate_argnums=(0, 1), out_shardings=out)
+    fn = functools.partial(apply_grads, tx=tx, sc=sc)
+    return jax.jit(fn, donate_argnums=(0, 1), out_shardings=out)
 
 
 def packed_update(state, micros, num_tokens, num_seqs, grads_fn, apply_fn, zeros_fn):

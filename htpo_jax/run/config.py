@@ -90,9 +90,22 @@ def _fields(cls) -> dict[str, tuple[dataclasses.Field, Any]]:
     return {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls)}
 
 
+def _is_sub(tp) -> bool:
+    """Whether a field's type is a nested sub-section (a dataclass, e.g. `model.lora`)."""
+    return dataclasses.is_dataclass(tp)
+
+
+def _leaf_keys(prefix: str, cls) -> list[str]:
+    out = []
+    for k, (_, tp) in _fields(cls).items():
+        out += _leaf_keys(f"{prefix}.{k}", tp) if _is_sub(tp) else [f"{prefix}.{k}"]
+    return out
+
+
 def all_keys() -> list[str]:
-    """Every config key as 'section.field', in schema order."""
-    return [f"{s}.{k}" for s, cls in SECTIONS.items() for k in _fields(cls)]
+    """Every config key as 'section.field' ('section.sub.field' in a sub-section such as
+    `model.lora`), in schema order."""
+    return [key for s, cls in SECTIONS.items() for key in _leaf_keys(s, cls)]
 
 
 def _initials(name: str) -> str:
@@ -220,24 +233,34 @@ def config_from_dict(tree: dict | None, cross_checks: bool = True) -> Config:
         if not isinstance(body, dict):
             raise ConfigError(f"{name}: expected a mapping of keys, got {body!r}")
     for name, cls in SECTIONS.items():
-        body = _renamed(name, tree.get(name) or {})
-        known = _fields(cls)
-        kwargs = {}
-        for k, v in body.items():
-            key = f"{name}.{k}"
-            if k not in known:
-                raise _unknown(key)
-            f, tp = known[k]
-            v = _coerce(key, v, tp)
-            check = f.metadata.get("check")
-            if check is not None and not check[0](v):
-                raise ConfigError(f"{key}: {check[1]}, got {v!r}")
-            kwargs[k] = v
-        sections[name] = cls(**kwargs)
+        sections[name] = _build_section(name, cls, _renamed(name, tree.get(name) or {}))
     cfg = Config(**sections)
     if cross_checks:
         _cross_checks(cfg)
     return cfg
+
+
+def _build_section(name: str, cls, body: dict):
+    """One section (or nested sub-section such as `model.lora`) from its mapping, every key
+    checked; `name` is its dotted key prefix."""
+    known = _fields(cls)
+    kwargs = {}
+    for k, v in body.items():
+        key = f"{name}.{k}"
+        if k not in known:
+            raise _unknown(key)
+        f, tp = known[k]
+        if _is_sub(tp):
+            if v is not None and not isinstance(v, dict):
+                raise ConfigError(f"{key}: expected a mapping of keys, got {v!r}")
+            kwargs[k] = _build_section(key, tp, v or {})
+            continue
+        v = _coerce(key, v, tp)
+        check = f.metadata.get("check")
+        if check is not None and not check[0](v):
+            raise ConfigError(f"{key}: {check[1]}, got {v!r}")
+        kwargs[k] = v
+    return cls(**kwargs)
 
 
 def _cross_checks(c: Config) -> None:
@@ -313,20 +336,19 @@ def _apply(tree: dict, key: str, value: Any) -> None:
     if len(parts) == 1 and parts[0] in SECTIONS and isinstance(value, dict):
         tree.setdefault(parts[0], {}).update(value)
         return
-    if len(parts) != 2:
+    key = RENAMED.get(key, key)  # an override of the old name sets the new key
+    if key not in all_keys():
         raise _unknown(key)
-    if key in RENAMED:  # an override of the old name sets the new key
-        key = RENAMED[key]
-        parts = key.split(".")
-    section, leaf = parts
-    if section not in SECTIONS or leaf not in _fields(SECTIONS[section]):
-        raise _unknown(key)
-    body = tree.setdefault(section, {})
-    if body is None:
-        body = tree[section] = {}
+    *outer, leaf = key.split(".")
+    body = tree
+    for part in outer:  # section, then any sub-section (model.lora.rank)
+        if body.get(part) is None:
+            body[part] = {}
+        body = body[part]
     for old_key, new_key in RENAMED.items():  # this override replaces the old name's value too
-        if new_key == key and old_key.startswith(section + "."):
-            body.pop(old_key.partition(".")[2], None)
+        old_outer, _, old_leaf = old_key.rpartition(".")
+        if new_key == key and old_outer == ".".join(outer):
+            body.pop(old_leaf, None)
     body[leaf] = value
 
 
@@ -525,15 +547,25 @@ def config_markdown() -> str:
     ]
     for name, cls in SECTIONS.items():
         lines += [f"## `{name}`", "", "| key | type | default | meaning |", "|---|---|---|---|"]
-        for k, (f, tp) in _fields(cls).items():
-            default = yaml.safe_dump(plain(f.default), default_flow_style=True).strip()
-            default = default.removesuffix("\n...").removesuffix("...").strip()
-            help_text = f.metadata["help"]
-            if f.metadata.get("check"):
-                help_text += f" ({f.metadata['check'][1].replace('must be ', '')})"
-            lines.append(f"| `{name}.{k}` | {_doc_type(tp)} | `{default}` | {help_text} |")
+        lines += _markdown_rows(name, cls)
         lines.append("")
     return "\n".join(lines)
+
+
+def _markdown_rows(prefix: str, cls) -> list[str]:
+    """One table row per key of a section, nested sub-sections' keys spelled out in place."""
+    rows = []
+    for k, (f, tp) in _fields(cls).items():
+        if _is_sub(tp):
+            rows += _markdown_rows(f"{prefix}.{k}", tp)
+            continue
+        default = yaml.safe_dump(plain(f.default), default_flow_style=True).strip()
+        default = default.removesuffix("\n...").removesuffix("...").strip()
+        help_text = f.metadata["help"]
+        if f.metadata.get("check"):
+            help_text += f" ({f.metadata['check'][1].replace('must be ', '')})"
+        rows.append(f"| `{prefix}.{k}` | {_doc_type(tp)} | `{default}` | {help_text} |")
+    return rows
 
 
 def main(argv: typing.Sequence[str] | None = None) -> None:

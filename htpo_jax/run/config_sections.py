@@ -45,6 +45,49 @@ KlKind = Literal[tuple(KL_ESTIMATORS)]
 RewardFn = Literal[tuple(REWARD_FNS)]
 
 
+def _sub(cls, help: str):
+    """A nested sub-section (e.g. `model.lora`): its keys are `section.name.key`."""
+    return field(default_factory=cls, metadata={"help": help, "check": None})
+
+
+LORA_BASE_DTYPES = ("bfloat16", "float32")
+
+
+@dataclass(frozen=True)
+class LoraSection:
+    """The `model.lora:` sub-section: low-rank adapters on the policy (models/lora.py)."""
+
+    rank: int = _f(
+        0,
+        "LoRA rank r; 0 = off (full fine-tuning). > 0: only the adapters are trained, have AdamW "
+        "state and are checkpointed; the frozen base (adapters off) is the KL reference.",
+        NONNEG,
+    )
+    alpha: float = _f(16.0, "LoRA alpha: the adapter update is scaled by alpha / rank.", POS)
+    target: str = _f(
+        "_proj$",
+        "Regex searched in each projection's module path (e.g. `layers.self_attn.q_proj`, "
+        "`layers.mlp.down_proj`; with scan_layers=false `layers.3.self_attn.q_proj`); default: "
+        "every attention and MLP projection (the embedding and lm_head are never adapted).",
+        (lambda v: _regex_ok(v), "must be a valid, non-empty regular expression"),
+    )
+    base_dtype: Literal[LORA_BASE_DTYPES] = _f(
+        "bfloat16",
+        "Dtype the frozen base weights are stored in with LoRA on (replaces model.param_dtype "
+        "for them; the adapters are float32). QLoRA bases (int8, nf4) are not implemented.",
+    )
+
+
+def _regex_ok(v: str) -> bool:
+    import re
+
+    try:
+        re.compile(v)
+    except re.error:
+        return False
+    return bool(v)
+
+
 @dataclass(frozen=True)
 class ModelSection:
     """The `model:` section (models.ModelConfig is the architecture, read from config.json)."""
@@ -72,6 +115,7 @@ class ModelSection:
         "program size do not grow with depth (false: a Python loop; same results, but "
         "checkpoints of one layout do not restore into the other).",
     )
+    lora: LoraSection = _sub(LoraSection, "LoRA adapters (rank 0 = off).")
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
-"""The run's policy from its config, built one way everywhere: the model (`build_model`), the
-optimizer (`make_optimizer`), the first `TrainState` (`TrainState.create`), and a run directory's
-checkpoint back into a model (`restore_run`, for `export` and `evaluate`).
+"""The run's policy from its config, built one way everywhere: the model with its LoRA adapters
+(`build_model`), the optimizer (`make_optimizer`), the first `TrainState` (`TrainState.create`),
+and a run directory's checkpoint back into a model (`restore_run`, for `export` and `evaluate`).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from flax import nnx
 
 from htpo_jax.models.hf_io import decoder_options, from_pretrained
 from htpo_jax.rl import train_step
-from htpo_jax.rl.train_step import TrainState
-from htpo_jax.run import watch
+from htpo_jax.rl.train_step import StepConfig, TrainState
+from htpo_jax.run import adapters, watch
 from htpo_jax.run.checkpoint import Checkpointer
 from htpo_jax.run.config import Config, load_config
 
@@ -34,8 +34,11 @@ def model_kwargs(model_section, dtype: str | None = None) -> dict:
 
 
 def build_model(cfg: Config, mesh=None, *, dtype: str | None = None):
-    """The policy `Decoder` of `cfg.model` (weights from `model.path`), sharded on `mesh`."""
-    return from_pretrained(cfg.model.path, mesh=mesh, **model_kwargs(cfg.model, dtype))
+    """The policy `Decoder` of `cfg.model` (weights from `model.path`), sharded on `mesh`, with
+    the adapters of `model.lora` when its rank is > 0 (`adapters.attach_adapters`)."""
+    model = from_pretrained(cfg.model.path, mesh=mesh, **model_kwargs(cfg.model, dtype))
+    adapters.attach_adapters(model, cfg, mesh)
+    return model
 
 
 def updates_per_step(cfg: Config) -> int:
@@ -74,7 +77,8 @@ def restore_run(run_dir: str | Path, step: int | None = None, *, cfg: Config | N
     """(model, cfg, step): the policy of a run directory's checkpoint `step` (None: the latest),
     built from its `config.yaml` (or `cfg`) with `build_model` (`dtype`: the compute dtype,
     default the run's). Missing config or checkpoint: FileNotFoundError; non-finite weights:
-    NonFiniteWeights; a checkpoint of another shape: checkpoint.CheckpointMismatch."""
+    NonFiniteWeights; a checkpoint of another shape: checkpoint.CheckpointMismatch. A LoRA
+    run's checkpoint holds its adapters: they go onto the base of `model.path`."""
     if cfg is None:
         config_path = Path(run_dir) / "config.yaml"
         if not config_path.exists():
@@ -85,8 +89,10 @@ def restore_run(run_dir: str | Path, step: int | None = None, *, cfg: Config | N
     model = build_model(cfg, dtype=dtype)
     _, params = nnx.split(model)
     tx = make_optimizer(cfg)  # only the optimizer state's structure is needed
+    template = TrainState.create(params, tx, sc=StepConfig.from_config(cfg))
     with Checkpointer(ckpt_dir, cfg.checkpoint.max_to_keep, read_only=True) as ckpt:
-        state, _ = ckpt.restore(step, TrainState.create(params, tx))
+        state, _ = ckpt.restore(step, adapters.checkpoint_view(template, cfg))
+    state = adapters.from_checkpoint_view(state, params, cfg)
     if not watch.all_finite(state.params):
         raise NonFiniteWeights(
             f"checkpoint {step} in {ckpt_dir} holds non-finite (NaN/inf) parameters "

@@ -20,6 +20,7 @@ from flax import nnx
 
 from htpo_jax.infra import distributed as dist
 from htpo_jax.infra.sharding import logical_sharding, to_host
+from htpo_jax.models import lora
 from htpo_jax.rewards import RewardPools
 from htpo_jax.rl import advantages as adv_lib
 from htpo_jax.rl import balance, packing
@@ -30,6 +31,7 @@ from htpo_jax.rl.train_step import (
     UpdateBatch,
     packed_update,
     score_responses,
+    split_trainable,
 )
 from htpo_jax.rollout import Sampler
 from htpo_jax.run.checkpoint import Checkpointer
@@ -270,6 +272,7 @@ def old_logprobs(p: Programs, params, batch: UpdateBatch,
     computed micro-batch by micro-batch; also the mean entropy over response tokens."""
     t, m = p.step_cfg.temperature, batch.response_mask
     old, ref, ent = np.zeros_like(m), np.zeros_like(m), np.zeros_like(m)
+    ref_params = reference_params(p, params)
 
     for m_plan in micro_plan(batch, spec):
         mb = packing.gather(batch, m_plan)
@@ -277,12 +280,21 @@ def old_logprobs(p: Programs, params, batch: UpdateBatch,
         lp, e = to_host(score_responses(p.graphdef, params, ids, mask, mb.prompt_len, t))
         packing.scatter(lp, m_plan, old)
         packing.scatter(e, m_plan, ent)
-        if p.ref_params is not None:
-            ref_lp = score_responses(p.graphdef, p.ref_params, ids, mask, mb.prompt_len, t)
+        if ref_params is not None:
+            ref_lp = score_responses(p.graphdef, ref_params, ids, mask, mb.prompt_len, t)
             packing.scatter(to_host(ref_lp[0]), m_plan, ref)
-    ref = ref * m if p.ref_params is not None else batch.ref_log_prob
+    ref = ref * m if ref_params is not None else batch.ref_log_prob
     mean_ent = float((ent * m).sum() / max(m.sum(), 1))
     return batch.replace(old_log_prob=old * m, ref_log_prob=ref), mean_ent
+
+
+def reference_params(p: Programs, params):
+    """The KL reference policy's parameters, or None when the KL loss is off: the frozen copy
+    made at the start, or with LoRA the current base with the adapters switched off (no copy:
+    the base never changes)."""
+    if p.ref_params is not None or not (p.step_cfg.lora and p.step_cfg.use_kl_loss):
+        return p.ref_params
+    return lora.adapters_off(params)
 
 
 def put(mesh, x, lead: int = 0):
@@ -302,7 +314,8 @@ def update_mini(p: Programs, state: TrainState, mini: UpdateBatch,
     ]
     rmask = np.asarray(mini.response_mask)
     num_tokens, num_seqs = np.float32(rmask.sum()), np.float32((rmask > 0).any(-1).sum())
-    zeros = lambda: jax.tree.map(jnp.zeros_like, state.params)
+    trainable = lambda: split_trainable(state.params, p.step_cfg)[0]  # the adapters with LoRA
+    zeros = lambda: jax.tree.map(jnp.zeros_like, trainable())
     return packed_update(state, micros, num_tokens, num_seqs, grads_fn, apply_fn, zeros)
 
 

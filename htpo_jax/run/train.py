@@ -42,7 +42,7 @@ from htpo_jax.rl.train_step import (
 )
 from htpo_jax.rl.validation import validate
 from htpo_jax.rollout import Sampler
-from htpo_jax.run import lock, preflight, resume_checks, stages, watch
+from htpo_jax.run import adapters, lock, preflight, resume_checks, stages, watch
 from htpo_jax.run.checkpoint import (
     Checkpointer,
     CheckpointMismatch,
@@ -136,14 +136,16 @@ def components(
         check_sources([r.data_source for r in stream.dataset.rows], cfg, "data.train_files")
         if val_set is not None:
             check_sources([r.data_source for r in val_set.rows], cfg, "data.val_files")
-        model = build_model(cfg, mesh)
+        model = build_model(cfg, mesh)  # with the configured LoRA adapters, if any
+        lora_on = adapters.lora_spec(cfg) is not None
         sampler, vocab_size = Sampler.from_model(model, sync=sync), model.cfg.vocab_size
         graphdef, params = nnx.split(model)
         del model  # the TrainState holds the one copy of the parameters
-        ref_params = jax.tree.map(jnp.copy, params) if cfg.algorithm.use_kl_loss else None
-        tx = make_optimizer(cfg)
-        state = TrainState.create(params, tx, seed=cfg.trainer.seed)
-        step_cfg = StepConfig.from_config(cfg)
+        # with LoRA the reference is the base itself (adapters off, stages.reference_params)
+        use_copy = cfg.algorithm.use_kl_loss and not lora_on
+        ref_params = jax.tree.map(jnp.copy, params) if use_copy else None
+        tx, step_cfg = make_optimizer(cfg), StepConfig.from_config(cfg)
+        state = TrainState.create(params, tx, seed=cfg.trainer.seed, sc=step_cfg)  # LoRA: adapters
         if is_main_process():  # one lock per run, held by the process that writes the shared files
             stack.enter_context(lock.OutputLock(out))
             # Two runs with their own output dirs but one checkpoint.dir would replace each
@@ -156,9 +158,10 @@ def components(
             lambda _t, e, _tb: None if isinstance(e, dist.CollectiveTimeout) else ckpt.close()
         )
         start, run_id = 0, resume_checks.new_run_id()
-        restored = resume_checks.resume(ckpt, state, cfg)
+        restored = resume_checks.resume(ckpt, adapters.checkpoint_view(state, cfg), cfg)
         if restored is not None:
-            state, extra = restored
+            extra = restored[1]
+            state = adapters.from_checkpoint_view(restored[0], state.params, cfg)
             start, data_state = int(extra["step"]), DataState.from_json(extra["data"])
             run_id = extra.get("run_id", run_id)
             stream = PromptStream(stream.dataset, cfg.trainer.seed, cfg.data.shuffle, data_state)
@@ -183,7 +186,10 @@ def components(
                     sampler=sampler,
                     ref_params=ref_params,
                     step_cfg=step_cfg,
-                    update_fns=(jit_micro_grads(graphdef, step_cfg), jit_apply_grads(tx)),
+                    update_fns=(
+                        jit_micro_grads(graphdef, step_cfg),
+                        jit_apply_grads(tx, sc=step_cfg),
+                    ),
                 ),
                 services=Services(
                     stream=stream,
@@ -234,7 +240,7 @@ def save(c: Components, state: TrainState, step: int) -> None:
         "config": c.cfg.to_dict(),
         "run_id": c.run_id,
     }
-    c.services.watch.save(step, state, extra, c.services.ckpt)
+    c.services.watch.save(step, adapters.checkpoint_view(state, c.cfg), extra, c.services.ckpt)
 
 
 class RunStops(dist.StopSignals):

@@ -326,7 +326,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_config_args(parser)
     where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--topology", help="TPU slice: v5p-8 ... v5p-512, v5e-N, v6e-N")
+    where.add_argument("--topology", help="TPU slice: v5p-8 ... v5p-512, v4-8 ..., v5e-N, v6e-N")
     where.add_argument("--devices", help="fake CPU devices: cpu:N")
     parser.add_argument("--json", help="also write the report as JSON to this file")
     parser.add_argument("--headroom", type=float, default=0.1, help="HBM share kept free (0.1)")

@@ -81,13 +81,17 @@ def build_context(cfg: Config, mesh, model_cfg) -> Context:
 
     from htpo_jax.infra.sharding import variable_sharding
     from htpo_jax.models.decoder import Decoder
-    from htpo_jax.rl.train_step import StepConfig
+    from htpo_jax.rl.train_step import StepConfig, split_trainable
+    from htpo_jax.run.adapters import attach_adapters
     from htpo_jax.run.policy import make_optimizer, model_kwargs
 
+    def make():
+        model = Decoder(model_cfg, **model_kwargs(cfg.model), rngs=nnx.Rngs(0))
+        attach_adapters(model, cfg)  # model.lora: adapters, the base in model.lora.base_dtype
+        return model
+
     with jax.set_mesh(mesh):
-        abstract = nnx.eval_shape(
-            lambda: Decoder(model_cfg, **model_kwargs(cfg.model), rngs=nnx.Rngs(0))
-        )
+        abstract = nnx.eval_shape(make)
     graphdef, state = nnx.split(abstract)
     params = jax.tree.map(
         lambda v: v.replace(
@@ -96,21 +100,20 @@ def build_context(cfg: Config, mesh, model_cfg) -> Context:
         state,
         is_leaf=lambda x: isinstance(x, nnx.Variable),
     )
-    tx = make_optimizer(cfg)
-    opt = jax.eval_shape(tx.init, params)
+    tx, step_cfg = make_optimizer(cfg), StepConfig.from_config(cfg)
+    trainable = split_trainable(params, step_cfg)[0]  # LoRA: AdamW state for the adapters only
+    opt = jax.eval_shape(tx.init, trainable)
     replicated = NamedSharding(mesh, PartitionSpec())
     opt_sh = optax.tree_map_params(
         tx,
         lambda _, s: s,
         opt,
-        shardings(params),
+        shardings(trainable),
         transform_non_params=lambda _: replicated,
     )
     opt = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), opt, opt_sh)
     shards = int(mesh.shape["data"] * mesh.shape["fsdp"])
-    return Context(
-        cfg, mesh, graphdef, params, opt, tx, StepConfig.from_config(cfg), shards, model_cfg
-    )
+    return Context(cfg, mesh, graphdef, params, opt, tx, step_cfg, shards, model_cfg)
 
 
 def shardings(tree):
@@ -188,8 +191,18 @@ def micro_shapes(ctx: Context) -> list[tuple[int, int]]:
 
 
 def ref_bytes(ctx: Context) -> int:
-    """Per-chip bytes of the reference model's weights (0 without the KL loss)."""
-    return per_chip_bytes(ctx.params) if ctx.cfg.algorithm.use_kl_loss else 0
+    """Per-chip bytes of the reference model's weights (0 without the KL loss, and with LoRA:
+    the reference is the base itself, the adapters switched off)."""
+    return (
+        per_chip_bytes(ctx.params) if ctx.cfg.algorithm.use_kl_loss and not ctx.step_cfg.lora else 0
+    )
+
+
+def trainable(ctx: Context):
+    """The abstract parameters the optimizer updates (LoRA: the adapters)."""
+    from htpo_jax.rl.train_step import split_trainable
+
+    return split_trainable(ctx.params, ctx.step_cfg)[0]
 
 
 def rollout_programs(ctx: Context) -> list[Program]:
@@ -269,15 +282,15 @@ def update_programs(ctx: Context) -> list[Program]:
     )
     state_sh = shardings(state)
     out = []
-    grads_fn = jit_micro_grads(ctx.graphdef, ctx.step_cfg, shardings(ctx.params))
+    grads_fn = jit_micro_grads(ctx.graphdef, ctx.step_cfg, shardings(trainable(ctx)))
     scalar = jax.ShapeDtypeStruct((), jnp.float32)
     for rows, w in micro_shapes(ctx):
         micro = update_batch(ctx, (), rows, p, w)
-        args = (ctx.params, ctx.params, micro, scalar, scalar)  # accumulator has params' shapes
+        args = (trainable(ctx), ctx.params, micro, scalar, scalar)  # accumulator: trainable shapes
         resident = per_chip_bytes(ctx.opt_state) + ref_bytes(ctx)
         out.append(Program("update", f"{rows} x ({p}+{w})", grads_fn, args, resident))
-    apply = jit_apply_grads(ctx.tx, state_sh)
-    args = (state, ctx.params, scalar)  # scalar: the mini-batch loss (non-finite check)
+    apply = jit_apply_grads(ctx.tx, state_sh, sc=ctx.step_cfg)
+    args = (state, trainable(ctx), scalar)  # scalar: the mini-batch loss (non-finite check)
     out.append(Program("optimizer", "AdamW step", apply, args, ref_bytes(ctx)))
     return out
 

@@ -84,7 +84,7 @@ def load_policy(model_dir: str, step: int | None, config: str | None, overrides:
             raise EvalInputError(f"--model {model_dir}: no checkpoint in {ckpt_dir}")
         if step is not None and step not in steps:
             raise EvalInputError(f"--step {step}: no such checkpoint in {ckpt_dir}; have {steps}")
-        model, cfg, step = restore_run(path, step, cfg=cfg)
+        model, cfg, step = restore_run(path, step, cfg=cfg)  # a LoRA run's adapters on its base
         return model, _tokenizer(cfg), cfg, path / "eval" / f"step_{step}", step, None
     if (path / "config.json").is_file():  # an HF directory
         if step is not None:
