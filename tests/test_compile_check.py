@@ -15,6 +15,18 @@ from htpo_jax.infra.topology import GiB, TargetError, resolve_target
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# The programs of the default config, in compile_check's order (the update is the micro-batch
+# gradient and the optimizer step, with fixed-size micro-batches as with token budgets).
+EVERY_PROGRAM = [
+    "rollout",
+    "engine_decode",
+    "engine_prefill",
+    "old_log_prob",
+    "update",
+    "optimizer",
+]
+
+
 def run_tool(*args, timeout=900):
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     env["PYTHONPATH"] = str(ROOT)
@@ -90,14 +102,7 @@ def test_every_program_and_a_huge_shape(tmp_path):
     out = run_tool("--devices", "cpu:4", "--json", tmp_path / "r.json")
     assert out.returncode == 0, out.stderr[-2000:]
     names = [r["program"] for r in json.loads((tmp_path / "r.json").read_text())["programs"]]
-    assert names == [
-        "rollout",
-        "engine_decode",
-        "engine_prefill",
-        "old_log_prob",
-        "update",
-        "optimizer",
-    ]
+    assert names == EVERY_PROGRAM
     # 64 responses of 64k tokens per micro-batch with full attention: the update cannot fit 8 GiB
     huge = ("optim.micro_batch_size=64", "rollout.max_response_length=65536")
     out = run_tool("--devices", "cpu:4", "--programs", "update", "--hbm-gib", "8", "--set", *huge)
@@ -113,14 +118,7 @@ def test_default_config_on_a_small_tpu_topology(tmp_path):
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["topology"] == "v5e:2x2" and report["hbm_per_chip"] == 16 * GiB
     names = [r["program"] for r in report["programs"]]
-    assert names == [
-        "rollout",
-        "engine_decode",
-        "engine_prefill",
-        "old_log_prob",
-        "update",
-        "optimizer",
-    ]
+    assert names == EVERY_PROGRAM
     assert all(r["fits"] and r["flops"] > 0 for r in report["programs"])
 
 
