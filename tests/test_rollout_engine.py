@@ -437,3 +437,22 @@ def test_packed_page_table_follows_a_growing_row():
         r.pages.append(p)
         assert r.page_array()[-1] == p
     np.testing.assert_array_equal(r.page_array(), [3, 4, 9, 10, 11, *range(20, 40)])
+
+
+def test_plans_are_pytrees_in_the_programs_argument_order():
+    """A plan's leaves are its arrays in the order the programs take them; rows are metadata."""
+    import jax
+
+    from htpo_jax.rollout import scheduler
+    from htpo_jax.rollout.engine import stack_plans
+
+    arrays = [np.full((2,), i, np.int32) for i in range(len(scheduler.DECODE_ARRAYS))]
+    a = scheduler.DecodePlan(["row"], *arrays)
+    b = scheduler.DecodePlan([], *(x + 10 for x in arrays))
+    leaves = jax.tree.leaves(a)
+    assert [int(x[0]) for x in leaves] == list(range(len(arrays)))
+    stacked = stack_plans([a, b])
+    assert [x.shape for x in stacked] == [(2, 2)] * len(arrays)
+    assert int(stacked[3][1, 0]) == 13
+    p = scheduler.PrefillPlan(np.zeros((1, 4), np.int32), np.ones(1, np.int32), np.zeros((1, 1)))
+    assert [x.shape for x in jax.tree.leaves(p)] == [(1, 4), (1,), (1, 1)]

@@ -38,7 +38,7 @@ from htpo_jax.infra.distributed import HostSync, needs_sync, put_global
 from htpo_jax.infra.sharding import without_axes
 from htpo_jax.models.attention import attend_in_query_chunks
 from htpo_jax.rollout import paged_attention as pa
-from htpo_jax.rollout import sampling
+from htpo_jax.rollout import sampling, scheduler
 from htpo_jax.rollout.sampling import Rollout
 from htpo_jax.rollout.scheduler import Scheduler, steal_work
 
@@ -363,7 +363,7 @@ def decode_program(graph: sampling.StaticGraph, spec: DecodeSpec, state, pools, 
 # Each shard runs its own while loop (no collective inside), so shards may stop at other steps.
 # decode's per-row args: table, kv_len, tok, step, row, active, copy src, copy dst (then rng,
 # temperature, top_p, replicated)
-_DECODE_ROW_ARGS = 8
+_DECODE_ROW_ARGS = len(scheduler.DECODE_ARRAYS)
 
 
 def _mapped(fn, mesh, n_sharded: int, n_out: int):
@@ -624,10 +624,10 @@ def _run_rounds(progs: _Programs, scheds, state, dstate, pools, scalars, window_
         need = np.max([s.needs() for s in scheds], axis=0)
         plans = [s.pack(*need) for s in scheds]
         if need[2]:
-            prefill = [np.stack([getattr(p, f) for p, _ in plans]) for f in PREFILL_FIELDS]
+            prefill = stack_plans([p for p, _ in plans])
             pools = progs.prefill(state, pools, *prefill)
         dec = [d for _, d in plans]
-        per_row = [np.stack([getattr(d, f) for d in dec]) for f in DECODE_FIELDS]
+        per_row = stack_plans(dec)
         gather_once = bool(need[0] * need[1] <= window_pages)  # S x Pb pages
         pools, tok_dsk, lp_dsk = progs.decode(gather_once, dstate, pools, *per_row, *scalars)
         tok_dsk, lp_dsk = jax.device_get((tok_dsk, lp_dsk))
@@ -649,10 +649,10 @@ def _run_stats(scheds, stolen: int, sizes: Sizes, per_page: int, shards: int) ->
                 )  # fmt: skip
 
 
-# The plans' arrays, in the programs' argument order.
-PREFILL_FIELDS = ("ids_bt", "len_b", "page_table_bp")
-DECODE_FIELDS = ("page_table_sp", "kv_len_s", "tok_s", "step_s", "row_s", "active_s",
-                 "copy_src_s", "copy_dst_s")  # fmt: skip
+def stack_plans(plans) -> list[np.ndarray]:
+    """The shards' plans (pytrees of one kind, `scheduler.PrefillPlan` / `DecodePlan`) as the
+    programs' array arguments: each leaf stacked over the shards [D, ...], in leaf order."""
+    return [np.stack(xs) for xs in zip(*(jax.tree.leaves(p) for p in plans), strict=True)]
 
 
 class _Programs:

@@ -31,8 +31,10 @@ outputs are the same (a row's randomness depends only on its id and step), only 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections import deque
 
+import jax
 import numpy as np
 
 
@@ -113,6 +115,15 @@ class _Row:
         return self._arr[:n]
 
 
+# The plans are pytrees: their arrays are the leaves, in the order of their data fields, which is
+# the order the engine's programs take them in (`jax.tree.leaves(plan)`); `rows` is host metadata.
+DECODE_ARRAYS = ("page_table_sp", "kv_len_s", "tok_s", "step_s", "row_s", "active_s",
+                 "copy_src_s", "copy_dst_s")  # fmt: skip
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=list(DECODE_ARRAYS), meta_fields=["rows"]
+)
 @dataclasses.dataclass(frozen=True)
 class DecodePlan:
     """One decode call's packed inputs (S slots, Pb pages per row) and the rows in those slots."""
@@ -128,6 +139,11 @@ class DecodePlan:
     copy_dst_s: np.ndarray  # [S] int32
 
 
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["ids_bt", "len_b", "page_table_bp"],
+    meta_fields=[],
+)
 @dataclasses.dataclass(frozen=True)
 class PrefillPlan:
     """One prefill call's packed inputs: Bp prompts right-padded to Tp tokens, their page tables."""
