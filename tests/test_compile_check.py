@@ -144,8 +144,9 @@ def test_lora_update_holds_adapter_moments_only(tmp_path):
         out = run_tool("--devices", "cpu:4", "--programs", "update", "--json",
                        tmp_path / f"{name}.json", *(("--set", *sets) if sets else ()))  # fmt: skip
         assert out.returncode == 0, out.stderr[-2000:]
-        (row,) = json.loads((tmp_path / f"{name}.json").read_text())["programs"]
-        args[name] = row["arguments"]
+        rows = json.loads((tmp_path / f"{name}.json").read_text())["programs"]
+        assert [r["program"] for r in rows] == ["update", "optimizer"]
+        args[name] = rows[0]["arguments"]  # accumulator (adapters only with LoRA) + params
     assert 0 < args["lora"] < args["full"]
 
 
@@ -156,11 +157,13 @@ def test_lora_update_holds_adapter_moments_only(tmp_path):
     [("qwen3_1p7b_v5e8_lora", "v5e-8"), ("qwen3_4b_v6e8_lora", "v6e-8"),
      ("qwen3_8b_v4-32_lora", "v4-32")],
 )  # fmt: skip
-def test_lora_configs_fit_their_slices(config, topology, tmp_path):
-    # Full depth on XLA's TPU compiler: minutes per config on 2 shared cores (docs/TPU.md).
+def test_lora_configs_compile_for_their_slices(config, topology, tmp_path):
+    # Two layers on XLA's TPU compiler (full depth takes minutes per program on 2 cores: the
+    # full-depth per-chip figures in docs/TPU.md were measured by hand with the same command
+    # without --num-layers). This checks the configs' shapes, sharding and adapters compile.
     out = run_tool(
-        "--config", f"configs/{config}.yaml", "--topology", topology,
-        "--programs", "engine,old_log_prob,update", "--json", tmp_path / "r.json", timeout=3600,
+        "--config", f"configs/{config}.yaml", "--topology", topology, "--num-layers", "2",
+        "--programs", "engine,update", "--json", tmp_path / "r.json", timeout=1800,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads((tmp_path / "r.json").read_text())
