@@ -107,9 +107,8 @@ def test_rl_step_reports_the_number_of_skipped_updates():
     batch = batch.replace(old_log_prob=nan_second.astype(np.float32))
     mesh = make_mesh(1, -1, 1)
     sc = StepConfig.from_config(cfg)
-    p = types.SimpleNamespace(
-        mesh=mesh, update_fns=(jit_micro_grads(graphdef, sc), jit_apply_grads(tx))
-    )
+    fns = (jit_micro_grads(graphdef, sc), jit_apply_grads(tx, sc=sc))
+    p = types.SimpleNamespace(mesh=mesh, step_cfg=sc, update_fns=fns)
     spec = MicroSpec.of(cfg, mesh)
     with jax.set_mesh(mesh):
         state, metrics = update_all(p, _state(params, tx), batch, spec, cfg.optim, cfg.rollout.n)
