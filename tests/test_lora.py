@@ -148,14 +148,14 @@ def graphdef_vocab(state) -> int:
 
 # ---------------------------------------------------------------- a LoRA run end to end
 @pytest.fixture(scope="module")
-def lora_runs(tmp_path_factory):
+def lora_runs(tmp_path_factory, tiny_run_dir):
     """A tiny LoRA run of 3 steps straight, and the same run stopped after 2 and resumed (float32
     base, KL on: the reference is the base with the adapters off)."""
-    from test_train import overrides, tiny_run_dir  # noqa: F401 (the fixture's function)
+    from helpers import overrides
 
     from htpo_jax.run.train import main
 
-    root = tiny_run_dir.__wrapped__(tmp_path_factory)
+    root = tiny_run_dir
     extra = {
         "model.lora.rank": 4,
         "model.lora.alpha": 8,
