@@ -34,6 +34,7 @@ from htpo_jax.rl.train_step import (
     split_trainable,
 )
 from htpo_jax.rollout import Sampler
+from htpo_jax.rollout.engine import batch_shards  # data x fsdp
 from htpo_jax.run.checkpoint import Checkpointer
 from htpo_jax.run.config import Config
 from htpo_jax.run.data import PromptStream
@@ -234,11 +235,6 @@ def build_batch(kept: KeptGroups, g: int, algorithm, data) -> UpdateBatch:
         correct=kept.acc.astype(bool),
         prompt_len=kept.prompt_ids.shape[1],
     )
-
-
-def batch_shards(mesh) -> int:
-    """How many ways the batch axis is split (mesh data x fsdp)."""
-    return int(mesh.shape["data"] * mesh.shape["fsdp"])
 
 
 def balance_rows(batch: UpdateBatch, mesh, cfg: Config) -> tuple[UpdateBatch, dict]:

@@ -112,8 +112,9 @@ def build_context(cfg: Config, mesh, model_cfg) -> Context:
         transform_non_params=lambda _: replicated,
     )
     opt = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), opt, opt_sh)
-    shards = int(mesh.shape["data"] * mesh.shape["fsdp"])
-    return Context(cfg, mesh, graphdef, params, opt, tx, step_cfg, shards, model_cfg)
+    from htpo_jax.rollout.engine import batch_shards
+
+    return Context(cfg, mesh, graphdef, params, opt, tx, step_cfg, batch_shards(mesh), model_cfg)
 
 
 def shardings(tree):
