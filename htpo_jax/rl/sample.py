@@ -38,6 +38,8 @@ class Scored:
     n: int  # G
     pred: tuple[str, ...] = ()  # [P*G] the verifier's extracted answers (for maj@k)
     texts: tuple[str, ...] = ()  # [P*G] decoded responses
+    log_probs: np.ndarray | None = None  # [P*G, R] float32: the sampler's (behaviour) log-probs
+    version: np.ndarray | None = None  # [P*G, R] int32: the policy version of each token
 
 
 def stop_tokens(tokenizer) -> tuple[int, ...]:
@@ -97,9 +99,20 @@ def sample_and_score(
         )
         parts.append(to_host(ro))
     ro = jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
-    lengths = np.asarray(ro.lengths)
+    return score_rollout(
+        batch, np.asarray(ro.tokens), np.asarray(ro.response_mask), np.asarray(ro.lengths),
+        np.asarray(ro.finished), tokenizer, cfg, n=n, pools=pools, sync=sampler.sync,
+        log_probs=np.asarray(ro.log_probs),
+    )  # fmt: skip
+
+
+def score_rollout(batch, tokens, response_mask, lengths, finished, tokenizer, cfg, *, n: int,
+                  pools=None, sync=None, log_probs=None, version=None) -> Scored:  # fmt: skip
+    """Decode and score `n` responses per prompt of `batch` (a data.PromptBatch): host arrays
+    [B*n, R] of tokens / response mask / log-probs (and per-token policy versions), [B*n]
+    lengths and finished flags (ended with EOS)."""
     texts = tokenizer.batch_decode(
-        [row[:length] for row, length in zip(np.asarray(ro.tokens), lengths, strict=True)],
+        [row[:length] for row, length in zip(tokens, lengths, strict=True)],
         skip_special_tokens=True,
     )
     truths = [gt for gt in batch.ground_truth for _ in range(n)]
@@ -107,21 +120,23 @@ def sample_and_score(
     # Each host scores its shard, each row by its data_source's reward; all hosts get the same
     # rewards (multi-host lockstep).
     reward, scored = score_lockstep(
-        texts, truths, lengths, cfg, pools=pools, data_sources=sources, sync=sampler.sync
+        texts, truths, lengths, cfg, pools=pools, data_sources=sources, sync=sync
     )
     return Scored(
         prompt_ids=np.asarray(batch.input_ids),
         prompt_mask=np.asarray(batch.attention_mask),
-        tokens=np.asarray(ro.tokens),
-        response_mask=np.asarray(ro.response_mask),
+        tokens=tokens,
+        response_mask=response_mask,
         lengths=lengths,
-        finished=np.asarray(ro.finished),
+        finished=finished,
         reward=np.asarray(reward, np.float32),
         score=np.asarray(scored.score, np.float32),
         acc=np.asarray(scored.acc, bool),
         n=n,
         pred=tuple(scored.pred),
         texts=tuple(texts),
+        log_probs=log_probs,
+        version=version,
     )
 
 

@@ -62,6 +62,10 @@ class UpdateBatch:
     hard: jax.Array  # [..., N] bool, the prompt's accuracy < difficulty_threshold
     correct: jax.Array  # [..., N] bool, the verifier's verdict
     prompt_len: int = struct.field(pytree_node=False, default=0)
+    # Host-side only, between stages 5 and 6 of an asynchronous step (`offpolicy`): the
+    # sampler's log-probs and each token's policy version; None before the update (never on device).
+    behaviour_log_prob: jax.Array | None = None  # [..., N, R] float32
+    version: jax.Array | None = None  # [..., N, R] int32
 
 
 @dataclasses.dataclass(frozen=True)

@@ -298,6 +298,23 @@ def _cross_checks(c: Config) -> None:
     if len(set(c.trainer.loggers)) != len(c.trainer.loggers):
         bad("trainer.loggers", f"duplicate entries in {list(c.trainer.loggers)}")
     _check_storage_urls(c, bad)
+    _check_async(c, bad)
+
+
+def _check_async(c: Config, bad) -> None:
+    """The asynchronous-RL keys that only mean something together."""
+    r, t = c.rollout, c.trainer
+    if r.placement == "separate" and t.async_mode == "off":
+        bad("rollout.placement", "separate needs trainer.async_mode one_step or stream (with off "
+            "the rollout devices would wait for every update), got off")  # fmt: skip
+    if t.async_mode != "off" and r.engine != "paged":
+        bad("trainer.async_mode", f"needs rollout.engine=paged, got {r.engine!r}")
+    if t.async_mode != "off" and t.val_only:
+        bad("trainer.async_mode", "must be off with trainer.val_only (nothing trains)")
+    seg = r.segment_tokens
+    if seg > r.max_response_length:
+        cap = r.max_response_length
+        bad("rollout.segment_tokens", f"must be <= rollout.max_response_length ({cap}), got {seg}")
 
 
 def _check_storage_urls(c: Config, bad) -> None:

@@ -190,6 +190,31 @@ class RolloutConfig:
     val_temperature: float = _f(1.0, "Validation sampling temperature (0 = greedy).", NONNEG)
     val_top_p: float = _f(0.7, "Validation nucleus sampling.", TOP_P)
     val_top_k: int = _f(-1, "Validation top-k (-1 = off).", TOP_K)
+    placement: Literal["colocated", "separate"] = _f(
+        "colocated",
+        "colocated: every device decodes, then trains. separate: rollout.devices_per_host of "
+        "each host's devices decode (their own mesh), the rest train (the mesh section "
+        "sizes the trainer's mesh over them); weights go to the rollout devices after each "
+        "update (docs/TRAINING.md, asynchronous RL).",
+    )
+    devices_per_host: int = _f(
+        0,
+        "With placement=separate: how many of each host's local devices decode (0 = half).",
+        NONNEG,
+    )
+    partial: Literal["continue", "restart"] = _f(
+        "continue",
+        "trainer.async_mode=stream: a response unfinished at a weight update continues under "
+        "the new weights (its prefix re-prefilled; every token keeps the log-prob of the "
+        "policy that produced it), or restarts from its prompt.",
+    )
+    segment_tokens: int = _f(
+        0,
+        "trainer.async_mode=stream: new tokens per response per generation round (one engine "
+        "call); longer responses carry over to later rounds and steps (0 = "
+        "max_response_length / 4).",
+        NONNEG,
+    )
 
 
 @dataclass(frozen=True)
@@ -234,6 +259,18 @@ class AlgorithmConfig:
     )
     reward_timeout_s: float = _f(10.0, "Per-response scoring time limit (0 = none).", NONNEG)
     reward_num_workers: int = _f(0, "Scoring processes (0 = in the main process).", NONNEG)
+    rollout_is: Literal["off", "tis", "mis"] = _f(
+        "off",
+        "Off-policy correction of asynchronous rollouts: each token's loss times a weight of "
+        "ratio = pi_old / pi_behaviour (the trainer's old log-prob over the one recorded at "
+        "sampling): tis = min(ratio, cap); mis = ratio inside [1/cap, cap], else 0. Exactly 1 "
+        "on tokens sampled by the current policy version (docs/LOSS.md).",
+    )
+    rollout_is_cap: float = _f(
+        2.0,
+        "The truncation / mask bound C of algorithm.rollout_is (> 1).",
+        (lambda v: v > 1, "must be > 1"),
+    )
 
 
 @dataclass(frozen=True)
@@ -300,6 +337,19 @@ class TrainerConfig:
     )
     collapse_window: int = _f(
         10, "Warn when train/accuracy is 0 this many steps in a row (0 = off).", NONNEG
+    )
+    async_mode: Literal["off", "one_step", "stream"] = _f(
+        "off",
+        "off: sample then train with the same weights (the paper's recipe). one_step: the "
+        "rollout of step k+1 runs with the weights of step k while step k trains. stream: "
+        "generation rounds never wait for a step's longest response; finished groups wait in "
+        "a buffer, unfinished responses carry over (rollout.partial) (docs/TRAINING.md).",
+    )
+    max_staleness: int = _f(
+        1,
+        "async_mode=stream: a group trains only while (current policy version - the oldest "
+        "version that produced one of its tokens) <= this; older groups are dropped, counted.",
+        NONNEG,
     )
     collective_timeout_s: float = _f(
         900.0,

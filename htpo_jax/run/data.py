@@ -67,19 +67,26 @@ class PromptBatch:
 
 @dataclass(frozen=True)
 class DataState:
-    """Where the training stream stands: the next item is position `index` of epoch `epoch`."""
+    """Where the training stream stands: the next item is position `index` of epoch `epoch`,
+    after the rows of `requeue` (dataset row ids handed back by an asynchronous run that stopped
+    with them drawn but not trained: they are served first, in this order)."""
 
     epoch: int = 0
     index: int = 0
+    requeue: tuple[int, ...] = ()
 
-    def to_json(self) -> dict[str, int]:
-        """The position as a JSON-ready dict {"epoch", "index"}."""
-        return {"epoch": self.epoch, "index": self.index}
+    def to_json(self) -> dict[str, Any]:
+        """The position as a JSON-ready dict {"epoch", "index"} (and "requeue" when non-empty)."""
+        out: dict[str, Any] = {"epoch": self.epoch, "index": self.index}
+        if self.requeue:
+            out["requeue"] = list(self.requeue)
+        return out
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> DataState:
         """The position that `to_json` wrote."""
-        return cls(epoch=int(d["epoch"]), index=int(d["index"]))
+        requeue = tuple(int(i) for i in d.get("requeue", ()))
+        return cls(epoch=int(d["epoch"]), index=int(d["index"]), requeue=requeue)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,7 +321,8 @@ class PromptStream:
         self.seed = seed
         self.shuffle = shuffle
         self.state = state or DataState()
-        if not 0 <= self.state.index <= len(dataset):
+        bad = [i for i in self.state.requeue if not 0 <= i < len(dataset)]
+        if not 0 <= self.state.index <= len(dataset) or bad:
             raise DataError(
                 f"data position {self.state.index} is outside a dataset of {len(dataset)} rows "
                 "(did the training files change since the checkpoint?)"
@@ -337,7 +345,8 @@ class PromptStream:
         """The next `batch_size` row indices of the stream (an epoch that ends is continued by the
         next); advances `state`."""
         epoch, index = self.state.epoch, self.state.index
-        out: list[int] = []
+        out: list[int] = list(self.state.requeue[:batch_size])
+        requeue = self.state.requeue[len(out) :]
         while len(out) < batch_size:
             if index >= len(self.dataset):
                 epoch, index = epoch + 1, 0
@@ -346,7 +355,7 @@ class PromptStream:
             index += take
         if index >= len(self.dataset):  # an epoch just ended: say so in the saved position
             epoch, index = epoch + 1, 0
-        self.state = DataState(epoch, index)
+        self.state = DataState(epoch, index, requeue)
         return out
 
     def next_batch(self, batch_size: int) -> PromptBatch:

@@ -23,7 +23,7 @@ from htpo_jax.infra.sharding import logical_sharding, to_host
 from htpo_jax.models import lora
 from htpo_jax.rewards import RewardPools
 from htpo_jax.rl import advantages as adv_lib
-from htpo_jax.rl import balance, packing
+from htpo_jax.rl import balance, offpolicy, packing
 from htpo_jax.rl.sample import Scored, sample_and_score
 from htpo_jax.rl.train_step import (
     StepConfig,
@@ -76,6 +76,7 @@ class Services:
     pools: RewardPools  # verifier worker pools
     watch: StepWatch  # non-finite / collapse / disk checks, and the finite-only save
     sync: dist.HostSync  # the run's host sync points (every host decides alike)
+    rollouts: object = None  # trainer.async_mode != off: the `run.async_rl` driver
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +120,8 @@ class KeptGroups:
     response_mask: np.ndarray  # [N, R]
     reward: np.ndarray  # [N] float32
     acc: np.ndarray  # [N] bool
+    behaviour_log_prob: np.ndarray  # [N, R] float32: the sampler's log-probs
+    version: np.ndarray  # [N, R] int32: the policy version that sampled each token
 
     @classmethod
     def of_round(cls, s: Scored, keep_idx: np.ndarray, width: int) -> KeptGroups:
@@ -126,6 +129,7 @@ class KeptGroups:
         g = s.n
         pad = ((0, 0), (width - s.prompt_ids.shape[1], 0))
         rows = (keep_idx[:, None] * g + np.arange(g)).reshape(-1)  # [kept * G]
+        zeros = np.zeros(s.tokens.shape, np.float32)
         return cls(
             prompt_ids=np.repeat(np.pad(s.prompt_ids, pad)[keep_idx], g, 0),
             prompt_mask=np.repeat(np.pad(s.prompt_mask, pad)[keep_idx], g, 0),
@@ -133,7 +137,15 @@ class KeptGroups:
             response_mask=s.response_mask[rows],
             reward=s.reward[rows],
             acc=s.acc[rows],
+            behaviour_log_prob=(zeros if s.log_probs is None else s.log_probs)[rows],
+            version=(zeros.astype(np.int32) if s.version is None else s.version)[rows],
         )
+
+    def pad_prompts(self, width: int) -> KeptGroups:
+        """The same groups with prompts left-padded to `width` (>= their own width)."""
+        pad = ((0, 0), (width - self.prompt_ids.shape[1], 0))
+        return dataclasses.replace(self, prompt_ids=np.pad(self.prompt_ids, pad),
+                                   prompt_mask=np.pad(self.prompt_mask, pad))  # fmt: skip
 
     @classmethod
     def concat(cls, parts: list[KeptGroups], rows: int) -> KeptGroups:
@@ -143,11 +155,13 @@ class KeptGroups:
 
 
 # ---------------------------------------------------------------- 1 DATA / 2 ROLLOUT / 3 REWARD
-def sample_round(p: Programs, s: Services, cfg: Config, params, key, n_prompts: int) -> Scored:
-    """The next `n_prompts` prompts of the stream, `rollout.n` responses each, scored."""
+def sample_round(p: Programs, s: Services, cfg: Config, params, key, n_prompts: int,
+                 version: int = 0) -> Scored:  # fmt: skip
+    """The next `n_prompts` prompts of the stream, `rollout.n` responses each, scored; every
+    token is marked as sampled by policy `version`."""
     r = cfg.rollout
     batch = s.stream.next_batch(n_prompts)
-    return sample_and_score(
+    sc = sample_and_score(
         p.sampler,
         params,
         p.tokenizer,
@@ -160,13 +174,15 @@ def sample_round(p: Programs, s: Services, cfg: Config, params, key, n_prompts: 
         top_k=r.top_k,
         pools=s.pools,
     )
+    return dataclasses.replace(sc, version=np.full(sc.tokens.shape, version, np.int32))
 
 
 # ---------------------------------------------------------------- 4 FILTER
-def collect(p: Programs, s: Services, cfg: Config, params, key) -> tuple[KeptGroups, dict]:
+def collect(p: Programs, s: Services, cfg: Config, params, key,
+            version: int = 0) -> tuple[KeptGroups, dict]:  # fmt: skip
     """Draw generation rounds until `train_batch_size` prompt groups survive the dynamic-sampling
     filter (groups whose rewards all agree carry no gradient); returns the kept groups and the
-    rollout / filter statistics of every round drawn."""
+    rollout / filter statistics of every round drawn. `params` are policy `version`."""
     g = cfg.rollout.n
     a, need = cfg.algorithm, cfg.data.train_batch_size
     size = cfg.data.gen_batch_size if a.dynamic_sampling else need
@@ -180,7 +196,7 @@ def collect(p: Programs, s: Services, cfg: Config, params, key) -> tuple[KeptGro
                 f"group was all-correct or all-wrong. Raise algorithm.max_num_gen_batches or "
                 f"data.gen_batch_size, or use easier/harder data."
             )
-        sc = sample_round(p, s, cfg, params, jax.random.fold_in(key, len(rounds)), size)
+        sc = sample_round(p, s, cfg, params, jax.random.fold_in(key, len(rounds)), size, version)
         metric = (sc.acc if a.dynamic_sampling_metric == "acc" else sc.score).reshape(-1, g)
         keep = (
             np.asarray(adv_lib.dynamic_sampling_keep(metric))
@@ -194,9 +210,15 @@ def collect(p: Programs, s: Services, cfg: Config, params, key) -> tuple[KeptGro
     s.sync.agree("filter decision", [len(rounds), n_kept])
     width = max(r.prompt_ids.shape[1] for r, _ in rounds)
     kept = KeptGroups.concat([KeptGroups.of_round(r, idx, width) for r, idx in rounds], need * g)
-    every = lambda name: np.concatenate([getattr(r, name) for r, _ in rounds])
+    return kept, round_stats([r for r, _ in rounds], n_kept, len(rounds) * size)
+
+
+def round_stats(rounds: list[Scored], n_kept: int, n_drawn: int) -> dict:
+    """Rollout / filter statistics of the generation rounds of a step (`n_kept` of `n_drawn`
+    prompt groups survived the filter)."""
+    every = lambda name: np.concatenate([getattr(r, name) for r in rounds])
     lengths = every("lengths")
-    stats = {
+    return {
         "train/accuracy": every("acc").mean(),
         "train/reward_mean": every("reward").mean(),
         "response_length/mean": lengths.mean(),
@@ -204,17 +226,17 @@ def collect(p: Programs, s: Services, cfg: Config, params, key) -> tuple[KeptGro
         "response_length/min": lengths.min(),
         "response_length/clip_ratio": 1.0 - every("finished").mean(),
         "filter/gen_batches": len(rounds),
-        "filter/kept_prompt_frac": n_kept / (len(rounds) * size),
+        "filter/kept_prompt_frac": n_kept / max(n_drawn, 1),
     }
-    return kept, stats
 
 
 # ---------------------------------------------------------------- 5 ADVANTAGE
-def build_batch(kept: KeptGroups, g: int, algorithm, data) -> UpdateBatch:
+def build_batch(kept: KeptGroups, g: int, algorithm, data, off_policy: bool = False) -> UpdateBatch:
     """GRPO advantages and hard/easy flags of the kept groups (`g` = rollout.n responses per
     prompt; `algorithm.difficulty_threshold`), as one `UpdateBatch` (old and reference log-probs
     still zero) whose response slots end at the longest response, rounded up to
-    `data.pad_to_multiple`."""
+    `data.pad_to_multiple`. `off_policy`: with the behaviour log-probs and token versions
+    (`off_policy_weights` reads them)."""
     reward, acc = kept.reward.reshape(-1, g), kept.acc.reshape(-1, g)  # [N] -> [groups, G]
     advantages = np.asarray(adv_lib.grpo_advantages(reward)).reshape(-1)
     hard = np.repeat(np.asarray(adv_lib.hard_prompts(acc, algorithm.difficulty_threshold)), g)
@@ -234,6 +256,8 @@ def build_batch(kept: KeptGroups, g: int, algorithm, data) -> UpdateBatch:
         hard=hard,
         correct=kept.acc.astype(bool),
         prompt_len=kept.prompt_ids.shape[1],
+        behaviour_log_prob=kept.behaviour_log_prob[:, :r] * rmask_f if off_policy else None,
+        version=kept.version[:, :r] if off_policy else None,
     )
 
 
@@ -284,6 +308,25 @@ def old_logprobs(p: Programs, params, batch: UpdateBatch,
     return batch.replace(old_log_prob=old * m, ref_log_prob=ref), mean_ent
 
 
+def off_policy_weights(batch: UpdateBatch, version: int, algorithm) -> tuple[UpdateBatch, dict]:
+    """Stage 6b (asynchronous steps): the batch's advantages times each token's truncated IS
+    weight between the proximal policy (`old_log_prob`, policy `version`) and the behaviour
+    policy that sampled it (`rl.offpolicy`; `algorithm.rollout_is`), and the staleness / IS
+    metrics. The behaviour fields are dropped (they never go to the device)."""
+    if batch.behaviour_log_prob is None:
+        return batch, {}
+    m = np.asarray(batch.response_mask)
+    staleness = np.where(m > 0, version - np.asarray(batch.version), 0)
+    w, metrics = offpolicy.is_weights(
+        batch.old_log_prob, batch.behaviour_log_prob, staleness, m, algorithm.rollout_is,
+        algorithm.rollout_is_cap,
+    )  # fmt: skip
+    rows = (m > 0).any(-1)
+    metrics.update(offpolicy.staleness_histogram(staleness.max(-1)[rows]))
+    advantages = offpolicy.apply(batch.advantages, w)
+    return batch.replace(advantages=advantages, behaviour_log_prob=None, version=None), metrics
+
+
 def reference_params(p: Programs, params):
     """The KL reference policy's parameters, or None when the KL loss is off: the frozen copy
     made at the start, or with LoRA the current base with the adapters switched off (no copy:
@@ -319,6 +362,14 @@ def update_all(p: Programs, state: TrainState, batch: UpdateBatch, spec: MicroSp
                g: int) -> tuple[TrainState, dict]:  # fmt: skip
     """`optim.ppo_epochs` passes over the batch in mini-batches of `optim.mini_batch_size`
     prompts of `g` responses."""
+    state, per_update = dispatch_updates(p, state, batch, spec, optim, g)
+    return state, update_metrics(per_update)
+
+
+def dispatch_updates(p: Programs, state: TrainState, batch: UpdateBatch, spec: MicroSpec, optim,
+                     g: int) -> tuple[TrainState, list[dict]]:  # fmt: skip
+    """`update_all`'s updates, dispatched (JAX runs them asynchronously): the new state and each
+    update's metrics, still on the device (`update_metrics` reads them)."""
     o = optim
     n_rows, mini_rows = batch.input_ids.shape[0], o.mini_batch_size * g
     per_update = []
@@ -327,8 +378,12 @@ def update_all(p: Programs, state: TrainState, batch: UpdateBatch, spec: MicroSp
             mini = jax.tree.map(lambda x, s=start: x[s : s + mini_rows], batch)
             state, metrics = update_mini(p, state, mini, spec)
             per_update.append(metrics)
+    return state, per_update
+
+
+def update_metrics(per_update: list[dict]) -> dict:
+    """The step's `train/*` metrics from its updates' metrics (waits for the updates)."""
     metrics = jax.tree.map(lambda *xs: np.mean([np.asarray(x) for x in xs]), *per_update)
     # a count, not a mean: updates of this step skipped for a non-finite loss or gradient norm
     metrics["nonfinite_skipped"] = sum(int(m["nonfinite_skipped"]) for m in per_update)
-    metrics = {(k if k.startswith("group_frac") else f"train/{k}"): v for k, v in metrics.items()}
-    return state, metrics
+    return {(k if k.startswith("group_frac") else f"train/{k}"): v for k, v in metrics.items()}

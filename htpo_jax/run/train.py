@@ -15,6 +15,7 @@ LOG / EVAL / SAVE (`run_loop`, below).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -30,7 +31,8 @@ from flax import nnx
 from tqdm import tqdm
 
 from htpo_jax.infra import distributed as dist
-from htpo_jax.infra.sharding import is_main_process, make_mesh
+from htpo_jax.infra import placement
+from htpo_jax.infra.sharding import is_main_process
 from htpo_jax.models.hf_io import load_tokenizer
 from htpo_jax.rewards import RewardPools
 from htpo_jax.rewards.routing import UnknownDataSource, check_sources
@@ -42,7 +44,7 @@ from htpo_jax.rl.train_step import (
 )
 from htpo_jax.rl.validation import validate
 from htpo_jax.rollout import Sampler
-from htpo_jax.run import adapters, lock, preflight, resume_checks, stages, watch
+from htpo_jax.run import adapters, async_rl, lock, preflight, resume_checks, stages, watch
 from htpo_jax.run.checkpoint import (
     Checkpointer,
     CheckpointMismatch,
@@ -100,7 +102,10 @@ class StageClock:
 
 def rl_step(c: Components, state: TrainState, step: int) -> tuple[TrainState, dict]:
     """One RL step: stages 1-7 of DESIGN.md, top to bottom (`stages.py`); returns (new state,
-    metrics). The TrainState is donated to the update: use only the returned one."""
+    metrics). The TrainState is donated to the update: use only the returned one. With
+    `trainer.async_mode` on: `rl_step_async`."""
+    if c.services.rollouts is not None:
+        return rl_step_async(c, state, step)
     clock = StageClock()
     key = jax.random.fold_in(state.rng, step)
     p, s, cfg = c.programs, c.services, c.cfg
@@ -118,6 +123,35 @@ def rl_step(c: Components, state: TrainState, step: int) -> tuple[TrainState, di
     return state, {**metrics, **clock.total()}
 
 
+def rl_step_async(c: Components, state: TrainState, step: int) -> tuple[TrainState, dict]:
+    """One asynchronous RL step (`run/async_rl.py`): the kept groups come from rollouts made
+    with earlier weights (stage 6b weighs their tokens, `stages.off_policy_weights`), and a
+    piece of rollout work for later steps runs during the update."""
+    clock = StageClock()
+    p, s, cfg = c.programs, c.services, c.cfg
+    ro, spec, version = s.rollouts, stages.MicroSpec.of(cfg, p.mesh), step - 1
+    with clock("rollout_reward_filter"):  # what is not ready yet of 1-4
+        kept, stats = ro.take(state.params, state.rng, step)
+    s.sync.barrier(f"old log-probs step {step}")
+    with clock("old_log_prob"):
+        batch = stages.build_batch(kept, cfg.rollout.n, cfg.algorithm, cfg.data, off_policy=True)
+        batch, balance_stats = stages.balance_rows(batch, p.mesh, cfg)
+        batch, mean_ent = stages.old_logprobs(p, state.params, batch, spec)
+        batch, is_stats = stages.off_policy_weights(batch, version, cfg.algorithm)
+    with clock("update"):
+        ro.start(state.params, state.rng, step)  # before the update donates the weights
+        u0 = time.perf_counter()
+        state, per_update = stages.dispatch_updates(p, state, batch, spec, cfg.optim, cfg.rollout.n)
+        ro.run_overlapped()  # colocated: the host side overlaps the dispatched update
+        jax.block_until_ready(state.params)
+        window = (u0, time.perf_counter())
+        update_metrics = stages.update_metrics(per_update)
+    with clock("rollout_join"):
+        overlap = ro.join(window)
+    metrics = {**stats, **balance_stats, **is_stats, **update_metrics, "train/entropy": mean_ent}
+    return state, {**metrics, **overlap, **clock.total()}
+
+
 # ---------------------------------------------------------------- setup
 @contextlib.contextmanager
 def components(
@@ -128,6 +162,7 @@ def components(
     save in flight, except after a collective timeout: the other hosts are gone)."""
     with contextlib.ExitStack() as stack:
         out = Path(cfg.trainer.output_dir)
+        rollout_mesh = rollout_mesh_of(cfg)
         # Nothing is written to the output dir until the launch validated (the run dirs are
         # checked writable here, by a probe that leaves nothing behind).
         preflight.prelaunch(cfg, main_process=is_main_process())
@@ -176,35 +211,41 @@ def components(
             wandb=wandb_options(cfg, run_id, out),
         )
         stack.callback(logger.close)
+        programs = Programs(
+            mesh=mesh,
+            tokenizer=tokenizer,
+            graphdef=graphdef,
+            sampler=sampler,
+            ref_params=ref_params,
+            step_cfg=step_cfg,
+            update_fns=(
+                jit_micro_grads(graphdef, step_cfg),
+                jit_apply_grads(tx, sc=step_cfg),
+            ),
+        )
+        services = Services(
+            stream=stream,
+            val_set=val_set,
+            ckpt=ckpt,
+            logger=logger,
+            pools=pools,
+            watch=watch.StepWatch(cfg, vocab_size),
+            sync=sync,
+        )
+        if cfg.trainer.async_mode != "off":
+            rollouts = async_rl.MODES[cfg.trainer.async_mode](programs, services, cfg, rollout_mesh)
+            services = dataclasses.replace(services, rollouts=rollouts)
         yield (
             Components(
-                cfg=cfg,
-                programs=Programs(
-                    mesh=mesh,
-                    tokenizer=tokenizer,
-                    graphdef=graphdef,
-                    sampler=sampler,
-                    ref_params=ref_params,
-                    step_cfg=step_cfg,
-                    update_fns=(
-                        jit_micro_grads(graphdef, step_cfg),
-                        jit_apply_grads(tx, sc=step_cfg),
-                    ),
-                ),
-                services=Services(
-                    stream=stream,
-                    val_set=val_set,
-                    ckpt=ckpt,
-                    logger=logger,
-                    pools=pools,
-                    watch=watch.StepWatch(cfg, vocab_size),
-                    sync=sync,
-                ),
-                run_id=run_id,
-                start_step=start,
-            ),
+                cfg=cfg, programs=programs, services=services, run_id=run_id, start_step=start
+            ),  # fmt: skip
             state,
         )
+
+
+def rollout_mesh_of(cfg: Config):
+    """The rollout's own mesh (rollout.placement=separate), else None."""
+    return placement.meshes(cfg)[1] if cfg.rollout.placement == "separate" else None
 
 
 # ---------------------------------------------------------------- 8 LOG / EVAL / SAVE
@@ -234,9 +275,11 @@ def run_validation(c: Components, params) -> dict:
 
 def save(c: Components, state: TrainState, step: int) -> None:
     """Checkpoint `state` with what resuming needs: the step, the data position, the config."""
+    ro = c.services.rollouts  # asynchronous: drawn but untrained prompts are drawn again
+    data = c.services.stream.state if ro is None else ro.data_state()
     extra = {
         "step": step,
-        "data": c.services.stream.state.to_json(),
+        "data": data.to_json(),
         "config": c.cfg.to_dict(),
         "run_id": c.run_id,
     }
@@ -334,7 +377,7 @@ def run_loop(c: Components, state: TrainState, stops: dist.StopSignals) -> dict:
 
 def train(cfg: Config) -> dict:
     """The whole run; returns a summary (accuracy before/after, paths)."""
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    mesh = placement.meshes(cfg)[0]  # with separate placement: the trainer's devices
     # The run's host sync points (one namespace, one deadline), shared by every stage.
     sync = dist.HostSync("train", cfg.trainer.collective_timeout_s)
     stops = RunStops(sync=sync)  # SIGTERM / SIGINT: save at the end of the step, exit 0
@@ -397,7 +440,7 @@ def main(argv=None) -> dict:
         # bad input: one line
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    except (dist.SetupError, StorageError) as e:
+    except (dist.SetupError, StorageError, placement.PlacementError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except (watch.TrainingStopped, CheckpointSaveError, SamplingExhausted) as e:
