@@ -46,8 +46,8 @@ def _install_hooks() -> None:
         _trace({"event": "step", "step": step})
         return rl_step(c, state, step)
 
-    def traced_collect(p, s, cfg, params, key):
-        kept, stats = collect(p, s, cfg, params, key)
+    def traced_collect(p, s, cfg, params, key, version=0):
+        kept, stats = collect(p, s, cfg, params, key, version)
         _trace(
             {
                 "event": "collect",

@@ -3,7 +3,8 @@
 Quick: the `distributed` config, gs:// handling, shard bounds, lockstep scoring and stop signals
 in one process, and the watchdog with two tiny processes. Slow: the default config as 2
 processes x 2 devices against 1 process x 4 devices (metrics equal), killed after a save and
-resumed, stopped by SIGTERM to one host and resumed; reward time-outs on one host only; SIGTERM
+resumed, stopped by SIGTERM to one host and resumed (also in `stream` async mode with separate
+placement, 2 x 4 against 1 x 8); reward time-outs on one host only; SIGTERM
 of a one-process run; a checkpoint dir that the hosts do not share.
 """
 
@@ -386,3 +387,39 @@ def test_unshared_checkpoint_dir_is_refused_with_one_line(tmp_path):
         errors = [x for x in err.splitlines() if x.startswith("error:")]
         assert len(errors) == 1 and "is not shared between hosts" in errors[0], err[-3000:]
         assert "Traceback" not in err
+
+
+STREAM = ["trainer.async_mode=stream", "rollout.placement=separate", "algorithm.rollout_is=tis"]
+STREAM += ["rollout.segment_tokens=16", "checkpoint.save_every=0"]
+
+
+@pytest.mark.slow
+def test_stream_two_processes_match_one_and_resume_after_sigterm(tmp_path):
+    """trainer.async_mode=stream with separate placement: 2 processes x 4 devices (each host: 2
+    decode, 2 train) stopped by SIGTERM to one host and resumed, against 1 process x 8 devices
+    stopped (by its step count) after the same step and resumed: every step's metrics equal."""
+    two = tmp_path / "two"
+    two.mkdir()
+    run = Launch(two, 2, 4, STREAM, "first")
+    run.wait_until(lambda: {r["process"] for r in run.events("step") if r["step"] == 2} == {0, 1})
+    run.procs[1].send_signal(signal.SIGTERM)
+    assert run.wait() == [0, 0], run.log_text(0)[-3000:] + run.log_text(1)[-3000:]
+    stopped = max(r["step"] for r in run.events("step"))
+    assert f"stopped after step {stopped} (preemption notice (SIGTERM))" in run.log_text(0)
+    again = Launch(two, 2, 4, STREAM, "again")
+    assert again.wait() == [0, 0], again.log_text(0)[-3000:]
+    assert {r["step"] for r in again.events("step")} == set(range(stopped + 1, 5))
+    one = tmp_path / "one"
+    one.mkdir()
+    ref = Launch(one, 1, 8, [*STREAM, f"trainer.total_steps={stopped}"], "ref")
+    assert ref.wait() == [0], ref.log_text(0)[-3000:]
+    ref2 = Launch(one, 1, 8, STREAM, "ref2")
+    assert ref2.wait() == [0], ref2.log_text(0)[-3000:]
+    a, b = _by_step(one), _by_step(two)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for m in (a, b):  # timing is not a decision
+        for row in m.values():
+            for k in [k for k in row if k.startswith(("async/", "weight_sync/"))]:
+                row.pop(k)
+    _assert_same_metrics(a, b, [1, 2, 3, 4])
+    assert b[stopped + 1]["staleness/mean"] == 0.0  # the first step after a resume: on-policy

@@ -337,9 +337,7 @@ class Stream(Rollouts):
         limit = max(self.cfg.algorithm.max_num_gen_batches, 1) * -(-self.cap // self.segment)
         behaviour, rounds = None, 0
         while True:
-            fresh = [b for b in self.buffer if version - b[2] <= self.cfg.trainer.max_staleness]
-            self.counts["dropped_stale"] += len(self.buffer) - len(fresh)
-            self.buffer = fresh
+            self.drop_stale(version)
             if len(self.buffer) >= need:
                 break
             if rounds >= limit:
@@ -354,12 +352,25 @@ class Stream(Rollouts):
             key = self._rounds_key(rng, step, rounds)
             self._run(lambda k=key, b=behaviour: self.round(b, k, version))
             rounds += 1
-        taken, self.buffer = self.buffer[:need], self.buffer[need:]
+        taken = self.pop(need)
         width = max(k.prompt_ids.shape[1] for _, k, _ in taken)
         kept = KeptGroups.concat([k.pad_prompts(width) for _, k, _ in taken], need * self.n)
         self.s.sync.agree("stream buffer", [len(self.buffer), len(self.groups), self.draws])
         stats = self._stats(rounds)
         return kept, stats
+
+    def drop_stale(self, version: int) -> list[_Group]:
+        """Drops (and counts) the buffered groups too stale to train under policy `version`."""
+        limit = self.cfg.trainer.max_staleness
+        stale = [b for b in self.buffer if version - b[2] > limit]
+        self.buffer = [b for b in self.buffer if version - b[2] <= limit]
+        self.counts["dropped_stale"] += len(stale)
+        return [g for g, _, _ in stale]
+
+    def pop(self, need: int) -> list[tuple[_Group, KeptGroups, int]]:
+        """The oldest `need` buffered groups (by draw order), taken out of the buffer."""
+        taken, self.buffer = self.buffer[:need], self.buffer[need:]
+        return taken
 
     def _stats(self, rounds: int) -> dict:
         scored, self.finished_rounds = self.finished_rounds, []

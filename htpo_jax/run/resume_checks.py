@@ -36,6 +36,8 @@ def check_fresh_start(checkpoint_dir: str, steps: list[int]) -> None:
 # how the work is laid out on devices or processes, and how long to run.
 DRIFT_IGNORED = (
     "mesh.",
+    "rollout.placement",  # where rollouts run does not change what they sample
+    "rollout.devices_per_host",
     "checkpoint.",
     "trainer.output_dir",
     "trainer.total_steps",
