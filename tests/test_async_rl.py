@@ -209,3 +209,80 @@ def test_stream_50_steps_loses_and_duplicates_nothing(tmp_path, monkeypatch):
         w, _ = offpolicy.is_weights(b.old_log_prob, b.behaviour_log_prob, version - b.version,
                                     b.response_mask, "tis", 2.0)  # fmt: skip
         assert (w[(b.response_mask > 0) & (b.version == version)] == 1).all()
+
+
+class _FakeSampler:
+    """Emits token `MARK` per step and EOS once a row holds `LENGTH` response tokens (it counts
+    the MARKs already in its prompt: what `Stream` feeds back); every log-prob is -params, so a
+    token's log-prob names the weights that sampled it."""
+
+    MARK, LENGTH = 5, 20
+
+    def __init__(self, eos):
+        self.eos, self.sync, self.dtype, self.calls = eos, None, np.float32, []
+
+    def __call__(self, params, ids, mask, *, max_new_tokens, eos_token_id, **kw):
+        self.calls.append((np.array(ids), np.array(mask)))
+        rows = ids.shape[0]
+        tok = np.zeros((rows, max_new_tokens), np.int32)
+        lp = np.zeros((rows, max_new_tokens), np.float32)
+        lengths, finished = np.zeros(rows, np.int32), np.zeros(rows, bool)
+        for i in range(rows):
+            have = int(((ids[i] == self.MARK) & (mask[i] > 0)).sum())
+            left = self.LENGTH - have  # tokens to go, the last one EOS
+            k = min(left, max_new_tokens)
+            tok[i, :k] = self.MARK
+            if k == left:
+                tok[i, k - 1], finished[i] = self.eos, True
+            lp[i, :k], lengths[i] = -float(params), k
+        return type("R", (), dict(tokens=tok, log_probs=lp, lengths=lengths, finished=finished))
+
+
+def _stream(partial: str):
+    from htpo_jax.infra.distributed import HostSync
+    from htpo_jax.models.hf_io import load_tokenizer
+    from htpo_jax.rl.sample import stop_tokens
+    from htpo_jax.run.data import train_stream
+
+    cfg = load_config(str(train_mod.DEFAULT_CONFIG), [
+        "trainer.async_mode=stream", f"rollout.partial={partial}", "rollout.segment_tokens=8",
+        "rollout.n=2", "data.train_batch_size=2", "data.gen_batch_size=3",
+        "algorithm.dynamic_sampling=false", "optim.mini_batch_size=2", "optim.micro_batch_size=4",
+    ])  # fmt: skip
+    tok = load_tokenizer(cfg.model.path)
+    sampler = _FakeSampler(stop_tokens(tok)[0])
+    p = type("P", (), dict(tokenizer=tok, sampler=sampler))
+    s = type("S", (), dict(stream=train_stream(cfg, tok), pools=None, sync=HostSync("t")))
+    return async_rl.Stream(p, s, cfg), sampler
+
+
+def test_stream_rounds_carry_responses_with_each_tokens_version():
+    ro, sampler = _stream("continue")
+    ro.round(0.0, None, version=0)  # 8 tokens each, with the weights of version 0
+    ro.round(1.0, None, version=1)  # 8 more under version 1
+    assert not ro.buffer and len(ro.groups) == 2  # train_batch_size groups in flight (no filter)
+    ids, mask = sampler.calls[1]
+    g = ro.groups[0]
+    fed = ids[0][mask[0] > 0]  # the second round's prompt: the prompt, then the 8 tokens so far
+    np.testing.assert_array_equal(fed, np.concatenate([g.prompt, g.tokens[0, :8]]))
+    ro.round(2.0, None, version=2)  # the last 4 tokens (EOS last): both groups finish
+    assert not ro.groups and len(ro.buffer) == 2
+    g, kept, oldest = ro.buffer[0]
+    assert oldest == 0 and (g.length == 20).all() and g.eos.all()
+    np.testing.assert_array_equal(kept.version[0, :20], [0] * 8 + [1] * 8 + [2] * 4)
+    np.testing.assert_array_equal(kept.behaviour_log_prob[0, :20], -kept.version[0, :20])
+    assert kept.response_mask[0].sum() == 20 and (kept.behaviour_log_prob[0, 20:] == 0).all()
+    assert ro.drop_stale(version=1) == [] and len(ro.drop_stale(version=2)) == 2  # bound 1
+    assert ro.counts["dropped_stale"] == 2 and not ro.buffer
+    requeued = ro.data_state().requeue
+    assert requeued == ()  # nothing buffered or in flight: nothing to draw again
+
+
+def test_stream_restart_drops_tokens_of_older_weights_and_requeues_in_draw_order():
+    ro, _ = _stream("restart")
+    ro.round(0.0, None, version=0)
+    ro.round(1.0, None, version=1)  # version moved: both rows of both groups start over
+    assert ro.counts["restarted"] == 4
+    g = ro.groups[0]
+    assert (g.length == 8).all() and (g.version[:, :8] == 1).all()
+    assert ro.data_state().requeue == tuple(g.row_id for g in ro.groups)
