@@ -102,10 +102,11 @@ class _Sink:
         pass
 
 
-def schedule(lengths, prompt_len: int, n: int, shards: int, seqs: int, k: int, ps: int,
-             stealing: bool) -> list[tuple[int, list[int]]]:  # fmt: skip
-    """The engine's schedule of one generate call: per lockstep round, (rows S of the common
-    program, live KV tokens of each shard)."""
+def _rounds(lengths, prompt_len: int, n: int, shards: int, seqs: int, k: int, ps: int,
+            stealing: bool):  # fmt: skip
+    """The engine's schedule of one generate call, a round at a time: yields (rows S of the
+    common program, live KV tokens of each shard, the live rows' KV lengths per shard, response
+    tokens the round decodes)."""
     prompts = [np.ones(prompt_len, np.int32)] * (len(lengths) // n)
     bounds = np.linspace(0, len(prompts), shards + 1).astype(int)
     worst = -(-(prompt_len + int(lengths.max())) // ps) + 1
@@ -113,26 +114,34 @@ def schedule(lengths, prompt_len: int, n: int, shards: int, seqs: int, k: int, p
     scheds = [Scheduler(prompts, n, int(lengths.max()), page_size=ps, num_pages=pages,
                         max_num_seqs=seqs, steps_per_call=k, rows=range(lo * n, hi * n))
               for lo, hi in itertools.pairwise(bounds)]  # fmt: skip
-    rounds = []
     while not all(s.done for s in scheds):
         if stealing:
             steal_work(scheds)
         for s in scheds:
             s.advance()
         need = tuple(int(x) for x in np.max([s.needs() for s in scheds], axis=0))
-        live = []
+        live, kvs, tokens = [], [], 0
         for s in scheds:
             _, dec = s.pack(*need)
-            live.append(int(dec.kv_len_s[dec.active_s].sum()))
+            kvs.append(dec.kv_len_s[dec.active_s])
+            live.append(int(kvs[-1].sum()))
             tok = np.full((need[0], k), 2, np.int32)
             for j, r in enumerate(dec.rows):
                 at = lengths[r.row] - 1 - r.step  # EOS at the row's last response index
                 if at < k:
                     tok[j, at] = 1
+                tokens += min(at + 1, k)
             s.commit(dec, tok, (1,), _Sink(), _Sink(), np.zeros(tok.shape, np.float32))
             s.end_round()
-        rounds.append((need[0], live))
-    return rounds
+        yield need[0], live, kvs, tokens
+
+
+def schedule(lengths, prompt_len: int, n: int, shards: int, seqs: int, k: int, ps: int,
+             stealing: bool) -> list[tuple[int, list[int]]]:  # fmt: skip
+    """The engine's schedule of one generate call: per lockstep round, (rows S of the common
+    program, live KV tokens of each shard)."""
+    return [(s_rows, live) for s_rows, live, _, _ in
+            _rounds(lengths, prompt_len, n, shards, seqs, k, ps, stealing)]  # fmt: skip
 
 
 def micro_cost(shape: Shape, micros, p: int, chips: int, peak: float, ici_s: float,
@@ -272,6 +281,65 @@ def batch_shards(c: Config, chips: int) -> int:
     return max(chips // tensor, 1) if c.mesh.fsdp == -1 else data * c.mesh.fsdp
 
 
+def compute_itemsize(c: Config) -> int:
+    """Bytes per value of the compute dtype (the engine's weights and KV)."""
+    return 4 if c.model.dtype in ("float32", "fp32") else 2
+
+
+def round_cost(shape: Shape, itemsize: int, tensor: int, pk, k: int):
+    """The seconds of one lockstep decode round as a function of (rows S, the most live KV tokens
+    of a shard): K steps, each reading the shard's weights (replicated over the batch shards,
+    split by tensor) plus the KV of its live rows at HBM bandwidth, or its matmul FLOPs at peak
+    if that is longer."""
+    w = (shape.matmul_params * itemsize) / tensor
+    kvb = shape.kv_token_bytes / tensor
+    step_flops = lambda s: 2.0 * shape.matmul_params * s / tensor
+
+    def cost(s_rows: int, live_max: int) -> float:
+        kv = live_max + s_rows * k / 2  # the K steps grow each row
+        mem = (w + kv * kvb) / pk.hbm_bytes_per_s
+        return k * max(mem, step_flops(s_rows) / pk.bf16_flops)
+
+    return cost
+
+
+def rollout_costs(c: Config, pk, shape: Shape, lengths: np.ndarray, prompt_len: int, chips: int,
+                  seqs: int | None = None) -> dict:  # fmt: skip
+    """One generation round of `lengths` on `chips` chips (the run's mesh over them): the
+    scheduled decode's seconds and rounds, its floor, and the prefill (at its floor). `seqs`:
+    decode slots per batch shard (default: `rollout.max_num_seqs` over the shards)."""
+    r = c.rollout
+    itemsize = compute_itemsize(c)
+    tensor = max(c.mesh.tensor, 1)
+    shards = batch_shards(c, chips)
+    if seqs is None:
+        seqs = -(-(r.max_num_seqs or 512) // shards)
+    k, ps = r.steps_per_call, r.page_size
+    rounds = schedule(lengths, prompt_len, r.n, shards, seqs, k, ps, r.work_stealing)
+    cost = round_cost(shape, itemsize, tensor, pk, k)
+    decode = 0.0
+    for s_rows, live in rounds:
+        decode += cost(s_rows, max(live))
+    w = (shape.matmul_params * itemsize) / tensor
+    kvb = shape.kv_token_bytes / tensor
+    useful = int(lengths.sum())
+    kv_reads = float(np.sum(prompt_len * lengths + lengths * (lengths + 1) / 2)) * kvb
+    min_steps = useful / (shards * seqs)
+    decode_floor = (min_steps * w + kv_reads / shards) / pk.hbm_bytes_per_s
+    n_prompts = len(lengths) // r.n
+    prefill_floor = shape.forward_flops(n_prompts, prompt_len) / (chips * pk.bf16_flops)
+    return {
+        "batch_shards": shards,
+        "seqs": seqs,
+        "rounds": len(rounds),
+        "slot_steps": sum(s * k * shards for s, _ in rounds),
+        "decode": decode,
+        "decode_floor": decode_floor,
+        "prefill": prefill_floor,
+        "useful": useful,
+    }
+
+
 def estimate(cfg: Config, target, model_cfg, lengths: np.ndarray, *, prompt_len: int,
              gen_rounds: float, compiled: dict | None = None) -> dict:  # fmt: skip
     """The step model (see the module docstring); a dict of stages, floors and rates. With
@@ -281,31 +349,13 @@ def estimate(cfg: Config, target, model_cfg, lengths: np.ndarray, *, prompt_len:
     if pk is None:
         raise TargetError("step_time needs a TPU target (--topology): CPU devices have no peaks")
     c, r, chips = cfg, cfg.rollout, target.chips
-    itemsize = 4 if c.model.dtype in ("float32", "fp32") else 2  # compute dtype
-    shape = Shape.of(model_cfg, itemsize)
-    tensor = max(c.mesh.tensor, 1)
-    shards = batch_shards(c, chips)
-    seqs = -(-(r.max_num_seqs or 512) // shards)
-    k, ps = r.steps_per_call, r.page_size
-    rounds = schedule(lengths, prompt_len, r.n, shards, seqs, k, ps, r.work_stealing)
+    shape = Shape.of(model_cfg, compute_itemsize(c))
     cal = compiler_factors(compiled, c, target, shape) if compiled else {}
     f = {s: cal[s][0] if cal.get(s, (None,))[0] is not None else 1.0 for s in STAGES}
-    # Decode: the engine replicates the weights over the batch shards (tensor splits them).
-    w = (shape.matmul_params * itemsize) / tensor
-    kvb = shape.kv_token_bytes / tensor
-    step_flops = lambda s: 2.0 * shape.matmul_params * s / tensor
-    decode = 0.0
-    for s_rows, live in rounds:
-        kv = max(live) + s_rows * k / 2  # the K steps grow each row
-        mem = (w + kv * kvb) / pk.hbm_bytes_per_s
-        decode += k * max(mem, step_flops(s_rows) / pk.bf16_flops)
-    useful = int(lengths.sum())
-    kv_reads = float(np.sum(prompt_len * lengths + lengths * (lengths + 1) / 2)) * kvb
-    min_steps = useful / (shards * seqs)
-    decode_floor = (min_steps * w + kv_reads / shards) / pk.hbm_bytes_per_s
-    n_prompts = len(lengths) // r.n
-    prefill_floor = shape.forward_flops(n_prompts, prompt_len) / (chips * pk.bf16_flops)
-    prefill = prefill_floor
+    ro = rollout_costs(c, pk, shape, lengths, prompt_len, chips)
+    shards, rounds = ro["batch_shards"], ro["rounds"]
+    decode, decode_floor, useful = ro["decode"], ro["decode_floor"], ro["useful"]
+    prefill = prefill_floor = ro["prefill"]
     # Training: the kept groups (train_batch_size prompts), padded to the compiled prompt width.
     kept = lengths[: c.data.train_batch_size * r.n]
     tr = train_costs(c, target, shape, kept, prompt_len, f)
@@ -313,7 +363,7 @@ def estimate(cfg: Config, target, model_cfg, lengths: np.ndarray, *, prompt_len:
     floors = {"prefill": gen_rounds * prefill_floor, "decode": gen_rounds * decode_floor,
               **tr["floor_seconds"]}  # fmt: skip
     total = sum(stages.values())
-    slot_steps = sum(s * k * shards for s, _ in rounds)
+    slot_steps = ro["slot_steps"]
     return {
         "target": target.name,
         "chips": chips,
@@ -321,7 +371,7 @@ def estimate(cfg: Config, target, model_cfg, lengths: np.ndarray, *, prompt_len:
         "responses": int(len(lengths)),
         "mean_length": float(lengths.mean()),
         "max_length": int(lengths.max()),
-        "decode_rounds": len(rounds),
+        "decode_rounds": rounds,
         "gen_rounds": gen_rounds,
         "seconds": stages,
         "floor_seconds": floors,
