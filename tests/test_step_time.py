@@ -1,5 +1,6 @@
 """step_time: the step model over the engine's real scheduler (no compile, no device)."""
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -96,3 +97,67 @@ def test_compiled_figures_replace_the_roofline_where_given(tmp_path, capsys):
     report.write_text(json.dumps({"target": "v5p-64", "num_layers": layers, "programs": []}))
     assert step_time.main(["--topology", "v5p-8", "--compiled", str(report)]) == 2
     assert "--compiled: report is for v5p-64" in capsys.readouterr().err
+
+
+def test_async_modes_table_and_properties(tmp_path, capsys):
+    """--async-modes: the sync figures are the plain estimate's, bit for bit; every separate
+    split covers the chips; a step is the longer of its concurrent parts plus the weight sync;
+    the stream's rollout is no slower than the drained one_step's at the same split; the best
+    split of each mode is the argmin of the listed ones."""
+    plain = run(tmp_path)
+    capsys.readouterr()
+    est = run(tmp_path, "--async-modes")
+    a = est.pop("async")
+    assert est == plain  # the default figures do not move with the option
+    out = capsys.readouterr().out
+    assert "| mode | rollout chips | trainer chips |" in out and "balanced bound" in out
+    assert a["splits"] == [1, 2, 3]  # v5p-8: one host of 4 chips
+    (sync,) = [row for row in a["rows"] if row["mode"] == "sync"]
+    assert sync["step_seconds"] == plain["total_seconds"] and sync["ratio"] == 1.0
+    assert sync["rollout_seconds"] + sync["train_seconds"] == pytest.approx(sync["step_seconds"])
+    by = {}
+    for row in a["rows"]:
+        by[row["mode"], row["rollout_chips"]] = row
+        if row["mode"] == "sync":
+            continue
+        assert row["rollout_chips"] + row["trainer_chips"] == 4
+        parts = max(row["rollout_seconds"], row["train_seconds"])
+        assert row["step_seconds"] >= parts
+        assert row["step_seconds"] == pytest.approx(parts + row["weight_sync_seconds"])
+        assert row["ratio"] == pytest.approx(row["step_seconds"] / plain["total_seconds"])
+    for split in a["splits"]:
+        stream, one = by["stream", split], by["one_step", split]
+        assert stream["rollout_seconds"] <= one["rollout_seconds"], split
+        assert stream["decode_seconds"] <= one["decode_seconds"], split
+        assert stream["rollout_floor_seconds"] == one["rollout_floor_seconds"]
+    for mode in ("one_step", "stream"):
+        rows = [by[mode, split] for split in a["splits"]]
+        best = min(rows, key=lambda row: row["step_seconds"])
+        assert a["best"][mode] == best and [r["best"] for r in rows].count(True) == 1
+    # fewer rollout chips: a longer rollout, a shorter training
+    assert by["one_step", 1]["rollout_seconds"] > by["one_step", 3]["rollout_seconds"]
+    assert by["one_step", 1]["train_seconds"] < by["one_step", 3]["train_seconds"]
+    assert step_time.main(["--topology", "v5p-8", "--async-modes", "--stream-steps", "2"]) == 2
+    assert "--stream-steps 2" in capsys.readouterr().err
+
+
+def test_weight_sync_and_splits_by_hand():
+    """Each rollout chip receives the whole model (compute dtype, split by tensor) over its ICI:
+    1,000 params x 2 bytes / tensor 2 at 100 bytes/s = 10 s. Splits: every host gives 1 .. 3
+    of its 4 chips (v5p), tensor dividing both sides; v5e-8 is one host of 8."""
+    from htpo_jax.infra.topology import Peaks, resolve_target
+    from htpo_jax.run.config import load_config
+
+    shape = step_time.Shape(layers=1, matmul_params=800, params=1000, q_dim=1, kv_token_bytes=1)
+    assert step_time.weight_sync_seconds(shape, 2, 2, Peaks(1.0, 1.0, 100.0)) == 10.0
+    cfg = load_config(str(step_time.DEFAULT_CONFIG))
+    mesh = lambda t: dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, tensor=t))
+    splits = lambda c, topo: step_time.rollout_splits(c, resolve_target(topo, None, None))
+    assert splits(cfg, "v5p-64") == [8, 16, 24]
+    assert splits(mesh(16), "v5p-64") == [16]
+    assert splits(cfg, "v5e-8") == list(range(1, 8))
+    assert splits(cfg, "v6e-256") == [64, 128, 192]
+    assert splits(cfg, "v5e-1") == []
+    two = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data=2, fsdp=2))
+    sub = step_time.submesh(two)
+    assert (sub.mesh.data, sub.mesh.fsdp) == (1, -1)

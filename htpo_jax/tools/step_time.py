@@ -25,6 +25,15 @@ compiler's seconds for the compiled call over this model's roofline of that call
 is printed per stage in the 'cost from' column). The engine's prefill and decode stay on the
 roofline: XLA counts their in-place KV pool as traffic (see ENGINE_STAGES).
 
+`--async-modes` (issue 22's asynchronous RL; `async_modes`): a second table of seconds per step
+for sync (the estimate above), `one_step` and `stream` with `separate` placement at every
+rollout / trainer split (every host gives 1 .. chips per host - 1 of its chips to the rollout):
+one_step drains its rollout on R chips (the same scheduler over R's batch shards) while T train,
+stream runs the scheduler over several steps' prompts back to back and takes its steady-state
+decode per step plus the re-prefill of the rows carried over a step boundary; both add the
+weight sync (each rollout chip receives the model over its ICI). Colocated one_step overlaps
+only host work, which this model does not cost: it is sync here.
+
 Lengths: `synthetic` (default) draws bench_stealing.py's DAPO-like model (per prompt a mean
 log-uniform in [max/41, max/2.56] -- 500 .. 8,000 at the paper's 20,480 -- and n geometric
 lengths around it, capped); or a file of integers (one per line, or a JSON list).
@@ -102,10 +111,11 @@ class _Sink:
         pass
 
 
-def schedule(lengths, prompt_len: int, n: int, shards: int, seqs: int, k: int, ps: int,
-             stealing: bool) -> list[tuple[int, list[int]]]:  # fmt: skip
-    """The engine's schedule of one generate call: per lockstep round, (rows S of the common
-    program, live KV tokens of each shard)."""
+def _rounds(lengths, prompt_len: int, n: int, shards: int, seqs: int, k: int, ps: int,
+            stealing: bool):  # fmt: skip
+    """The engine's schedule of one generate call, a round at a time: yields (rows S of the
+    common program, live KV tokens of each shard, the live rows' KV lengths per shard, response
+    tokens the round decodes)."""
     prompts = [np.ones(prompt_len, np.int32)] * (len(lengths) // n)
     bounds = np.linspace(0, len(prompts), shards + 1).astype(int)
     worst = -(-(prompt_len + int(lengths.max())) // ps) + 1
@@ -113,26 +123,34 @@ def schedule(lengths, prompt_len: int, n: int, shards: int, seqs: int, k: int, p
     scheds = [Scheduler(prompts, n, int(lengths.max()), page_size=ps, num_pages=pages,
                         max_num_seqs=seqs, steps_per_call=k, rows=range(lo * n, hi * n))
               for lo, hi in itertools.pairwise(bounds)]  # fmt: skip
-    rounds = []
     while not all(s.done for s in scheds):
         if stealing:
             steal_work(scheds)
         for s in scheds:
             s.advance()
         need = tuple(int(x) for x in np.max([s.needs() for s in scheds], axis=0))
-        live = []
+        live, kvs, tokens = [], [], 0
         for s in scheds:
             _, dec = s.pack(*need)
-            live.append(int(dec.kv_len_s[dec.active_s].sum()))
+            kvs.append(dec.kv_len_s[dec.active_s])
+            live.append(int(kvs[-1].sum()))
             tok = np.full((need[0], k), 2, np.int32)
             for j, r in enumerate(dec.rows):
                 at = lengths[r.row] - 1 - r.step  # EOS at the row's last response index
                 if at < k:
                     tok[j, at] = 1
+                tokens += min(at + 1, k)
             s.commit(dec, tok, (1,), _Sink(), _Sink(), np.zeros(tok.shape, np.float32))
             s.end_round()
-        rounds.append((need[0], live))
-    return rounds
+        yield need[0], live, kvs, tokens
+
+
+def schedule(lengths, prompt_len: int, n: int, shards: int, seqs: int, k: int, ps: int,
+             stealing: bool) -> list[tuple[int, list[int]]]:  # fmt: skip
+    """The engine's schedule of one generate call: per lockstep round, (rows S of the common
+    program, live KV tokens of each shard)."""
+    return [(s_rows, live) for s_rows, live, _, _ in
+            _rounds(lengths, prompt_len, n, shards, seqs, k, ps, stealing)]  # fmt: skip
 
 
 def micro_cost(shape: Shape, micros, p: int, chips: int, peak: float, ici_s: float,
@@ -272,6 +290,65 @@ def batch_shards(c: Config, chips: int) -> int:
     return max(chips // tensor, 1) if c.mesh.fsdp == -1 else data * c.mesh.fsdp
 
 
+def compute_itemsize(c: Config) -> int:
+    """Bytes per value of the compute dtype (the engine's weights and KV)."""
+    return 4 if c.model.dtype in ("float32", "fp32") else 2
+
+
+def round_cost(shape: Shape, itemsize: int, tensor: int, pk, k: int):
+    """The seconds of one lockstep decode round as a function of (rows S, the most live KV tokens
+    of a shard): K steps, each reading the shard's weights (replicated over the batch shards,
+    split by tensor) plus the KV of its live rows at HBM bandwidth, or its matmul FLOPs at peak
+    if that is longer."""
+    w = (shape.matmul_params * itemsize) / tensor
+    kvb = shape.kv_token_bytes / tensor
+    step_flops = lambda s: 2.0 * shape.matmul_params * s / tensor
+
+    def cost(s_rows: int, live_max: int) -> float:
+        kv = live_max + s_rows * k / 2  # the K steps grow each row
+        mem = (w + kv * kvb) / pk.hbm_bytes_per_s
+        return k * max(mem, step_flops(s_rows) / pk.bf16_flops)
+
+    return cost
+
+
+def rollout_costs(c: Config, pk, shape: Shape, lengths: np.ndarray, prompt_len: int, chips: int,
+                  seqs: int | None = None) -> dict:  # fmt: skip
+    """One generation round of `lengths` on `chips` chips (the run's mesh over them): the
+    scheduled decode's seconds and rounds, its floor, and the prefill (at its floor). `seqs`:
+    decode slots per batch shard (default: `rollout.max_num_seqs` over the shards)."""
+    r = c.rollout
+    itemsize = compute_itemsize(c)
+    tensor = max(c.mesh.tensor, 1)
+    shards = batch_shards(c, chips)
+    if seqs is None:
+        seqs = -(-(r.max_num_seqs or 512) // shards)
+    k, ps = r.steps_per_call, r.page_size
+    rounds = schedule(lengths, prompt_len, r.n, shards, seqs, k, ps, r.work_stealing)
+    cost = round_cost(shape, itemsize, tensor, pk, k)
+    decode = 0.0
+    for s_rows, live in rounds:
+        decode += cost(s_rows, max(live))
+    w = (shape.matmul_params * itemsize) / tensor
+    kvb = shape.kv_token_bytes / tensor
+    useful = int(lengths.sum())
+    kv_reads = float(np.sum(prompt_len * lengths + lengths * (lengths + 1) / 2)) * kvb
+    min_steps = useful / (shards * seqs)
+    decode_floor = (min_steps * w + kv_reads / shards) / pk.hbm_bytes_per_s
+    n_prompts = len(lengths) // r.n
+    prefill_floor = shape.forward_flops(n_prompts, prompt_len) / (chips * pk.bf16_flops)
+    return {
+        "batch_shards": shards,
+        "seqs": seqs,
+        "rounds": len(rounds),
+        "slot_steps": sum(s * k * shards for s, _ in rounds),
+        "decode": decode,
+        "decode_floor": decode_floor,
+        "prefill": prefill_floor,
+        "useful": useful,
+    }
+
+
 def estimate(cfg: Config, target, model_cfg, lengths: np.ndarray, *, prompt_len: int,
              gen_rounds: float, compiled: dict | None = None) -> dict:  # fmt: skip
     """The step model (see the module docstring); a dict of stages, floors and rates. With
@@ -281,31 +358,13 @@ def estimate(cfg: Config, target, model_cfg, lengths: np.ndarray, *, prompt_len:
     if pk is None:
         raise TargetError("step_time needs a TPU target (--topology): CPU devices have no peaks")
     c, r, chips = cfg, cfg.rollout, target.chips
-    itemsize = 4 if c.model.dtype in ("float32", "fp32") else 2  # compute dtype
-    shape = Shape.of(model_cfg, itemsize)
-    tensor = max(c.mesh.tensor, 1)
-    shards = batch_shards(c, chips)
-    seqs = -(-(r.max_num_seqs or 512) // shards)
-    k, ps = r.steps_per_call, r.page_size
-    rounds = schedule(lengths, prompt_len, r.n, shards, seqs, k, ps, r.work_stealing)
+    shape = Shape.of(model_cfg, compute_itemsize(c))
     cal = compiler_factors(compiled, c, target, shape) if compiled else {}
     f = {s: cal[s][0] if cal.get(s, (None,))[0] is not None else 1.0 for s in STAGES}
-    # Decode: the engine replicates the weights over the batch shards (tensor splits them).
-    w = (shape.matmul_params * itemsize) / tensor
-    kvb = shape.kv_token_bytes / tensor
-    step_flops = lambda s: 2.0 * shape.matmul_params * s / tensor
-    decode = 0.0
-    for s_rows, live in rounds:
-        kv = max(live) + s_rows * k / 2  # the K steps grow each row
-        mem = (w + kv * kvb) / pk.hbm_bytes_per_s
-        decode += k * max(mem, step_flops(s_rows) / pk.bf16_flops)
-    useful = int(lengths.sum())
-    kv_reads = float(np.sum(prompt_len * lengths + lengths * (lengths + 1) / 2)) * kvb
-    min_steps = useful / (shards * seqs)
-    decode_floor = (min_steps * w + kv_reads / shards) / pk.hbm_bytes_per_s
-    n_prompts = len(lengths) // r.n
-    prefill_floor = shape.forward_flops(n_prompts, prompt_len) / (chips * pk.bf16_flops)
-    prefill = prefill_floor
+    ro = rollout_costs(c, pk, shape, lengths, prompt_len, chips)
+    shards, rounds = ro["batch_shards"], ro["rounds"]
+    decode, decode_floor, useful = ro["decode"], ro["decode_floor"], ro["useful"]
+    prefill = prefill_floor = ro["prefill"]
     # Training: the kept groups (train_batch_size prompts), padded to the compiled prompt width.
     kept = lengths[: c.data.train_batch_size * r.n]
     tr = train_costs(c, target, shape, kept, prompt_len, f)
@@ -313,7 +372,7 @@ def estimate(cfg: Config, target, model_cfg, lengths: np.ndarray, *, prompt_len:
     floors = {"prefill": gen_rounds * prefill_floor, "decode": gen_rounds * decode_floor,
               **tr["floor_seconds"]}  # fmt: skip
     total = sum(stages.values())
-    slot_steps = sum(s * k * shards for s, _ in rounds)
+    slot_steps = ro["slot_steps"]
     return {
         "target": target.name,
         "chips": chips,
@@ -321,7 +380,7 @@ def estimate(cfg: Config, target, model_cfg, lengths: np.ndarray, *, prompt_len:
         "responses": int(len(lengths)),
         "mean_length": float(lengths.mean()),
         "max_length": int(lengths.max()),
-        "decode_rounds": len(rounds),
+        "decode_rounds": rounds,
         "gen_rounds": gen_rounds,
         "seconds": stages,
         "floor_seconds": floors,
@@ -364,6 +423,190 @@ def report(est: dict) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------- asynchronous RL (issue 22)
+ASYNC_MODES = ("sync", "one_step", "stream")
+
+
+def rollout_splits(c: Config, target) -> list[int]:
+    """Rollout chip counts R of `separate` placement: every host gives d of its chips to the
+    rollout (`rollout.devices_per_host`, 1 .. chips per host - 1) and the rest to the trainer, so
+    R = hosts x d; kept where mesh.tensor divides both R and the trainer's T = chips - R. Hosts
+    hold 4 chips (v5p, v4, and v5e / v6e slices over 8 chips); v5e / v6e slices of up to 8 chips
+    are one host."""
+    gen = target.name.partition("-")[0]
+    per_host = target.chips if gen in ("v5e", "v6e") and target.chips <= 8 else 4
+    per_host = min(per_host, target.chips)
+    hosts, tensor = target.chips // per_host, max(c.mesh.tensor, 1)
+    out = [hosts * d for d in range(1, per_host)]
+    return [r for r in out if r % tensor == 0 and (target.chips - r) % tensor == 0]
+
+
+def submesh(c: Config) -> Config:
+    """The run's config on a sub-mesh of `separate` placement: mesh.tensor kept, every other
+    chip a batch shard (data 1, fsdp -1)."""
+    return dataclasses.replace(c, mesh=dataclasses.replace(c.mesh, data=1, fsdp=-1))
+
+
+def weight_sync_seconds(shape: Shape, itemsize: int, tensor: int, pk) -> float:
+    """The new weights to the rollout chips after an update: each rollout chip receives the
+    engine's copy of the whole model (every parameter, the embedding included, in the compute
+    dtype; replicated over the batch shards, split by tensor) over its own ICI links at
+    `pk.ici_bytes_per_s`. What a chip receives is the bound: a broadcast that sends each trainer
+    shard once into the rollout chips and all-gathers it there keeps every link under it."""
+    return shape.params * itemsize / tensor / pk.ici_bytes_per_s
+
+
+def stream_rollout(c: Config, pk, shape: Shape, lengths: np.ndarray, prompt_len: int,
+                   chips: int, seqs: int, steps: int, seed: int) -> dict:  # fmt: skip
+    """The steady state of `stream` (partial rollout) on `chips` rollout chips: `steps` steps'
+    worth of prompts (`lengths`' groups, shuffled per step) go back to back through the engine's
+    scheduler, each shard admitting new rows as rows finish, never draining between steps. Step
+    j ends when the response tokens decoded reach j x a step's tokens (the time interpolated
+    within the round that crosses it); the decode seconds per step are the mean over steps 2 ..
+    steps - 1 (step 1 is the warm-up from empty slots, the last step's drain is never reached).
+    At each such boundary the rows still live are carried into the next step and re-prefilled
+    under the new weights (each row its prompt + the tokens it has, costed at peak FLOPs over the
+    rollout chips; rows of one prompt re-prefill the prompt each, an upper bound)."""
+    if steps < 3:
+        raise ValueError(f"--stream-steps {steps}: needs at least 3 (warm-up, one step, end)")
+    r = c.rollout
+    rng = np.random.default_rng(seed)
+    groups = lengths.reshape(-1, r.n)
+    stream = np.concatenate([groups[rng.permutation(len(groups))] for _ in range(steps)])
+    stream = stream.reshape(-1)
+    per_step = int(lengths.sum())
+    tensor = max(c.mesh.tensor, 1)
+    shards = batch_shards(c, chips)
+    k = r.steps_per_call
+    cost = round_cost(shape, compute_itemsize(c), tensor, pk, k)
+    t, done, marks = 0.0, 0, []  # (seconds, re-prefill FLOPs) at each step boundary
+    rounds = _rounds(stream, prompt_len, r.n, shards, seqs, k, r.page_size, r.work_stealing)
+    for s_rows, live, kvs, tokens in rounds:
+        dt = cost(s_rows, max(live))
+        while len(marks) < steps - 1 and done + tokens >= (len(marks) + 1) * per_step:
+            at = t + dt * ((len(marks) + 1) * per_step - done) / tokens
+            kv = np.concatenate(kvs).astype(np.float64)
+            flops = 2.0 * shape.matmul_params * kv.sum() + 2.0 * float(np.sum(kv * kv)) * (
+                shape.q_dim * shape.layers
+            )
+            marks.append((at, flops))
+        t, done = t + dt, done + tokens
+        if len(marks) == steps - 1:
+            break
+    decode = (marks[-1][0] - marks[0][0]) / (steps - 2)
+    reprefill = float(np.mean([fl for _, fl in marks])) / (chips * pk.bf16_flops)
+    return {"decode": decode, "reprefill": reprefill, "tokens_per_step": per_step}
+
+
+def async_modes(cfg: Config, target, model_cfg, lengths: np.ndarray, est: dict, *,
+                prompt_len: int, gen_rounds: float, compiled: dict | None = None,
+                stream_steps: int = 4, seed: int = 0) -> dict:  # fmt: skip
+    """Seconds per step of sync (`est`, the colocated estimate), `one_step` and `stream` with
+    `separate` placement at every rollout split (`rollout_splits`): R chips decode while the
+    other T score and train, concurrently.
+
+    - sync: rollout (prefill + decode) on all chips, then training on all chips (`est`).
+    - one_step: the rollout of step k+1 (still drained: its longest response ends it, the same
+      scheduler over R's batch shards) runs while step k trains; step = max(rollout on R,
+      scoring + update + optimizer on T) + weight sync.
+    - stream: the rollout never drains (`stream_rollout`); step = max(prefill + steady-state
+      decode + re-prefill of the carried rows on R, training on T) + weight sync.
+
+    The rollout's rows per batch shard stay the full mesh's (`rollout.max_num_seqs` over its
+    shards: the KV budget a chip was sized for), so the rollout's total rows scale with R.
+    Training takes the same kept responses and compiler factors as `est`, on a T-chip mesh.
+    `balanced_bound`: the step of a split that scales perfectly (any R, no weight sync), the
+    rollout at its decode floor: rollout floor + training of the colocated estimate, since
+    max(a C / R, b C / (C - R)) >= a + b."""
+    pk, chips, r = target.peaks, target.chips, cfg.rollout
+    itemsize = compute_itemsize(cfg)
+    shape = Shape.of(model_cfg, itemsize)
+    cal = compiler_factors(compiled, cfg, target, shape) if compiled else {}
+    f = {s: cal[s][0] if cal.get(s, (None,))[0] is not None else 1.0 for s in STAGES}
+    sub = submesh(cfg)
+    seqs = -(-(r.max_num_seqs or 512) // batch_shards(cfg, chips))
+    kept = lengths[: cfg.data.train_batch_size * r.n]
+    sync_w = weight_sync_seconds(shape, itemsize, max(cfg.mesh.tensor, 1), pk)
+    sec = est["seconds"]
+    roll = sec["prefill"] + sec["decode"]
+    rows = [{"mode": "sync", "rollout_chips": chips, "trainer_chips": chips,
+             "rollout_seconds": roll, "train_seconds": est["total_seconds"] - roll,
+             "weight_sync_seconds": 0.0, "step_seconds": est["total_seconds"],
+             "rollout_floor_seconds": est["floor_seconds"]["prefill"]
+             + est["floor_seconds"]["decode"]}]  # fmt: skip
+    for rc in rollout_splits(cfg, target):
+        tc = chips - rc
+        ro = rollout_costs(sub, pk, shape, lengths, prompt_len, rc, seqs)
+        tr = train_costs(sub, dataclasses.replace(target, chips=tc), shape, kept, prompt_len, f)
+        train = sum(tr["seconds"].values())
+        st = stream_rollout(sub, pk, shape, lengths, prompt_len, rc, seqs, stream_steps, seed)
+        floor = gen_rounds * (ro["prefill"] + ro["decode_floor"])
+        one = gen_rounds * (ro["prefill"] + ro["decode"])
+        stream = gen_rounds * (ro["prefill"] + st["decode"]) + st["reprefill"]
+        for mode, roll_s, extra in (
+            ("one_step", one, {"decode_seconds": gen_rounds * ro["decode"]}),
+            ("stream", stream, {"decode_seconds": gen_rounds * st["decode"],
+                                "reprefill_seconds": st["reprefill"]}),
+        ):  # fmt: skip
+            rows.append({"mode": mode, "rollout_chips": rc, "trainer_chips": tc,
+                         "rollout_seconds": roll_s, "train_seconds": train,
+                         "weight_sync_seconds": sync_w,
+                         "step_seconds": max(roll_s, train) + sync_w,
+                         "rollout_floor_seconds": floor,
+                         "prefill_seconds": gen_rounds * ro["prefill"], **extra,
+                         "train_stage_seconds": tr["seconds"]})  # fmt: skip
+    rows.sort(key=lambda row: ASYNC_MODES.index(row["mode"]))  # stable: splits ascending
+    sync_step = est["total_seconds"]
+    best = {}
+    for row in rows:
+        row["ratio"] = row["step_seconds"] / sync_step
+        if row["mode"] not in best or row["step_seconds"] < best[row["mode"]]["step_seconds"]:
+            best[row["mode"]] = row
+    for row in rows:
+        row["best"] = best[row["mode"]] is row
+    train_sync = sum(sec[s] for s in STAGES if s not in ("prefill", "decode"))
+    bound = rows[0]["rollout_floor_seconds"] + train_sync
+    return {
+        "splits": rollout_splits(cfg, target),
+        "rows_per_rollout_shard": seqs,
+        "stream_steps": stream_steps,
+        "rows": rows,
+        "best": {m: best[m] for m in ASYNC_MODES if m in best},
+        "balanced_bound_seconds": bound,
+        "balanced_bound_ratio": bound / sync_step,
+    }
+
+
+def async_report(a: dict) -> str:
+    """The async modes as text: a markdown table of every mode at every split (the best split
+    of each mode marked), and the balanced bound."""
+    lines = [
+        "| mode | rollout chips | trainer chips | rollout s | train s | weight sync s | step s "
+        "| x sync | best |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in a["rows"]:
+        lines.append(
+            f"| {row['mode']} | {row['rollout_chips']} | {row['trainer_chips']} | "
+            f"{row['rollout_seconds']:.4g} | {row['train_seconds']:.4g} | "
+            f"{row['weight_sync_seconds']:.3g} | {row['step_seconds']:.4g} | "
+            f"{row['ratio']:.2f} | {'yes' if row['best'] else ''} |"
+        )
+    st = a["best"].get("stream")
+    if st is not None:
+        lines.append(
+            f"stream at its best split: decode {st['decode_seconds']:.4g} s a step (floor "
+            f"{st['rollout_floor_seconds']:.4g} s with prefill), re-prefill of carried rows "
+            f"{st['reprefill_seconds']:.3g} s; {a['rows_per_rollout_shard']} rows per rollout "
+            f"shard; steady state from {a['stream_steps']} steps back to back"
+        )
+    lines.append(
+        f"balanced bound (perfect split, rollout at its decode floor, no weight sync): "
+        f"{a['balanced_bound_seconds']:.4g} s = {a['balanced_bound_ratio']:.2f} x sync"
+    )
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     """Prints (and with --json writes) the step-time estimate of the config on --topology; exit 0,
     or 2 on a bad config, topology, file or value."""
@@ -379,6 +622,15 @@ def main(argv=None) -> int:
     ap.add_argument("--compiled", metavar="FILE",
                     help="compile_check --time --json report of this run and target: cost its "
                     "programs at the compiler's figures")  # fmt: skip
+    ap.add_argument("--async-modes", action="store_true",
+                    help="also estimate one_step and stream with separate placement at every "
+                    "rollout / trainer split and print them beside sync")  # fmt: skip
+    ap.add_argument(
+        "--stream-steps",
+        type=int,
+        default=4,
+        help="steps' worth of prompts the stream model runs back to back (>= 3)",
+    )
     a = ap.parse_args(argv)
     if a.config is None:
         a.config = str(DEFAULT_CONFIG)
@@ -398,10 +650,16 @@ def main(argv=None) -> int:
         compiled = json.loads(Path(a.compiled).read_text()) if a.compiled else None
         est = estimate(cfg, target, model_cfg, lengths, prompt_len=plen, gen_rounds=a.gen_rounds,
                        compiled=compiled)  # fmt: skip
+        if a.async_modes:
+            est["async"] = async_modes(cfg, target, model_cfg, lengths, est, prompt_len=plen,
+                                       gen_rounds=a.gen_rounds, compiled=compiled,
+                                       stream_steps=a.stream_steps, seed=a.seed)  # fmt: skip
     except (TargetError, FileNotFoundError, ValueError) as e:
         print(f"step_time: {e}", file=sys.stderr)
         return 2
     print(report(est))
+    if "async" in est:
+        print(async_report(est["async"]))
     if a.json:
         Path(a.json).write_text(json.dumps(est, indent=2) + "\n")
     return 0
