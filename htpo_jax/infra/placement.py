@@ -11,7 +11,10 @@ the whole model in the compute dtype, as the engine lays it out under any mesh.
 one chip: tensor by tensor, each is cast to the compute dtype and replicated over the trainer's
 devices (one tensor at a time: the extra memory is the largest tensor), then every host copies it
 from one of its own trainer devices to each of its own rollout devices (host-local transfers
-only; no cross-host copy), and the copies form the rollout mesh's replicated array.
+only; no cross-host copy), and the copies form the rollout mesh's replicated array. (tunix
+reshards with Pathways' experimental reshard where it has it, else with one `jax.device_put` of
+the whole tree, which its own comment says all-gathers when the shardings do not map one to one;
+here the gather is bounded to one tensor, with no Pathways needed.)
 """
 
 from __future__ import annotations

@@ -368,7 +368,9 @@ def run_loop(c: Components, state: TrainState, stops: dist.StopSignals) -> dict:
         if ckpt.should_save(step, last=step == total) or stopped:
             save(c, state, step)
         val = (last_val or first_val or {}).get("val/accuracy", float("nan"))
-        bar.set_postfix(acc=f"{metrics['train/accuracy']:.2f}", val=f"{val:.2f}")
+        # a stream step may finish no group of its own (its buffer was full): no accuracy then
+        acc = metrics.get("train/accuracy", float("nan"))
+        bar.set_postfix(acc=f"{acc:.2f}", val=f"{val:.2f}")
         if stopped:
             bar.close()
             break
