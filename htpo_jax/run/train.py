@@ -139,7 +139,8 @@ def rl_step_async(c: Components, state: TrainState, step: int) -> tuple[TrainSta
         batch, mean_ent = stages.old_logprobs(p, state.params, batch, spec)
         batch, is_stats = stages.off_policy_weights(batch, version, cfg.algorithm)
     with clock("update"):
-        ro.start(state.params, state.rng, step)  # before the update donates the weights
+        if step < cfg.trainer.total_steps:  # the last step has no next step to sample for
+            ro.start(state.params, state.rng, step)  # before the update donates the weights
         u0 = time.perf_counter()
         state, per_update = stages.dispatch_updates(p, state, batch, spec, cfg.optim, cfg.rollout.n)
         ro.run_overlapped()  # colocated: the host side overlaps the dispatched update
