@@ -177,6 +177,7 @@ class OneStep(Rollouts):
         return self._run(lambda: stages.collect(self.p, self.s, self.cfg, behaviour, key, version))
 
     def take(self, params, rng, step: int) -> tuple[KeptGroups, dict]:
+        """The rollout made during the previous step's update, or (first step) one made now."""
         if self.pending is None:  # the first step (or the first after a resume): on-policy
             key = jax.random.fold_in(rng, step)  # the key of a synchronous step
             kept, stats = self._collect(self.behaviour(params, copy=False), key, step - 1)
@@ -186,6 +187,7 @@ class OneStep(Rollouts):
         return kept, stats
 
     def overlapped(self, behaviour, rng, step: int):
+        """The rollout of step + 1, with `behaviour` (the weights step `step` started from)."""
         self.before = self.s.stream.state
         key = jax.random.fold_in(rng, step + 1)  # now: the update donates `rng` with the state
 
@@ -195,6 +197,7 @@ class OneStep(Rollouts):
         return work
 
     def data_state(self) -> DataState:
+        """The position before the pending rollout drew its prompts (it is dropped)."""
         return self.before if self.before is not None else self.s.stream.state
 
 
@@ -333,6 +336,8 @@ class Stream(Rollouts):
         return _portable(jax.random.fold_in(jax.random.fold_in(rng, step), 1 + i))
 
     def take(self, params, rng, step: int) -> tuple[KeptGroups, dict]:
+        """Rounds with `params` (version step - 1) until enough fresh groups are buffered; the
+        oldest `train_batch_size` of them."""
         version, need = step - 1, self.cfg.data.train_batch_size
         limit = max(self.cfg.algorithm.max_num_gen_batches, 1) * -(-self.cap // self.segment)
         behaviour, rounds = None, 0
@@ -390,10 +395,12 @@ class Stream(Rollouts):
         }
 
     def overlapped(self, behaviour, rng, step: int):
+        """One generation round with `behaviour` (version step - 1)."""
         key = self._rounds_key(rng, step, -1)  # fold_in(., 0): the overlapped round
         return lambda: self.round(behaviour, key, step - 1)
 
     def data_state(self) -> DataState:
+        """The stream's position, with the buffered and in-flight groups' rows queued first."""
         pending = sorted([g for g, _, _ in self.buffer] + self.groups, key=lambda g: g.draw)
         st = self.s.stream.state
         return dataclasses.replace(st, requeue=tuple(g.row_id for g in pending) + st.requeue)
