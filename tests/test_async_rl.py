@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from htpo_jax.infra import placement
 from htpo_jax.rl import offpolicy
 from htpo_jax.rl.loss import LOSSES, LossConfig, LossInputs
+from htpo_jax.rollout import Rollout
 from htpo_jax.run import async_rl, stages
 from htpo_jax.run import train as train_mod
 from htpo_jax.run.config import ConfigError, cli_config, load_config
@@ -235,7 +236,8 @@ class _FakeSampler:
             if k == left:
                 tok[i, k - 1], finished[i] = self.eos, True
             lp[i, :k], lengths[i] = -float(params), k
-        return type("R", (), dict(tokens=tok, log_probs=lp, lengths=lengths, finished=finished))
+        rmask = (np.arange(max_new_tokens)[None] < lengths[:, None]).astype(np.int32)
+        return Rollout(tok, rmask, lp, lengths, finished)
 
 
 def _stream(partial: str):

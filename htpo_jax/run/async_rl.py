@@ -46,6 +46,7 @@ import numpy as np
 
 from htpo_jax.infra import distributed as dist
 from htpo_jax.infra.placement import WeightSync
+from htpo_jax.infra.sharding import to_host
 from htpo_jax.models.hf_io import pad_id
 from htpo_jax.rl import advantages as adv_lib
 from htpo_jax.rl.sample import engine_config, score_rollout, stop_tokens
@@ -282,6 +283,7 @@ class Stream(Rollouts):
             temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, greedy=r.temperature <= 0,
             eos_token_id=stop_tokens(tok), pad_token_id=pad_id(tok), engine=engine_config(r),
         )  # fmt: skip
+        ro = to_host(ro)  # every host: the whole rollout (multi-host lockstep)
         new_tok, new_lp = np.asarray(ro.tokens), np.asarray(ro.log_probs)
         new_len, fin = np.asarray(ro.lengths), np.asarray(ro.finished)
         for i, (g, j) in enumerate(rows):
