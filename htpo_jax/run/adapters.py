@@ -21,7 +21,8 @@ def lora_spec(cfg) -> lora.LoraSpec | None:
     c = cfg.model.lora
     if not c.rank:
         return None
-    return lora.LoraSpec(rank=c.rank, alpha=c.alpha, target=c.target, base_dtype=c.base_dtype)
+    return lora.LoraSpec(rank=c.rank, alpha=c.alpha, target=c.target, base_dtype=c.base_dtype,
+                         block_size=c.block_size)  # fmt: skip
 
 
 def attach_adapters(model, cfg, mesh=None) -> int:
