@@ -32,8 +32,8 @@ returns replicated codes, and the compiled `qwix.dequantize` of sharded codes al
 over both axes before the lookup), which for a stacked [L, D, F] kernel of an 8B model is
 gigabytes a chip at load and a full-layer gather in every forward. models/quant.py does the
 same math elementwise (the nearest value is a count of midpoints below w / s, the lookup a tree of
-selects) with the codes in the kernel's own shape and sharding: 90 lines with int8; its codebook
-is tested equal to qwix's.
+selects) with the codes in the kernel's own shape and sharding (130 lines with int8); its
+codebook and nf4 codes are tested equal to qwix's.
 """
 
 from __future__ import annotations
