@@ -67,7 +67,7 @@ def test_config_keys_validate_with_one_line():
     assert (cfg.model.lora.rank, cfg.model.lora.alpha) == (8, 32.0)
     for bad, needle in [
         ("model.lora.rank=-1", "model.lora.rank"),
-        ("model.lora.base_dtype=nf4", "allowed: bfloat16, float32"),
+        ("model.lora.base_dtype=int4", "allowed: bfloat16, float32, int8, nf4"),
         ("model.lora.target=(", "model.lora.target"),
         ("model.lora.rnak=2", "did you mean 'model.lora.rank'"),
     ]:
@@ -103,13 +103,20 @@ def _lora_state(cfg, tx):
     return graphdef, TrainState.create(params, tx, sc=StepConfig.from_config(cfg))
 
 
-def test_two_lora_updates_change_only_the_adapters_and_resume_exactly(tmp_path):
-    """2 updates: every adapter moves, every base weight stays bit-equal, AdamW moments exist
-    for the adapters only; a checkpoint after update 1 holds only the adapters, and update 2
-    from it restored onto a fresh base equals update 2 straight."""
+@pytest.mark.parametrize(
+    "base_dtype",  # nf4 (a superset: the adapters, the quantized kernels, the rest bf16) quick
+    [pytest.param("bfloat16", marks=pytest.mark.slow), "nf4"],
+)
+def test_two_lora_updates_change_only_the_adapters_and_resume_exactly(tmp_path, base_dtype):
+    """2 updates: every adapter moves, every base weight stays bit-equal (nf4: the stored codes
+    and scales), AdamW moments exist for the adapters only; a checkpoint after update 1 holds
+    only the adapters, and update 2 from it restored onto a fresh base (nf4: quantized again from
+    the same weights) equals update 2 straight."""
     from htpo_jax.run.checkpoint import Checkpointer
 
     cfg = load_config(overrides=["model.lora.rank=4", "model.lora.alpha=8",
+                                 f"model.lora.base_dtype={base_dtype}",
+                                 "model.lora.block_size=32",  # divides the tiny model's 96
                                  "optim.warmup_steps=0", "optim.learning_rate=1e-2"])  # fmt: skip
     tx = make_optimizer(cfg.optim, 10)
     sc = StepConfig(loss="htpo", loss_config=LossConfig(), temperature=1.0, lora=True)
@@ -138,7 +145,11 @@ def test_two_lora_updates_change_only_the_adapters_and_resume_exactly(tmp_path):
     is_adapter = lambda p: p[-1] in ("lora_a", "lora_b")
     assert all(not np.array_equal(before[p], after[p]) for p in after if is_adapter(p))
     assert all(np.array_equal(before[p], after[p]) for p in after if not is_adapter(p))
-    assert all(after[p].dtype == jnp.bfloat16 for p in after if not is_adapter(p))
+    stored = {"kernel_codes": jnp.uint4, "kernel_scale": jnp.float32}  # nf4
+    assert all(
+        after[p].dtype == stored.get(p[-1], jnp.bfloat16) for p in after if not is_adapter(p)
+    )
+    assert any(p[-1] == "kernel_codes" for p in after) == (base_dtype == "nf4")
 
 
 def graphdef_vocab(state) -> int:

@@ -68,6 +68,7 @@ import numpy as np
 from flax import nnx
 
 from htpo_jax.infra.sharding import constrain
+from htpo_jax.models import quant
 from htpo_jax.models.attention import attend_in_query_chunks, resolve_impl, self_attention
 from htpo_jax.models.model_config import ModelConfig
 
@@ -120,12 +121,26 @@ class DenseGeneral(nnx.Module):
         )
 
     def __call__(self, x):
-        y = jnp.einsum(self.spec, x.astype(self.dtype), compute_copy(self.kernel, self.dtype))
+        y = jnp.einsum(self.spec, x.astype(self.dtype), self.compute_kernel())
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if getattr(self, "lora_a", None) is not None:  # set by models/lora.add_adapters
             y = y + self.lora_delta(x)
         return y
+
+    def compute_kernel(self) -> jax.Array:
+        """The kernel in the compute dtype: the parameter cast, or a QLoRA base's codes
+        dequantized (`kernel_codes` / `kernel_scale`, set by models/lora.quantize_base) on the
+        codes' own shards, like `compute_copy`."""
+        codes = getattr(self, "kernel_codes", None)
+        if codes is None:
+            return compute_copy(self.kernel, self.dtype)
+        lead = codes.ndim - len(self.spec.split(",")[1].split("->")[0])  # 0 in the layer scan
+        w = quant.dequantize(
+            codes[...], self.kernel_scale[...], self.quant, lead, self.in_ndim, self.dtype
+        )
+        axes = codes.get_metadata().get("logical_axes")
+        return w if axes is None else constrain(w, tuple(axes)[len(axes) - w.ndim :])
 
     def lora_delta(self, x):
         """The low-rank update `scale * (x @ A) @ B`, never forming the [in, out] product:

@@ -16,11 +16,30 @@ copy and are lost (qwix 0.1.8 on this decoder: 0 LoRA parameters with `scan_laye
 "Cannot find rngs in the current module" on the next call; an IndexError while tracing the scan
 with `scan_layers=True`), and the rollout engine calls `forward_kv` / `forward_cached`, not
 `__call__`. Creating the adapters up front, as here, needs neither.
+
+QLoRA bases (`base_dtype` int8 or nf4, `quantize_base`): every `DenseGeneral` kernel of the base
+(adapted or not; the embedding, head and norms stay bfloat16) is replaced by codes and absmax
+scales (`kernel_codes`, `kernel_scale`, models/quant.py) and dequantized to the compute dtype
+inside each forward (`DenseGeneral.compute_kernel`: the training, scoring and rollout paths all
+go through it). The quantization is deterministic, so a checkpoint still holds only the adapters:
+the base is quantized again from `model.path` on resume. Why not qwix's `quantize` /
+`dequantize` (qwix 0.1.8, `qtype="nf4"`; its int8 path is elementwise and would do): its nf4
+conversion ravels the whole array and vmaps an argmin over the 16 values (quantize) or a table
+lookup (dequantize) over the flat elements. A flat array cannot carry a kernel's 2-d sharding, so
+under our FSDP x tensor mesh the partitioner gathers the whole kernel on every chip first
+(measured on 8 CPU devices, mesh fsdp=4 x tensor=2, a [2, 256, 128] kernel: `qwix.quantize`
+returns replicated codes, and the compiled `qwix.dequantize` of sharded codes all-gathers them
+over both axes before the lookup), which for a stacked [L, D, F] kernel of an 8B model is
+gigabytes a chip at load and a full-layer gather in every forward. models/quant.py does the
+same math elementwise (the nearest value is a count of midpoints below w / s, the lookup a tree of
+selects) with the codes in the kernel's own shape and sharding (130 lines with int8); its
+codebook and nf4 codes are tested equal to qwix's.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 
@@ -29,7 +48,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from htpo_jax.infra.sharding import variable_sharding
+from htpo_jax.infra.sharding import logical_sharding, variable_sharding
+from htpo_jax.models import quant
 from htpo_jax.models.decoder import Decoder, DenseGeneral
 
 # Module paths ('.'-joined; scanned layers have no layer index) that get adapters by default:
@@ -42,12 +62,19 @@ DEFAULT_TARGET = r"_proj$"
 class LoraSpec:
     """Adapter settings: rank r (0 = no adapters), alpha (the update is scaled by alpha / r),
     `target` (a regex searched in each `DenseGeneral`'s module path) and the dtype the frozen
-    base is stored in."""
+    base is stored in (a float dtype, or int8 / nf4: a quantized QLoRA base whose nf4 blocks
+    are `block_size` weights)."""
 
     rank: int = 0
     alpha: float = 16.0
     target: str = DEFAULT_TARGET
     base_dtype: str = "bfloat16"
+    block_size: int = 64
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the base's projections are stored quantized (QLoRA)."""
+        return self.base_dtype in quant.QTYPES
 
     @property
     def scale(self) -> float:
@@ -62,7 +89,67 @@ def _path_name(path: tuple) -> str:
 def _stack_depth(module: DenseGeneral) -> int:
     """Leading stacked axes of the kernel (1 for scanned layers, else 0)."""
     rhs = module.spec.split(",")[1].split("->")[0]
-    return module.kernel.ndim - len(rhs)
+    return _kernel_var(module).ndim - len(rhs)
+
+
+def _kernel_var(m: DenseGeneral) -> nnx.Variable:
+    """The kernel's variable: the float kernel, or a QLoRA base's codes (same shape)."""
+    return m.kernel_codes if is_quantized(m) else m.kernel
+
+
+def is_quantized(m: DenseGeneral) -> bool:
+    """Whether `m`'s kernel is stored quantized (`quantize_base`)."""
+    return getattr(m, "kernel_codes", None) is not None
+
+
+def base_kernel(m: DenseGeneral, dtype=jnp.float32) -> jax.Array:
+    """The base kernel W in `dtype`: the parameter, or a QLoRA base dequantized."""
+    if not is_quantized(m):
+        return m.kernel[...].astype(dtype)
+    codes = m.kernel_codes
+    return quant.dequantize(
+        codes[...], m.kernel_scale[...], m.quant, _stack_depth(m), m.in_ndim, dtype
+    )
+
+
+def quantize_base(model: Decoder, qtype: str, block_size: int = 64, mesh=None) -> int:
+    """Replaces every `DenseGeneral` kernel of `model` (in place) by its `qtype` codes and scales
+    (models/quant.py), sharded like the kernel on `mesh`; returns how many. A ValueError naming
+    `model.lora.block_size` and the module when nf4's block does not divide a module's input."""
+    n = 0
+    for path, m in nnx.iter_modules(model):
+        if not isinstance(m, DenseGeneral) or is_quantized(m):
+            continue
+        lead, shape = _stack_depth(m), m.kernel.shape
+        in_size = math.prod(shape[lead : lead + m.in_ndim])
+        try:
+            s_shape = quant.scale_shape(shape, lead, m.in_ndim, qtype, block_size)
+        except ValueError:
+            raise ValueError(
+                f"model.lora.block_size {block_size} must divide the input size {in_size} of "
+                f"{_path_name(path)} (model.lora.base_dtype {qtype}: one absmax scale per "
+                f"block_size inputs); pick a divisor of {in_size}"
+            ) from None
+        axes = tuple(m.kernel.get_metadata().get("logical_axes") or (None,) * len(shape))
+        first_in = axes[lead] if m.in_ndim else None
+        s_axes = axes[:lead] + (first_in,) + axes[lead + m.in_ndim :]
+        fn = functools.partial(
+            quant.quantize, qtype=qtype, lead=lead, in_ndim=m.in_ndim, block_size=block_size
+        )
+        if mesh is not None:
+            shardings = (
+                logical_sharding(axes, mesh, shape),
+                logical_sharding(s_axes, mesh, s_shape),
+            )
+            codes, scale = jax.jit(fn, out_shardings=shardings)(m.kernel[...])
+        else:
+            codes, scale = jax.jit(fn)(m.kernel[...])
+        m.kernel_codes = nnx.Param(codes, logical_axes=axes)
+        m.kernel_scale = nnx.Param(scale, logical_axes=s_axes)
+        m.quant = qtype
+        del m.kernel
+        n += 1
+    return n
 
 
 def targets(model: Decoder, target: str) -> list[tuple[tuple, DenseGeneral]]:
@@ -76,23 +163,27 @@ def targets(model: Decoder, target: str) -> list[tuple[tuple, DenseGeneral]]:
 
 
 def add_adapters(model: Decoder, spec: LoraSpec, *, seed: int = 0, mesh=None) -> int:
-    """Adds float32 adapters to the target projections of `model` (in place) and casts every
-    other parameter to `spec.base_dtype`; returns the number of adapted projections (a
+    """Adds float32 adapters to the target projections of `model` (in place) and stores every
+    other parameter in `spec.base_dtype` (int8 / nf4: every projection's kernel quantized,
+    `quantize_base`, the rest bfloat16); returns the number of adapted projections (a
     ValueError when `spec.target` matches none). With `mesh`, adapters are sharded like their
     kernels (the rank axis replicated)."""
     found = targets(model, spec.target)
     if not found:
         raise ValueError(f"model.lora.target {spec.target!r} matches no projection of the model")
     key = jax.random.key(seed)
-    base_dtype = jnp.dtype(spec.base_dtype)
-    for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        var.set_value(var[...].astype(base_dtype))
+    base_dtype = jnp.dtype(jnp.bfloat16 if spec.quantized else spec.base_dtype)
+    if spec.quantized:  # from the loaded kernels, before they are rounded to base_dtype
+        quantize_base(model, spec.base_dtype, spec.block_size, mesh)
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        if path[-1] not in ("kernel_codes", "kernel_scale"):  # scales stay float32
+            var.set_value(var[...].astype(base_dtype))
     model.param_dtype = base_dtype
     for i, (_, m) in enumerate(found):
         lead = _stack_depth(m)
-        k = m.kernel.shape
+        k = _kernel_var(m).shape
         in_shape, out_shape = k[lead : lead + m.in_ndim], k[lead + m.in_ndim :]
-        axes = tuple(m.kernel.get_metadata().get("logical_axes") or (None,) * len(k))
+        axes = tuple(_kernel_var(m).get_metadata().get("logical_axes") or (None,) * len(k))
         in_axes, out_axes = axes[: lead + m.in_ndim], axes[lead + m.in_ndim :]
         bound = 1.0 / math.sqrt(math.prod(in_shape))  # PEFT: kaiming_uniform(a=sqrt(5))
         a_shape = k[:lead] + in_shape + (spec.rank,)
@@ -142,26 +233,39 @@ def adapters_off(params: nnx.State) -> nnx.State:
 
 
 def merged_kernel(m: DenseGeneral) -> jax.Array:
-    """The kernel with the adapter folded in, W + scale * A B, in the kernel's shape and dtype
-    (computed in float32)."""
+    """The kernel with the adapter folded in, W + scale * A B, in the kernel's shape, computed
+    in float32 (a QLoRA base: W dequantized), in the kernel's dtype (quantized: float32)."""
     lead = _stack_depth(m)
     a, b = m.lora_a[...].astype(jnp.float32), m.lora_b[...].astype(jnp.float32)
     r = a.shape[-1]
-    lead_shape, k = m.kernel.shape[:lead], m.kernel.shape
-    a2 = a.reshape(lead_shape + (-1, r))  # [..., prod(in), r]
-    b2 = b.reshape(lead_shape + (r, -1))  # [..., r, prod(out)]
+    k = _kernel_var(m).shape
+    a2 = a.reshape(k[:lead] + (-1, r))  # [..., prod(in), r]
+    b2 = b.reshape(k[:lead] + (r, -1))  # [..., r, prod(out)]
     delta = (a2 @ b2).reshape(k) * m.lora_scale
-    return (m.kernel[...].astype(jnp.float32) + delta).astype(m.kernel.dtype)
+    dtype = jnp.float32 if is_quantized(m) else m.kernel.dtype
+    return (base_kernel(m) + delta).astype(dtype)
 
 
 def merge_adapters(model: Decoder, dtype=None) -> Decoder:
     """A copy of `model` without adapters whose kernels are W + scale * A B (the same function
-    up to rounding), every parameter in `dtype` (default: the adapters' float32)."""
+    up to rounding; a QLoRA base's W dequantized, so not the original weights it was quantized
+    from), every parameter in `dtype` (default: the adapters' float32)."""
     model = nnx.clone(model)
     dtype = jnp.dtype(jnp.float32 if dtype is None else dtype)
     for _, m in nnx.iter_modules(model):
-        if isinstance(m, DenseGeneral) and getattr(m, "lora_a", None) is not None:
-            m.kernel.set_value(merged_kernel(m))
+        if not isinstance(m, DenseGeneral):
+            continue
+        adapted = getattr(m, "lora_a", None) is not None
+        if not adapted and not is_quantized(m):
+            continue
+        w = merged_kernel(m) if adapted else base_kernel(m)
+        if is_quantized(m):
+            axes = m.kernel_codes.get_metadata().get("logical_axes")
+            m.kernel = nnx.Param(w, logical_axes=axes)
+            del m.kernel_codes, m.kernel_scale, m.quant
+        else:
+            m.kernel.set_value(w)
+        if adapted:
             del m.lora_a, m.lora_b, m.lora_scale
     for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         var.set_value(var[...].astype(dtype))

@@ -5,7 +5,8 @@
 With `model.lora.rank > 0` the TrainState's params are the whole adapted model (frozen base +
 adapters: the sampler and the scorer use them as they are), but the optimizer state covers the
 adapters only (`train_step.split_trainable`) and a checkpoint stores only the adapters: the base
-is re-read from `model.path` on resume, export and evaluate.
+is re-read from `model.path` on resume, export and evaluate (a QLoRA base, `base_dtype` int8 /
+nf4, is quantized again from it: the quantization is deterministic).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ def lora_spec(cfg) -> lora.LoraSpec | None:
     c = cfg.model.lora
     if not c.rank:
         return None
-    return lora.LoraSpec(rank=c.rank, alpha=c.alpha, target=c.target, base_dtype=c.base_dtype)
+    return lora.LoraSpec(rank=c.rank, alpha=c.alpha, target=c.target, base_dtype=c.base_dtype,
+                         block_size=c.block_size)  # fmt: skip
 
 
 def attach_adapters(model, cfg, mesh=None) -> int:

@@ -290,6 +290,13 @@ def _cross_checks(c: Config) -> None:
         )
     if c.optim.warmup_steps > c.trainer.total_steps:
         bad("optim.warmup_steps", f"must be <= trainer.total_steps ({c.trainer.total_steps})")
+    lora = c.model.lora
+    if lora.base_dtype in ("int8", "nf4") and not lora.rank:
+        bad(
+            "model.lora.base_dtype",
+            f"{lora.base_dtype} (a QLoRA base) needs model.lora.rank > 0: only adapters can be "
+            "trained on a quantized base",
+        )
     mesh = dataclasses.asdict(c.mesh)
     if sum(v == -1 for v in mesh.values()) > 1:
         bad("mesh", f"at most one axis may be -1, got {mesh}")

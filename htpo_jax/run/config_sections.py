@@ -50,7 +50,7 @@ def _sub(cls, help: str):
     return field(default_factory=cls, metadata={"help": help, "check": None})
 
 
-LORA_BASE_DTYPES = ("bfloat16", "float32")
+LORA_BASE_DTYPES = ("bfloat16", "float32", "int8", "nf4")  # int8 / nf4: QLoRA (models/quant.py)
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,16 @@ class LoraSection:
     base_dtype: Literal[LORA_BASE_DTYPES] = _f(
         "bfloat16",
         "Dtype the frozen base weights are stored in with LoRA on (replaces model.param_dtype "
-        "for them; the adapters are float32). QLoRA bases (int8, nf4) are not implemented.",
+        "for them; the adapters are float32). int8 / nf4 = QLoRA: every projection's kernel "
+        "stored quantized (int8: per-output-channel absmax, ~1 byte a weight; nf4: NormalFloat-4 "
+        "codes with one float32 absmax per block_size inputs, ~0.56 bytes) and dequantized in "
+        "each forward; the embedding, head and norms bfloat16. Needs rank > 0.",
+    )
+    block_size: int = _f(
+        64,
+        "nf4 bases: weights per absmax scale along a projection's input (QLoRA's 64); must "
+        "divide every projection's input size.",
+        POS,
     )
 
 

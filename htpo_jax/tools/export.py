@@ -1,7 +1,9 @@
 """`python -m htpo_jax.export --run RUN_DIR --out DIR [--step N] [--adapter]`: a checkpoint back
 to Hugging Face format (config.json + safetensors + tokenizer), loadable by transformers and
 vLLM. A LoRA run (`model.lora.rank > 0`) is exported with its adapters merged into the base
-weights; with `--adapter`, only the adapters are written, as a PEFT adapter directory
+weights (a QLoRA base, `base_dtype` int8 / nf4, dequantized first: the merged weights are the
+quantized base plus the update, the policy the run trained, not the original weights plus it);
+with `--adapter`, only the adapters are written, as a PEFT adapter directory
 (`adapter_config.json` + `adapter_model.safetensors`) for `peft.PeftModel.from_pretrained`.
 
 RUN_DIR is a run's `trainer.output_dir` (it holds the resolved `config.yaml` and, by default, the

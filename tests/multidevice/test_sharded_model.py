@@ -57,3 +57,30 @@ def test_sharded_model_matches_unsharded(tmp_path):
     np.testing.assert_allclose(np.asarray(cached_logits)[mask], ref_logits[mask], atol=1e-5)
     for a, b in zip(grads, ref_grads, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_sharded_qlora_base_is_quantized_on_its_shards(tmp_path):
+    """An nf4 QLoRA base on the mesh: the codes shard exactly like the kernels they replace, the
+    scales along the same axes, and the sharded forward equals the unsharded one."""
+    from htpo_jax.models import lora
+
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    spec = lora.LoraSpec(rank=4, base_dtype="nf4", block_size=32)
+    ref = random_decoder("qwen3", False)
+    lora.add_adapters(ref, spec)
+    ids, mask = left_padded_batch(0, b=4, t=12)
+    ref_logits = np.asarray(nnx.jit(lambda m, i, k: m(i, k))(ref, ids, mask))
+
+    model = shard_model(random_decoder("qwen3", False), mesh)
+    lora.add_adapters(model, spec, mesh=mesh)
+    q = model.layers.self_attn.q_proj
+    assert q.kernel_codes[...].sharding.spec == jax.P(None, "fsdp", "tensor", None)
+    assert q.kernel_codes[...].addressable_shards[0].data.shape == (2, 32, 2, 16)
+    assert q.kernel_scale[...].shape == (2, 2, 4, 16)  # [L, 64 / 32 blocks, N, H]
+    assert q.kernel_scale[...].sharding.spec == jax.P(None, "fsdp", "tensor", None)
+    codes = lambda m: np.asarray(m.layers.self_attn.q_proj.kernel_codes[...]).astype(int)
+    np.testing.assert_array_equal(codes(model), codes(ref))
+    with jax.set_mesh(mesh):
+        logits = nnx.jit(lambda m, i, k: m(i, k))(model, ids, mask)
+    np.testing.assert_allclose(np.asarray(logits)[mask], ref_logits[mask], atol=1e-5)
