@@ -131,6 +131,9 @@ def test_async_config_checks():
     with pytest.raises(ConfigError, match="algorithm.rollout_is_cap: must be > 1"):
         load_config(None, ["algorithm.rollout_is_cap=1"])
     assert load_config(None, []).trainer.async_mode == "off"  # the paper's recipe by default
+    # a bare `off` is a bool to YAML 1.1: the choice named off is meant
+    c = load_config(None, ["trainer.async_mode=off", "algorithm.rollout_is=off"])
+    assert (c.trainer.async_mode, c.algorithm.rollout_is) == ("off", "off")
 
 
 def test_separate_placement_needs_two_devices_per_host():

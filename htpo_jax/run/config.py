@@ -171,6 +171,9 @@ def _coerce(key: str, value: Any, tp) -> Any:
     origin = typing.get_origin(tp)
     if origin is Literal:
         allowed = typing.get_args(tp)
+        # YAML 1.1 reads a bare off / on (no quotes) as a bool: the choice of that name is meant
+        if isinstance(value, bool) and ("off" if not value else "on") in allowed:
+            value = "on" if value else "off"
         if value not in allowed:
             raise ConfigError(f"{key}: {value!r} is not allowed; allowed: {', '.join(allowed)}")
         return value
