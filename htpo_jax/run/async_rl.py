@@ -234,7 +234,7 @@ class Stream(Rollouts):
         self.draws = 0
         self.counts = dict(dropped_stale=0, restarted=0, filtered=0, finished=0)
         self.finished_rounds: list = []  # this step's scored groups (for round_stats)
-        self.behaviour_params = None
+        self.before: DataState | None = None  # the position before the overlapped round
 
     # -- one generation round
     def _refill(self) -> None:
@@ -341,6 +341,7 @@ class Stream(Rollouts):
         """Rounds with `params` (version step - 1) until enough fresh groups are buffered; the
         oldest `train_batch_size` of them."""
         version, need = step - 1, self.cfg.data.train_batch_size
+        self.before = None
         limit = max(self.cfg.algorithm.max_num_gen_batches, 1) * -(-self.cap // self.segment)
         behaviour, rounds = None, 0
         while True:
@@ -399,10 +400,17 @@ class Stream(Rollouts):
     def overlapped(self, behaviour, rng, step: int):
         """One generation round with `behaviour` (version step - 1)."""
         key = self._rounds_key(rng, step, -1)  # fold_in(., 0): the overlapped round
+        # A stop drops this round whole (also the groups it filters out): the position to save
+        # is the one from before it, as if the run had ended with this step.
+        self.before = self._position()
         return lambda: self.round(behaviour, key, step - 1)
 
     def data_state(self) -> DataState:
-        """The stream's position, with the buffered and in-flight groups' rows queued first."""
+        """The position before the step's overlapped round, with the rows of the groups then
+        buffered or in flight queued first."""
+        return self.before if self.before is not None else self._position()
+
+    def _position(self) -> DataState:
         pending = sorted([g for g, _, _ in self.buffer] + self.groups, key=lambda g: g.draw)
         st = self.s.stream.state
         return dataclasses.replace(st, requeue=tuple(g.row_id for g in pending) + st.requeue)
