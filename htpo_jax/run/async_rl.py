@@ -14,7 +14,7 @@ rewards, as a synchronous step), and validation, saving and stop checks see no r
   round carries over to the next round, and across weight updates (`rollout.partial`: continue,
   re-prefilling its prefix under the new weights with each token's log-prob kept from the policy
   that sampled it; or restart from its prompt). Finished groups are scored, filtered (dynamic
-  sampling) and buffered; a step takes the oldest `data.train_batch_size` buffered groups whose
+  sampling) and buffered; a step takes the stalest `data.train_batch_size` buffered groups whose
   staleness (current version - the oldest version that sampled one of their tokens) is at most
   `trainer.max_staleness`, dropping (and counting) older ones, running rounds with the current
   weights until enough are there; one more round runs during the update.
@@ -331,7 +331,10 @@ class Stream(Rollouts):
                 continue
             kept = KeptGroups.of_round(sc, np.array([i]), width)
             self.buffer.append((g, kept, int(g.version[:, 0].min())))
-        self.buffer.sort(key=lambda b: b[0].draw)
+        # stalest first (the oldest policy version in the group), then draw order: the groups
+        # closest to the staleness bound train before it drops them. Draw order alone dropped
+        # long responses most (they start early and finish late).
+        self.buffer.sort(key=lambda b: (b[2], b[0].draw))
 
     # -- a step
     def _rounds_key(self, rng, step: int, i: int):
@@ -376,7 +379,8 @@ class Stream(Rollouts):
         return [g for g, _, _ in stale]
 
     def pop(self, need: int) -> list[tuple[_Group, KeptGroups, int]]:
-        """The oldest `need` buffered groups (by draw order), taken out of the buffer."""
+        """The `need` stalest buffered groups (oldest sampling version, then draw order), taken
+        out of the buffer."""
         taken, self.buffer = self.buffer[:need], self.buffer[need:]
         return taken
 
