@@ -332,8 +332,8 @@ class Stream(Rollouts):
             kept = KeptGroups.of_round(sc, np.array([i]), width)
             self.buffer.append((g, kept, int(g.version[:, 0].min())))
         # stalest first (the oldest policy version in the group), then draw order: the groups
-        # closest to the staleness bound train before it drops them. Draw order alone dropped
-        # long responses most (they start early and finish late).
+        # closest to the staleness bound train before it drops them (with partial=continue the
+        # same order as the draws; a restarted response makes its group younger than its draw)
         self.buffer.sort(key=lambda b: (b[2], b[0].draw))
 
     # -- a step
