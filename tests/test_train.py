@@ -207,7 +207,7 @@ def test_dynamic_sampling_keeps_mixed_groups_and_draws_more(monkeypatch):
         ]
     )
     monkeypatch.setattr(
-        S, "sample_round", lambda p, s, cfg, params, key, n: fake_scored(next(rounds), 2)
+        S, "sample_round", lambda p, s, cfg, params, key, n, v=0: fake_scored(next(rounds), 2)
     )
     s = type("S", (), {"sync": dist.HostSync("test")})()
     kept, stats = S.collect(None, s, cfg, None, jax.random.key(0))
@@ -220,7 +220,7 @@ def test_dynamic_sampling_keeps_mixed_groups_and_draws_more(monkeypatch):
 
     rounds = iter([[[1, 1], [0, 0]]] * 10)
     monkeypatch.setattr(
-        S, "sample_round", lambda p, s, cfg, params, key, n: fake_scored(next(rounds), 2)
+        S, "sample_round", lambda p, s, cfg, params, key, n, v=0: fake_scored(next(rounds), 2)
     )
     with pytest.raises(S.SamplingExhausted, match="max_num_gen_batches"):
         S.collect(None, s, cfg, None, jax.random.key(0))
