@@ -8,29 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from tiny_models import left_padded_batch, random_decoder
+from tiny_models import left_padded_batch, logits, random_decoder, randomize_adapters, state_logits
 
 from htpo_jax.models import lora
 from htpo_jax.rl.loss import LossConfig
 from htpo_jax.rl.train_step import StepConfig, TrainState, UpdateBatch, jit_update, make_optimizer
 from htpo_jax.run import adapters
 from htpo_jax.run.config import ConfigError, load_config
-
-
-def _randomize_adapters(model, seed=1, std=0.1):
-    for i, (_, var) in enumerate(nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))):
-        key = jax.random.fold_in(jax.random.key(seed), i)
-        var.set_value(std * jax.random.normal(key, var.shape, var.dtype))
-
-
-@jax.jit
-def _logits(graphdef, state, ids, mask):
-    return nnx.merge(graphdef, state)(ids, mask)
-
-
-def logits(model, ids, mask):
-    """The model's logits through one jitted call (eager op-by-op runs are slow on CPU)."""
-    return _logits(*nnx.split(model), ids, mask)
 
 
 @pytest.mark.parametrize("scan", [True, pytest.param(False, marks=pytest.mark.slow)])
@@ -41,14 +25,14 @@ def test_fresh_adapters_are_the_base_and_merge_matches(scan):
     n = lora.add_adapters(model, lora.LoraSpec(rank=4, alpha=8.0, base_dtype="float32"))
     assert n == 14 if not scan else n == 7  # 7 projections a layer, 2 layers (stacked: 7)
     np.testing.assert_array_equal(logits(model, ids, mask), base_logits)  # B = 0: the base
-    _randomize_adapters(model)
+    randomize_adapters(model)
     adapted = logits(model, ids, mask)
     assert float(jnp.abs(adapted - base_logits).max()) > 1e-2  # the adapters do something
     merged = lora.merge_adapters(model)
     assert not lora.has_adapters(merged)
     np.testing.assert_allclose(logits(merged, ids, mask), adapted, atol=1e-4, rtol=1e-4)
     graphdef, params = nnx.split(model)
-    off = _logits(graphdef, lora.adapters_off(params), ids, mask)
+    off = state_logits(graphdef, lora.adapters_off(params), ids, mask)
     np.testing.assert_array_equal(off, base_logits)  # the KL reference: the base, exactly
 
 
@@ -200,7 +184,7 @@ def test_lora_run_checkpoints_only_adapters_and_resumes_exactly(lora_runs):
 
 
 @pytest.mark.slow
-def test_peft_round_trip_and_merged_export_match_our_logits(lora_runs, tmp_path):
+def test_peft_round_trip_and_merged_export_match_ourstate_logits(lora_runs, tmp_path):
     """Adapters exported with --adapter load in peft on the HF base and give our logits (float32,
     1e-4); the merged export loaded by transformers gives them too."""
     peft = pytest.importorskip("peft")

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from tiny_models import left_padded_batch, random_decoder
+from tiny_models import left_padded_batch, logits, random_decoder, randomize_adapters, state_logits
 
 from htpo_jax.models import lora, quant
 from htpo_jax.models.decoder import DenseGeneral
@@ -78,26 +78,11 @@ def test_nf4_codes_equal_qwix():
     np.testing.assert_allclose(np.asarray(scale), np.asarray(ref.scale), rtol=1e-6)
 
 
-def _randomize_adapters(model, seed=1, std=0.1):
-    for i, (_, var) in enumerate(nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))):
-        key = jax.random.fold_in(jax.random.key(seed), i)
-        var.set_value(std * jax.random.normal(key, var.shape, var.dtype))
-
-
-@jax.jit
-def _logits(graphdef, state, ids, mask):
-    return nnx.merge(graphdef, state)(ids, mask)
-
-
-def logits(model, ids, mask):
-    return _logits(*nnx.split(model), ids, mask)
-
-
 def qlora_model(qtype, scan=True, block_size=32):
     model = random_decoder(scan_layers=scan)
     spec = lora.LoraSpec(rank=4, alpha=8.0, base_dtype=qtype, block_size=block_size)
     assert lora.add_adapters(model, spec) == (7 if scan else 14)
-    _randomize_adapters(model)
+    randomize_adapters(model)
     return model
 
 
@@ -129,8 +114,8 @@ def test_qlora_logits_equal_the_dequantized_base(qtype, scan):
     ids, mask = left_padded_batch()
     twin = dequantized_twin(model)
     np.testing.assert_allclose(logits(model, ids, mask), logits(twin, ids, mask), atol=1e-5)
-    off_q = _logits(nnx.graphdef(model), lora.adapters_off(nnx.state(model)), ids, mask)
-    off_t = _logits(nnx.graphdef(twin), lora.adapters_off(nnx.state(twin)), ids, mask)
+    off_q = state_logits(nnx.graphdef(model), lora.adapters_off(nnx.state(model)), ids, mask)
+    off_t = state_logits(nnx.graphdef(twin), lora.adapters_off(nnx.state(twin)), ids, mask)
     np.testing.assert_allclose(off_q, off_t, atol=1e-5)
 
 
@@ -152,7 +137,7 @@ def test_rollout_engine_samples_the_qlora_model():
     np.testing.assert_allclose(np.asarray(out.log_probs)[real], np.asarray(want)[real], atol=1e-4)
 
 
-def test_merged_export_of_a_qlora_model_matches_its_logits(tmp_path):
+def test_merged_export_of_a_qlora_model_matches_itsstate_logits(tmp_path):
     """merge_adapters writes W_dequantized + (alpha / r) A B: the HF checkpoint it saves loads
     back (plain float32 kernels, no adapters) with the QLoRA model's logits."""
     from htpo_jax.models.hf_io import from_pretrained, save_pretrained

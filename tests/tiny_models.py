@@ -1,5 +1,6 @@
 """Tiny random models shared by the model tests (a helper module, not collected by pytest)."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -89,3 +90,21 @@ def small_qwen3(vocab: int, tied: bool = True) -> Decoder:
 def tiny_model() -> Decoder:
     """small_qwen3 over a 64-token vocabulary, untied: the update-step tests' policy."""
     return small_qwen3(64, tied=False)
+
+
+def randomize_adapters(model, seed=1, std=0.1):
+    """Every `nnx.LoRAParam` of `model` drawn from N(0, std^2) (fresh adapters are the base)."""
+    for i, (_, var) in enumerate(nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))):
+        key = jax.random.fold_in(jax.random.key(seed), i)
+        var.set_value(std * jax.random.normal(key, var.shape, var.dtype))
+
+
+@jax.jit
+def state_logits(graphdef, state, ids, mask):
+    """Logits of the model `graphdef` with parameters `state` (one jitted call)."""
+    return nnx.merge(graphdef, state)(ids, mask)
+
+
+def logits(model, ids, mask):
+    """The model's logits through one jitted call (eager op-by-op runs are slow on CPU)."""
+    return state_logits(*nnx.split(model), ids, mask)
