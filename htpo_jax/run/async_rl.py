@@ -101,19 +101,22 @@ class Rollouts:
                 dataclasses.replace(s, sync=sync),
                 WeightSync(rollout_mesh, p.sampler.dtype),
             )
+        self.synced = None  # (step, the weights on the rollout mesh): one sync a step
         self.bg: _Background | None = None
         self.work = None  # colocated: the overlapped piece, run by `run_overlapped`
         self.stats: dict = {}
 
     # -- weights and where the work runs
-    def behaviour(self, params, copy: bool):
-        """The weights the rollout samples with: synced to the rollout mesh (separate), or
-        `params` themselves / a copy when the update is about to donate them (colocated)."""
-        if self.sync is not None:
-            out = self.sync(params)
+    def behaviour(self, params, step: int, copy: bool):
+        """The weights step `step` samples with (its pre-update `params`): synced to the rollout
+        mesh once a step (separate), or `params` themselves / a copy when the update is about
+        to donate them (colocated)."""
+        if self.sync is None:
+            return jax.tree.map(jnp.copy, params) if copy else params
+        if self.synced is None or self.synced[0] != step:  # take and start share one copy
+            self.synced = (step, self.sync(params))
             self.stats.update(self.sync.stats)
-            return out
-        return jax.tree.map(jnp.copy, params) if copy else params
+        return self.synced[1]
 
     def _run(self, fn):
         if self.mesh is None:
@@ -125,7 +128,7 @@ class Rollouts:
         """Starts the piece of rollout work that overlaps step `step`'s update, sampled with
         `params` (the pre-update weights): in a thread on the rollout devices (separate), or
         held for `run_overlapped` (colocated)."""
-        work = self.overlapped(self.behaviour(params, copy=True), rng, step)
+        work = self.overlapped(self.behaviour(params, step, copy=True), rng, step)
         if self.mesh is None:
             self.work = work
         else:
@@ -141,8 +144,7 @@ class Rollouts:
         """Waits for the overlapped piece; returns its timing (and with separate placement
         `async/overlap`: the share of the step's update window the rollout was busy in)."""
         self.run_overlapped()
-        out = dict(self.stats)
-        self.stats = {}
+        out, self.stats, self.synced = dict(self.stats), {}, None  # the rollout copy goes
         if self.bg is not None:
             bg, self.bg = self.bg, None
             bg.join()
@@ -181,7 +183,7 @@ class OneStep(Rollouts):
         """The rollout made during the previous step's update, or (first step) one made now."""
         if self.pending is None:  # the first step (or the first after a resume): on-policy
             key = jax.random.fold_in(rng, step)  # the key of a synchronous step
-            kept, stats = self._collect(self.behaviour(params, copy=False), key, step - 1)
+            kept, stats = self._collect(self.behaviour(params, step, copy=False), key, step - 1)
         else:
             (kept, stats), self.pending = self.pending, None
         self.before = None
@@ -359,7 +361,7 @@ class Stream(Rollouts):
                     "all-wrong, or too stale (trainer.max_staleness)"
                 )
             if behaviour is None:
-                behaviour = self.behaviour(params, copy=False)
+                behaviour = self.behaviour(params, step, copy=False)
             key = self._rounds_key(rng, step, rounds)
             self._run(lambda k=key, b=behaviour: self.round(b, k, version))
             rounds += 1

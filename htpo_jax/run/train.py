@@ -113,14 +113,26 @@ def rl_step(c: Components, state: TrainState, step: int) -> tuple[TrainState, di
     with clock("rollout_reward_filter"):  # 1 DATA, 2 ROLLOUT, 3 REWARD, 4 FILTER
         kept, stats = stages.collect(p, s, cfg, state.params, key)
     s.sync.barrier(f"old log-probs step {step}")
-    with clock("old_log_prob"):
-        batch = stages.build_batch(kept, cfg.rollout.n, cfg.algorithm, cfg.data)  # 5 ADVANTAGE
-        batch, balance_stats = stages.balance_rows(batch, p.mesh, cfg)
-        batch, mean_ent = stages.old_logprobs(p, state.params, batch, spec)  # 6 OLD LOG-PROBS
+    with clock("old_log_prob"):  # 5 ADVANTAGE, 6 OLD LOG-PROBS
+        batch, batch_stats, mean_ent = prepare_batch(c, state.params, kept, spec, step)
     with clock("update"):  # 7 UPDATE
         state, update_metrics = stages.update_all(p, state, batch, spec, cfg.optim, cfg.rollout.n)
-    metrics = {**stats, **balance_stats, **update_metrics, "train/entropy": mean_ent}
+    metrics = {**stats, **batch_stats, **update_metrics, "train/entropy": mean_ent}
     return state, {**metrics, **clock.total()}
+
+
+def prepare_batch(c: Components, params, kept, spec, step: int):
+    """Stages 5-6b of step `step`: advantages, row balance, old (and reference) log-probs under
+    `params`, and, when the kept groups carry their sampling policy (an asynchronous run), the
+    off-policy weights (`stages.off_policy_weights`; none in a synchronous step). Returns (the
+    `UpdateBatch`, its balance / IS metrics, the mean entropy)."""
+    p, cfg = c.programs, c.cfg
+    off_policy = c.services.rollouts is not None
+    batch = stages.build_batch(kept, cfg.rollout.n, cfg.algorithm, cfg.data, off_policy=off_policy)
+    batch, balance_stats = stages.balance_rows(batch, p.mesh, cfg)
+    batch, mean_ent = stages.old_logprobs(p, params, batch, spec)
+    batch, is_stats = stages.off_policy_weights(batch, step - 1, cfg.algorithm)  # version step-1
+    return batch, {**balance_stats, **is_stats}, mean_ent
 
 
 def rl_step_async(c: Components, state: TrainState, step: int) -> tuple[TrainState, dict]:
@@ -129,15 +141,12 @@ def rl_step_async(c: Components, state: TrainState, step: int) -> tuple[TrainSta
     piece of rollout work for later steps runs during the update."""
     clock = StageClock()
     p, s, cfg = c.programs, c.services, c.cfg
-    ro, spec, version = s.rollouts, stages.MicroSpec.of(cfg, p.mesh), step - 1
+    ro, spec = s.rollouts, stages.MicroSpec.of(cfg, p.mesh)
     with clock("rollout_reward_filter"):  # what is not ready yet of 1-4
         kept, stats = ro.take(state.params, state.rng, step)
     s.sync.barrier(f"old log-probs step {step}")
     with clock("old_log_prob"):
-        batch = stages.build_batch(kept, cfg.rollout.n, cfg.algorithm, cfg.data, off_policy=True)
-        batch, balance_stats = stages.balance_rows(batch, p.mesh, cfg)
-        batch, mean_ent = stages.old_logprobs(p, state.params, batch, spec)
-        batch, is_stats = stages.off_policy_weights(batch, version, cfg.algorithm)
+        batch, batch_stats, mean_ent = prepare_batch(c, state.params, kept, spec, step)
     with clock("update"):
         if step < cfg.trainer.total_steps:  # the last step has no next step to sample for
             ro.start(state.params, state.rng, step)  # before the update donates the weights
@@ -149,7 +158,7 @@ def rl_step_async(c: Components, state: TrainState, step: int) -> tuple[TrainSta
         update_metrics = stages.update_metrics(per_update)
     with clock("rollout_join"):
         overlap = ro.join(window)
-    metrics = {**stats, **balance_stats, **is_stats, **update_metrics, "train/entropy": mean_ent}
+    metrics = {**stats, **batch_stats, **update_metrics, "train/entropy": mean_ent}
     return state, {**metrics, **overlap, **clock.total()}
 
 
